@@ -1,0 +1,119 @@
+"""`consortia`: one command for simulation today; node, coordinator and jobs come next.
+
+User errors (bad config, missing data, unreachable privacy targets) end with
+one message on stderr and exit code 2; a stack trace means a bug.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from consortia.common.errors import ConsortiaError
+
+app = typer.Typer(
+    name="consortia",
+    help="Privacy-preserving federated learning with Flower and Opacus.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+
+@app.callback()
+def _root() -> None:
+    """Privacy-preserving federated learning with Flower and Opacus."""
+
+
+@app.command()
+def simulate(
+    scenario: Annotated[
+        str | None,
+        typer.Argument(help="Scenario TOML file or bundled scenario name (default: hospitals)."),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Run folder (default: runs/<time>-<scenario>).")
+    ] = None,
+    rounds: Annotated[
+        int | None, typer.Option("--rounds", min=1, help="Override the scenario's rounds.")
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option("--seed", min=0, help="Override the scenario's seed.")
+    ] = None,
+) -> None:
+    """Run a private federated simulation on this machine (Flower simulation engine, Ray)."""
+    from consortia.common.config_io import load_scenario
+    from consortia.server.run_dirs import default_run_dir
+
+    # Validate before importing torch, Flower and Ray: a typo should fail in a blink.
+    loaded = load_scenario(scenario, {"rounds": rounds, "seed": seed})
+    config = loaded.config
+    out_dir = out if out is not None else default_run_dir(Path("runs"), config.name)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise ConsortiaError(f"{out_dir}: folder exists and is not empty; choose another --out")
+    console.print(
+        f"[bold]{config.name}[/]: {config.simulation.nodes} nodes, {config.rounds} rounds, "
+        f"{_privacy_line(config)}"
+    )
+    from consortia.cli.progress import ProgressListener
+    from consortia.server.simulation import simulate as run_simulated
+
+    listener = ProgressListener(console)
+    try:
+        summary = run_simulated(loaded, out_dir, listener)
+    finally:
+        listener.stop()
+    _print_summary(summary, config)
+
+
+def _privacy_line(config: object) -> str:
+    privacy = config.privacy  # type: ignore[attr-defined]
+    if not privacy.enabled:
+        return "[red]no differential privacy[/]"
+    if privacy.target_epsilon is not None:
+        return f"DP-SGD, target ε ≤ {privacy.target_epsilon:g} per node at δ = {privacy.delta:g}"
+    return f"DP-SGD, noise multiplier {privacy.noise_multiplier:g}, δ = {privacy.delta:g}"
+
+
+def _print_summary(summary: object, config: object) -> None:
+    final = summary.final  # type: ignore[attr-defined]
+    privacy = config.privacy  # type: ignore[attr-defined]
+    table = Table(title="Privacy spent per node", show_edge=False)
+    table.add_column("node")
+    table.add_column("ε", justify="right")
+    if privacy.enabled and privacy.target_epsilon is not None:
+        table.add_column("target", justify="right")
+    for name, eps in sorted(final.epsilon.items()):
+        row = [name, f"{eps:.4f}"]
+        if privacy.enabled and privacy.target_epsilon is not None:
+            row.append(f"{privacy.target_epsilon:g}")
+        table.add_row(*row)
+    console.print(table)
+    accuracy = "n/a" if final.accuracy is None else f"{final.accuracy:.4f}"
+    delta = "" if final.delta is None else f" at δ = {final.delta:g}"
+    console.print(
+        f"final accuracy [bold]{accuracy}[/], max ε [bold]{final.epsilon_max:.4f}[/]{delta}"
+    )
+    console.print(f"run written to {summary.out_dir}")  # type: ignore[attr-defined]
+
+
+def run() -> None:
+    """Console entry point: turn user errors into one message and exit code 2."""
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    try:
+        app()
+    except ConsortiaError as exc:
+        err_console.print(f"[bold red]error:[/] {exc.message}", highlight=False)
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    run()

@@ -1,0 +1,1 @@
+"""The node: private data, DP-SGD training, and the node's own privacy state."""

@@ -1,0 +1,1 @@
+"""Pieces shared by the coordinator (`consortia.server`) and the node (`consortia.client`)."""

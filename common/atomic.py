@@ -1,0 +1,47 @@
+"""Crash-safe file writes: temp file in the same folder, fsync, rename.
+
+A reader (or a restarted process) sees either the old file or the whole new
+one, never half of it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to `path` atomically and durably."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        Path(tmp_name).replace(path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    """Write `payload` as indented, key-sorted JSON (stable bytes for diffing)."""
+    text = json.dumps(payload, indent=2, sort_keys=True) + "\n"
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Persist the rename itself (POSIX needs the directory entry synced too)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

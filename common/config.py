@@ -1,0 +1,205 @@
+"""Typed configuration of a federated job and of a simulation scenario.
+
+A *job* says what the federation trains and under which privacy rules; it is
+the same in simulation and deployment. A *scenario* is a job plus a
+`[simulation]` block that says how to fake the consortium on one machine (how
+many nodes, which bundled data, how it is split). Every model forbids unknown
+keys: a typo in a privacy setting must never be silently ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class StrictModel(BaseModel):
+    """Base for every config model: unknown keys are errors, values are frozen."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------- privacy
+
+
+class PrivacyConfig(StrictModel):
+    """Sample-level DP-SGD settings every node applies to its local training.
+
+    Give either `target_epsilon` (the node calibrates its noise so that its ε
+    after *all* planned rounds stays within it) or an explicit
+    `noise_multiplier` (ε is then whatever the accountant says it is).
+    """
+
+    enabled: bool = True
+    target_epsilon: float | None = Field(default=None, gt=0)
+    noise_multiplier: float | None = Field(default=None, gt=0)
+    delta: float = Field(default=1e-5, gt=0, lt=1)
+    max_grad_norm: float = Field(default=1.0, gt=0)
+    accountant: Literal["rdp", "prv"] = "rdp"
+
+    @model_validator(mode="after")
+    def _one_noise_source(self) -> PrivacyConfig:
+        if not self.enabled:
+            return self
+        if (self.target_epsilon is None) == (self.noise_multiplier is None):
+            raise ValueError(
+                "set exactly one of 'target_epsilon' or 'noise_multiplier' "
+                "(or enabled = false to train without DP)"
+            )
+        return self
+
+
+# -------------------------------------------------------------------- training
+
+
+class TrainingConfig(StrictModel):
+    """Local training on each node, per round."""
+
+    local_epochs: int = Field(default=1, ge=1, le=100)
+    batch_size: int = Field(default=32, ge=1, description="expected (Poisson) batch size under DP")
+    learning_rate: float = Field(default=0.1, gt=0)
+    momentum: float = Field(default=0.0, ge=0, lt=1)
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class ModelConfig(StrictModel):
+    """A model from consortia's registry, by name (never code from the wire)."""
+
+    name: Literal["mlp", "logreg", "cnn"] = "mlp"
+    hidden: tuple[int, ...] = (64,)
+
+
+# -------------------------------------------------------------------- strategy
+
+
+class FedAvgConfig(StrictModel):
+    """Federated averaging (McMahan et al., 2017)."""
+
+    name: Literal["fedavg"] = "fedavg"
+    weighting: Literal["uniform", "examples"] = "uniform"
+
+
+class FedProxConfig(FedAvgConfig):
+    """FedAvg plus a proximal term that keeps local models near the global one."""
+
+    name: Literal["fedprox"] = "fedprox"  # type: ignore[assignment]
+    proximal_mu: float = Field(default=0.01, ge=0)
+
+
+class FedAdamConfig(FedAvgConfig):
+    """Server-side Adam on the averaged update (Reddi et al., 2021)."""
+
+    name: Literal["fedadam"] = "fedadam"  # type: ignore[assignment]
+    eta: float = Field(default=0.05, gt=0, description="server learning rate")
+    beta_1: float = Field(default=0.9, ge=0, lt=1)
+    beta_2: float = Field(default=0.99, ge=0, lt=1)
+    tau: float = Field(default=1e-3, gt=0)
+
+
+StrategyConfig = Annotated[
+    FedAvgConfig | FedProxConfig | FedAdamConfig, Field(discriminator="name")
+]
+
+
+# ------------------------------------------------------------------------- job
+
+
+class JobConfig(StrictModel):
+    """A federated training job: the same schema in simulation and deployment."""
+
+    name: str = Field(default="job", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    seed: int = Field(default=0, ge=0, lt=2**32)
+    rounds: int = Field(default=10, ge=1, le=100_000)
+    clients_per_round: int | None = Field(
+        default=None, ge=1, description="nodes sampled per round; all nodes if unset"
+    )
+    evaluation: Literal["federated", "centralized", "none"] = "federated"
+    round_timeout_s: float = Field(default=3600.0, gt=0)
+    model: ModelConfig = ModelConfig()
+    training: TrainingConfig = TrainingConfig()
+    privacy: PrivacyConfig = PrivacyConfig(target_epsilon=1.0)
+    strategy: StrategyConfig = FedAvgConfig()
+
+
+# ------------------------------------------------------------------ simulation
+
+
+class DataConfig(StrictModel):
+    """Where the simulated consortium's data comes from."""
+
+    source: Literal["breast_cancer", "digits", "idx"] = "breast_cancer"
+    path: str | None = Field(default=None, description="folder with the IDX files (source = 'idx')")
+    test_fraction: float = Field(default=0.2, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _path_for_idx(self) -> DataConfig:
+        if self.source == "idx" and not self.path:
+            raise ValueError("source = 'idx' needs 'path' (the folder with the IDX files)")
+        return self
+
+
+class PartitionConfig(StrictModel):
+    """How one dataset is split across the simulated nodes."""
+
+    method: Literal["iid", "dirichlet"] = "dirichlet"
+    alpha: float = Field(default=0.5, gt=0, description="Dirichlet concentration")
+    min_records: int = Field(default=10, ge=1, description="fewest records a node may get")
+
+
+class BackendConfig(StrictModel):
+    """Resources of Flower's simulation engine (Ray)."""
+
+    cpus_per_node: float = Field(default=1.0, gt=0)
+    gpus_per_node: float | None = Field(
+        default=None, ge=0, description="GPU share per virtual node; auto when unset"
+    )
+    ray_address: str | None = Field(default=None, description="join an existing Ray cluster")
+
+
+class SimulationConfig(StrictModel):
+    """The `[simulation]` block: a consortium faked on one machine."""
+
+    nodes: int = Field(default=5, ge=2, le=100_000)
+    node_names: tuple[str, ...] | None = None
+    data: DataConfig = DataConfig()
+    partition: PartitionConfig = PartitionConfig()
+    backend: BackendConfig = BackendConfig()
+
+    @model_validator(mode="after")
+    def _names_match_nodes(self) -> SimulationConfig:
+        if self.node_names is not None:
+            if len(self.node_names) != self.nodes:
+                raise ValueError(
+                    f"'node_names' lists {len(self.node_names)} names but 'nodes' is {self.nodes}"
+                )
+            if len(set(self.node_names)) != len(self.node_names):
+                raise ValueError("'node_names' must be unique")
+        return self
+
+    def node_name(self, partition_id: int) -> str:
+        """Stable, human name of the simulated node holding `partition_id`."""
+        if self.node_names is not None:
+            return self.node_names[partition_id]
+        width = len(str(self.nodes))
+        return f"node-{partition_id + 1:0{width}d}"
+
+
+class ScenarioConfig(JobConfig):
+    """A job plus the simulated consortium it runs on."""
+
+    simulation: SimulationConfig = SimulationConfig()
+
+    @model_validator(mode="after")
+    def _cohort_fits(self) -> ScenarioConfig:
+        if self.clients_per_round is not None and self.clients_per_round > self.simulation.nodes:
+            raise ValueError(
+                f"'clients_per_round' ({self.clients_per_round}) exceeds the "
+                f"{self.simulation.nodes} simulated nodes"
+            )
+        return self
+
+    def job(self) -> JobConfig:
+        """The deployable part of the scenario (everything but `[simulation]`)."""
+        return JobConfig.model_validate(self.model_dump(exclude={"simulation"}))

@@ -1,0 +1,31 @@
+"""Moving model weights between PyTorch modules and Flower ArrayRecords."""
+
+from __future__ import annotations
+
+from flwr.app import ArrayRecord
+from torch import nn
+
+from consortia.common.errors import FederationError
+
+
+def model_to_arrays(model: nn.Module) -> ArrayRecord:
+    """The module's state dict as an ArrayRecord (CPU copies, key order kept)."""
+    return ArrayRecord({k: v.detach().cpu() for k, v in model.state_dict().items()})
+
+
+def load_arrays(model: nn.Module, arrays: ArrayRecord) -> None:
+    """Load `arrays` into `model`, refusing missing, extra or mis-shaped tensors."""
+    state = arrays.to_torch_state_dict()
+    expected = model.state_dict()
+    if set(state) != set(expected):
+        missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        raise FederationError(
+            f"model arrays do not match the architecture (missing: {missing}, unexpected: {extra})"
+        )
+    for key, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[key].shape):
+            raise FederationError(
+                f"array '{key}' has shape {tuple(tensor.shape)}, "
+                f"the model expects {tuple(expected[key].shape)}"
+            )
+    model.load_state_dict(state, strict=True)

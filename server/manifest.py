@@ -1,0 +1,94 @@
+"""The run manifest: everything needed to reproduce a run and to audit it later."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import platform
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from consortia.common.config import ScenarioConfig
+from consortia.server.roster import Roster
+
+_PACKAGES = ("consortia", "flwr", "torch", "opacus", "numpy")
+
+
+class Manifest(BaseModel):
+    """manifest.json."""
+
+    run_name: str
+    created_utc: str
+    scenario_source: str
+    scenario_source_sha256: str
+    config: dict[str, object]
+    config_sha256: str
+    seed: int
+    packages: dict[str, str]
+    python: str
+    git_commit: str | None
+    data_fingerprints: dict[str, str]
+
+
+def build_manifest(
+    run_name: str, config: ScenarioConfig, source: str, source_sha256: str, roster: Roster
+) -> Manifest:
+    resolved = config.model_dump(mode="json")
+    return Manifest(
+        run_name=run_name,
+        created_utc=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        scenario_source=source,
+        scenario_source_sha256=source_sha256,
+        config=resolved,
+        config_sha256=config_sha256(config),
+        seed=config.seed,
+        packages={name: _version(name) for name in _PACKAGES},
+        python=platform.python_version(),
+        git_commit=_git_commit(),
+        data_fingerprints={n.name: n.data_fingerprint for n in roster.nodes},
+    )
+
+
+def config_sha256(config: ScenarioConfig) -> str:
+    """sha256 of the resolved config as canonical JSON (sorted keys, defaults filled in)."""
+    canonical = json.dumps(config.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def _version(name: str) -> str:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _git_commit() -> str | None:
+    """The commit of consortia's source tree, when it runs from a git checkout."""
+    source_dir = Path(__file__).resolve().parent
+    try:
+        result = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=source_dir,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if result.returncode != 0:
+        return None
+    commit = result.stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"],
+        cwd=source_dir,
+        capture_output=True,
+        text=True,
+        timeout=5,
+        check=False,
+    )
+    return commit + ("-dirty" if dirty.stdout.strip() else "")

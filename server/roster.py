@@ -1,0 +1,99 @@
+"""Who is in the federation: node names and data fingerprints, by Flower node id.
+
+Flower's node ids are random per run; the roster maps them to the names the
+nodes give themselves, so that sampling, aggregation order and every report
+are stated in stable names and the run is reproducible.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+from pydantic import BaseModel, ConfigDict
+
+from consortia.common import protocol as p
+from consortia.common.errors import FederationError
+
+_POLL_S = 0.2
+
+
+class NodeEntry(BaseModel):
+    """One enrolled node as it described itself."""
+
+    model_config = ConfigDict(frozen=True)
+
+    node_id: int
+    name: str
+    data_fingerprint: str
+
+
+class Roster(BaseModel):
+    """The nodes of a run, in name order."""
+
+    model_config = ConfigDict(frozen=True)
+
+    nodes: tuple[NodeEntry, ...]
+
+    @property
+    def names(self) -> list[str]:
+        return [n.name for n in self.nodes]
+
+    def name_of(self, node_id: int) -> str:
+        for node in self.nodes:
+            if node.node_id == node_id:
+                return node.name
+        raise FederationError(f"node id {node_id} is not in this run's roster")
+
+
+def discover(grid: Grid, task: ConfigRecord, expected: int, timeout_s: float) -> Roster:
+    """Wait for `expected` nodes, ask each who it is, and return the roster."""
+    node_ids = _wait_for_nodes(grid, expected, timeout_s)
+    messages = [
+        Message(RecordDict({p.CONFIG_KEY: task}), dst_node_id=nid, message_type=MessageType.QUERY)
+        for nid in node_ids
+    ]
+    replies = list(grid.send_and_receive(messages, timeout=timeout_s))
+    return _roster_from(replies, expected)
+
+
+def _wait_for_nodes(grid: Grid, expected: int, timeout_s: float) -> list[int]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        node_ids = sorted(grid.get_node_ids())
+        if len(node_ids) >= expected:
+            return node_ids
+        if time.monotonic() > deadline:
+            raise FederationError(
+                f"only {len(node_ids)} of {expected} nodes connected within {timeout_s:.0f} s"
+            )
+        time.sleep(_POLL_S)
+
+
+def _roster_from(replies: Iterable[Message], expected: int) -> Roster:
+    entries, problems = [], []
+    for reply in replies:
+        source = reply.metadata.src_node_id
+        if reply.has_error():
+            problems.append(f"node {source}: {reply.error.reason}")
+            continue
+        record = reply.content.get(p.NODE_KEY)
+        if not isinstance(record, ConfigRecord) or p.NODE_NAME not in record:
+            problems.append(f"node {source}: reply does not identify the node")
+            continue
+        entries.append(
+            NodeEntry(
+                node_id=source,
+                name=str(record[p.NODE_NAME]),
+                data_fingerprint=str(record.get(p.NODE_FINGERPRINT, "")),
+            )
+        )
+    if len(entries) < expected:
+        detail = "; ".join(problems) or "no reply before the timeout"
+        raise FederationError(f"{len(entries)} of {expected} nodes identified themselves: {detail}")
+    names = [e.name for e in entries]
+    if len(set(names)) != len(names):
+        raise FederationError(f"two nodes share a name: {sorted(names)}")
+    return Roster(nodes=tuple(sorted(entries, key=lambda e: e.name)))

@@ -1,0 +1,74 @@
+"""What happened in each round, per node, as the coordinator saw it."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+from consortia.server.roster import Roster
+
+
+class NodeFailure(BaseModel):
+    """A node's reply that was not used, and why."""
+
+    node: str
+    reason: str
+
+
+class RoundRecord(BaseModel):
+    """One finished round: metrics.json holds a list of these."""
+
+    round: int
+    accuracy: float | None = None
+    loss: float | None = None
+    epsilon: dict[str, float] = Field(default_factory=dict)
+    participants: list[str] = Field(default_factory=list)
+    failures: list[NodeFailure] = Field(default_factory=list)
+    train_loss: float | None = None
+    seconds: float | None = None
+
+
+class RunLog:
+    """Accumulates per-round facts reported by the strategy and the evaluator.
+
+    ε is tracked per node as "spent so far": a node not sampled in a round
+    keeps the ε of its last release, since its accountant did not move.
+    """
+
+    def __init__(self, roster: Roster) -> None:
+        self.epsilon: dict[str, float] = dict.fromkeys(roster.names, 0.0)
+        self._current: dict[int, RoundRecord] = {}
+
+    def current(self, server_round: int) -> RoundRecord:
+        return self._current.setdefault(server_round, RoundRecord(round=server_round))
+
+    def record_train(
+        self,
+        server_round: int,
+        epsilons: dict[str, float],
+        train_loss: float | None,
+        failures: list[NodeFailure],
+    ) -> None:
+        record = self.current(server_round)
+        for name, value in epsilons.items():
+            # An accountant only ever grows; keep the larger value defensively.
+            self.epsilon[name] = max(self.epsilon.get(name, 0.0), value)
+        record.participants = sorted(epsilons)
+        record.train_loss = train_loss
+        record.failures.extend(failures)
+        record.epsilon = dict(self.epsilon)
+
+    def record_evaluation(
+        self, server_round: int, loss: float | None, accuracy: float | None
+    ) -> None:
+        record = self.current(server_round)
+        record.loss, record.accuracy = loss, accuracy
+
+    def record_failures(self, server_round: int, failures: list[NodeFailure]) -> None:
+        self.current(server_round).failures.extend(failures)
+
+    def close(self, server_round: int, seconds: float) -> RoundRecord:
+        """Finish the round's record and hand it out."""
+        record = self._current.pop(server_round, RoundRecord(round=server_round))
+        record.epsilon = dict(self.epsilon)
+        record.seconds = seconds
+        return record

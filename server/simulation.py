@@ -1,0 +1,83 @@
+"""Running a scenario on Flower's simulation engine (Ray backend) on one machine."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+from flwr.simulation import run_simulation
+
+from consortia.client.app import app as client_app
+from consortia.common.config import BackendConfig
+from consortia.common.config_io import LoadedScenario
+from consortia.common.errors import FederationError
+from consortia.server.federation import RoundListener, RunSummary, run_federation
+
+
+def simulate(loaded: LoadedScenario, out_dir: Path, listener: RoundListener) -> RunSummary:
+    """Run `loaded` with one virtual SuperNode per simulated node; return its summary.
+
+    The ServerApp runs in this process (so the listener can draw progress);
+    the ClientApps run in Ray actors, one CPU each by default.
+    """
+    summaries: list[RunSummary] = []
+    server_app = ServerApp()
+
+    @server_app.main()
+    def _main(grid: Grid, context: Context) -> None:
+        summaries.append(run_federation(grid, loaded, out_dir, listener))
+
+    simulation = loaded.config.simulation
+    _quiet_flower()
+    try:
+        run_simulation(
+            server_app=server_app,
+            client_app=client_app,
+            num_supernodes=simulation.nodes,
+            backend_config=backend_config(simulation.backend),
+        )
+    finally:
+        _shutdown_ray()
+    if not summaries:
+        raise FederationError("the simulation ended before the run finished (see the log above)")
+    return summaries[0]
+
+
+def backend_config(backend: BackendConfig) -> dict[str, Any]:
+    """Flower's backend config: resources per virtual node and Ray's start arguments."""
+    gpus = backend.gpus_per_node
+    if gpus is None:
+        gpus = 0.25 if torch.cuda.is_available() else 0.0
+    init_args: dict[str, Any] = {
+        "logging_level": "ERROR",
+        "log_to_driver": False,
+        "include_dashboard": False,
+    }
+    if backend.ray_address:
+        init_args["address"] = backend.ray_address
+    else:
+        init_args["num_cpus"] = os.cpu_count() or 1
+        init_args["num_gpus"] = torch.cuda.device_count()
+    return {
+        "client_resources": {"num_cpus": backend.cpus_per_node, "num_gpus": gpus},
+        "init_args": init_args,
+    }
+
+
+def _quiet_flower() -> None:
+    """Flower logs every round at INFO; consortia reports progress itself."""
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+
+
+def _shutdown_ray() -> None:
+    try:
+        import ray
+    except ImportError:  # pragma: no cover - ray comes with flwr[simulation]
+        return
+    if ray.is_initialized():
+        ray.shutdown()

@@ -1,0 +1,1 @@
+"""Bundled simulation scenarios (TOML files), loadable by name."""
