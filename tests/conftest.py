@@ -1,0 +1,38 @@
+"""Test-wide environment: every tool that writes state gets a temporary home."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+_SESSION_TMP = Path(tempfile.mkdtemp(prefix="consortia-tests-"))
+for _variable, _folder in {
+    "FLWR_HOME": "flwr",
+    "RAY_TMPDIR": "ray",
+    "UV_CACHE_DIR": "uv",
+    "TORCHINDUCTOR_CACHE_DIR": "torchinductor",
+    "MPLCONFIGDIR": "matplotlib",
+}.items():
+    os.environ[_variable] = str(_SESSION_TMP / _folder)
+    (_SESSION_TMP / _folder).mkdir(parents=True, exist_ok=True)
+os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
+os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MNIST_DIR = REPO_ROOT.parent / "shared" / "data" / "mnist"
+
+
+@pytest.fixture
+def repo_root() -> Path:
+    return REPO_ROOT
+
+
+@pytest.fixture
+def mnist_dir() -> Iterator[Path]:
+    if not MNIST_DIR.is_dir():
+        pytest.fail(f"the MNIST IDX files are expected in {MNIST_DIR} (shared/ beside the repo)")
+    yield MNIST_DIR
