@@ -70,8 +70,15 @@ def backend_config(backend: BackendConfig) -> dict[str, Any]:
 
 
 def _quiet_flower() -> None:
-    """Flower logs every round at INFO; consortia reports progress itself."""
-    logging.getLogger("flwr").setLevel(logging.WARNING)
+    """Flower logs every round at INFO; consortia reports progress itself.
+
+    ERROR also hides the notice that `run_simulation` is deprecated: it is the
+    one entry point that runs a ServerApp in this process, which the progress
+    bar and the returned summary need (`flwr run` starts a separate process).
+    """
+    logging.getLogger("flwr").setLevel(logging.ERROR)
+    # Ray's notice about a future default for accelerator env vars, not for users.
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
 
 def _shutdown_ray() -> None:

@@ -13,6 +13,7 @@ from collections.abc import Iterable
 
 import numpy as np
 from flwr.app import (
+    Array,
     ArrayRecord,
     ConfigRecord,
     Message,
@@ -184,6 +185,23 @@ class ConsortiaFedProx(FedProx, ConsortiaStrategy):
 
 class ConsortiaFedAdam(FedAdam, ConsortiaStrategy):
     """Flower's FedAdam (server-side Adam) on consortia's coordinator duties."""
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Flower's Adam step, cast back to the model's dtypes.
+
+        FedAdam's update mixes float32 arrays with float64 moments and returns
+        float64; nodes would then receive (and return) a model of another type.
+        """
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        if arrays is None:
+            return arrays, metrics
+        cast = {
+            key: Array(array_view(arrays[key]).astype(dtype, copy=False))
+            for key, (_, dtype) in self._expected.items()
+        }
+        return ArrayRecord(cast), metrics
 
 
 def build_strategy(job: JobConfig) -> ConsortiaStrategy:

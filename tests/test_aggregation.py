@@ -16,7 +16,9 @@ SHAPES = {"w1": (17, 9), "b1": (9,), "w2": (9, 3), "scalar": ()}
 def _records(count: int, seed: int = 0) -> list[ArrayRecord]:
     rng = np.random.default_rng(seed)
     return [
-        ArrayRecord({k: Array(rng.standard_normal(s).astype(np.float32)) for k, s in SHAPES.items()})
+        ArrayRecord(
+            {k: Array(rng.standard_normal(s).astype(np.float32)) for k, s in SHAPES.items()}
+        )
         for _ in range(count)
     ]
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from consortia.common.errors import PrivacyError
@@ -40,7 +42,7 @@ def test_composition_never_decreases_and_is_not_reset_per_round() -> None:
     for _ in range(6):
         history.append(round_release)
         values.append(epsilon(history, 1e-5))
-    assert all(b > a for a, b in zip(values, values[1:], strict=False))
+    assert all(b > a for a, b in itertools.pairwise(values))
     # Six rounds of 10 steps are exactly one release of 60 steps, not six resets.
     assert values[-1] == pytest.approx(
         epsilon([Release(noise_multiplier=1.5, sample_rate=0.1, steps=60)], 1e-5), rel=1e-12
@@ -56,7 +58,9 @@ def test_empty_history_spends_nothing() -> None:
 @pytest.mark.parametrize(
     ("target", "sample_rate", "steps"), [(1.0, 1 / 3, 30), (3.0, 0.01, 2000), (0.5, 0.25, 8)]
 )
-def test_calibrated_noise_meets_target_tightly(target: float, sample_rate: float, steps: int) -> None:
+def test_calibrated_noise_meets_target_tightly(
+    target: float, sample_rate: float, steps: int
+) -> None:
     sigma = calibrate_noise(target, 1e-5, sample_rate, steps)
     spent = epsilon([Release(noise_multiplier=sigma, sample_rate=sample_rate, steps=steps)], 1e-5)
     assert spent <= target
