@@ -114,4 +114,5 @@ def test_fedadam_centralized_digits_with_partial_cohorts(tmp_path: Path) -> None
     assert all(len(r.participants) == 4 for r in rounds)
     # Nodes that sat a round out keep their ε; nobody exceeds the target.
     assert all(eps <= 3.0 for eps in summary.final.epsilon.values())
-    assert summary.final.accuracy is not None and summary.final.accuracy > 0.5
+    # Ten digit classes: chance is 0.1; a broken update path stays there.
+    assert summary.final.accuracy is not None and summary.final.accuracy > 0.25
