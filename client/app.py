@@ -45,8 +45,9 @@ def _node_view(message: Message, context: Context) -> _NodeView:
     spec = p.TaskSpec.decode(config.get(p.TASK_KEY))
     if spec.simulation is None or "partition-id" not in context.node_config:
         raise FederationError(
-            "this node has no registered dataset; deployed nodes serve the datasets "
-            "their operator registered with `consortia node data add`"
+            "this node has no dataset to train on: this version serves simulated nodes "
+            "(Flower's simulation engine) only; registered on-prem datasets come with "
+            "`consortia node`"
         )
     partition_id = int(context.node_config["partition-id"])
     return _NodeView(
