@@ -16,6 +16,8 @@ from consortia.client.app import app as client_app
 from consortia.common.config import BackendConfig
 from consortia.common.config_io import LoadedScenario
 from consortia.common.errors import FederationError
+from consortia.common.models import build_model
+from consortia.common.simulated_data import source_of
 from consortia.server.federation import RoundListener, RunSummary, run_federation
 
 
@@ -25,6 +27,7 @@ def simulate(loaded: LoadedScenario, out_dir: Path, listener: RoundListener) -> 
     The ServerApp runs in this process (so the listener can draw progress);
     the ClientApps run in Ray actors, one CPU each by default.
     """
+    _preflight(loaded)
     summaries: list[RunSummary] = []
     server_app = ServerApp()
 
@@ -46,6 +49,15 @@ def simulate(loaded: LoadedScenario, out_dir: Path, listener: RoundListener) -> 
     if not summaries:
         raise FederationError("the simulation ended before the run finished (see the log above)")
     return summaries[0]
+
+
+def _preflight(loaded: LoadedScenario) -> None:
+    """Load the data and build the model here first: a missing IDX folder or a
+    model that does not fit the data should fail before Ray starts, not as
+    error replies from every virtual node."""
+    config = loaded.config
+    source = source_of(config.simulation)
+    build_model(config.model, source.feature_shape, source.num_classes, config.seed)
 
 
 def backend_config(backend: BackendConfig) -> dict[str, Any]:

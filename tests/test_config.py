@@ -137,3 +137,18 @@ def test_cli_rejects_non_empty_out_dir(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "not empty" in result.stderr
     assert (out / "keep.txt").read_text() == "precious"
+
+
+def test_cli_model_that_does_not_fit_the_data_fails_before_the_engine(tmp_path: Path) -> None:
+    path = _write(tmp_path, '[model]\nname = "cnn"\n')  # the default data is a table
+    result = _cli("simulate", str(path), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "model 'cnn' needs image data" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_missing_idx_folder_is_a_clear_error(tmp_path: Path) -> None:
+    path = _write(tmp_path, '[simulation.data]\nsource = "idx"\npath = "/nonexistent/mnist"\n')
+    result = _cli("simulate", str(path), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "/nonexistent/mnist: no such folder" in result.stderr
