@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -36,3 +38,24 @@ def mnist_dir() -> Iterator[Path]:
     if not MNIST_DIR.is_dir():
         pytest.fail(f"the MNIST IDX files are expected in {MNIST_DIR} (shared/ beside the repo)")
     yield MNIST_DIR
+
+
+CliRunner = Callable[..., subprocess.CompletedProcess[str]]
+
+
+@pytest.fixture(scope="session")
+def consortia_cli() -> CliRunner:
+    """Run the real `consortia` command line in a subprocess: `run(*args, cwd=...)`."""
+
+    def run(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "consortia.cli.main", *args],
+            capture_output=True,
+            text=True,
+            cwd=cwd,
+            timeout=timeout,
+            check=False,
+            env={**os.environ, "COLUMNS": "120"},
+        )
+
+    return run

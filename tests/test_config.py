@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import CliRunner
 
 from consortia.common.config import PrivacyConfig, ScenarioConfig
 from consortia.common.config_io import bundled_scenarios, load_scenario
@@ -102,53 +101,46 @@ def test_missing_file_and_unknown_name() -> None:
         load_scenario("no-such-scenario")
 
 
-def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "consortia.cli.main", *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        timeout=120,
-        check=False,
-    )
-
-
-def test_cli_bad_scenario_exits_2_with_one_message(tmp_path: Path) -> None:
+def test_cli_bad_scenario_exits_2_with_one_message(
+    tmp_path: Path, consortia_cli: CliRunner
+) -> None:
     path = _write(tmp_path, "[privacy]\ntarget_epsilon = 1.0\nepsilon = 3\n")
-    result = _cli("simulate", str(path), cwd=tmp_path)
+    result = consortia_cli("simulate", str(path), cwd=tmp_path)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr + result.stdout
     assert "privacy.epsilon: unknown key" in result.stderr
     assert not (tmp_path / "runs").exists()
 
 
-def test_cli_help_on_every_command(tmp_path: Path) -> None:
+def test_cli_help_on_every_command(tmp_path: Path, consortia_cli: CliRunner) -> None:
     for args in (["--help"], ["simulate", "--help"]):
-        result = _cli(*args, cwd=tmp_path)
+        result = consortia_cli(*args, cwd=tmp_path)
         assert result.returncode == 0, result.stderr
         assert "Usage" in result.stdout
 
 
-def test_cli_rejects_non_empty_out_dir(tmp_path: Path) -> None:
+def test_cli_rejects_non_empty_out_dir(tmp_path: Path, consortia_cli: CliRunner) -> None:
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("precious")
-    result = _cli("simulate", "--out", str(out), cwd=tmp_path)
+    result = consortia_cli("simulate", "--out", str(out), cwd=tmp_path)
     assert result.returncode == 2
     assert "not empty" in result.stderr
     assert (out / "keep.txt").read_text() == "precious"
 
 
-def test_cli_model_that_does_not_fit_the_data_fails_before_the_engine(tmp_path: Path) -> None:
+def test_cli_model_that_does_not_fit_the_data_fails_before_the_engine(
+    tmp_path: Path, consortia_cli: CliRunner
+) -> None:
     path = _write(tmp_path, '[model]\nname = "cnn"\n')  # the default data is a table
-    result = _cli("simulate", str(path), cwd=tmp_path)
+    result = consortia_cli("simulate", str(path), cwd=tmp_path)
     assert result.returncode == 2
     assert "model 'cnn' needs image data" in result.stderr
     assert "Traceback" not in result.stderr
 
 
-def test_cli_missing_idx_folder_is_a_clear_error(tmp_path: Path) -> None:
+def test_cli_missing_idx_folder_is_a_clear_error(tmp_path: Path, consortia_cli: CliRunner) -> None:
     path = _write(tmp_path, '[simulation.data]\nsource = "idx"\npath = "/nonexistent/mnist"\n')
-    result = _cli("simulate", str(path), cwd=tmp_path)
+    result = consortia_cli("simulate", str(path), cwd=tmp_path)
     assert result.returncode == 2
     assert "/nonexistent/mnist: no such folder" in result.stderr

@@ -4,29 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import CliRunner
 
 from consortia.common.config_io import load_scenario
 from consortia.server.simulation import simulate
 
 pytestmark = pytest.mark.slow
-
-
-def _consortia(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "consortia.cli.main", *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        timeout=600,
-        check=False,
-        env={**os.environ, "COLUMNS": "120"},
-    )
 
 
 def _sha256(path: Path) -> str:
@@ -40,12 +26,14 @@ class _Quiet:
 
 
 @pytest.fixture(scope="module")
-def default_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
+def default_runs(
+    tmp_path_factory: pytest.TempPathFactory, consortia_cli: CliRunner
+) -> tuple[Path, Path, str]:
     """The default scenario, shortened to 3 rounds, run twice with the same seed."""
     work = tmp_path_factory.mktemp("default")
-    first = _consortia("simulate", "--rounds", "3", "--out", "run-a", cwd=work)
+    first = consortia_cli("simulate", "--rounds", "3", "--out", "run-a", cwd=work)
     assert first.returncode == 0, first.stderr[-3000:]
-    second = _consortia("simulate", "--rounds", "3", "--out", "run-b", cwd=work)
+    second = consortia_cli("simulate", "--rounds", "3", "--out", "run-b", cwd=work)
     assert second.returncode == 0, second.stderr[-3000:]
     return work / "run-a", work / "run-b", first.stdout
 
@@ -96,9 +84,9 @@ def test_same_seed_gives_identical_model_bytes(default_runs: tuple[Path, Path, s
     assert a["epsilon"] == b["epsilon"] and a["accuracy"] == b["accuracy"]
 
 
-def test_full_default_scenario_meets_its_promise(tmp_path: Path) -> None:
+def test_full_default_scenario_meets_its_promise(tmp_path: Path, consortia_cli: CliRunner) -> None:
     """The README's claim: the default run reaches ≥ 0.93 accuracy at ε ≤ 1 per node."""
-    result = _consortia("simulate", "--out", "full", cwd=tmp_path)
+    result = consortia_cli("simulate", "--out", "full", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     final = json.loads((tmp_path / "full" / "metrics.json").read_text())["final"]
     assert final["accuracy"] >= 0.93
