@@ -179,6 +179,10 @@ def _train_fused(
     noise generator seed, same expected batch size to divide by.
     """
     dp_loader = DPDataLoader.from_data_loader(loader)
+    # make_private's formula, verbatim: it divides by len(dp_loader), which is
+    # int(1 / sample_rate) and can be one less than len(loader) through float
+    # rounding (e.g. 93 batches -> 92), not by the sampler's own rate.
+    expected_batch_size = int(len(dp_loader.dataset) * (1 / len(dp_loader)))
     run = fused_dpsgd.train_fused(
         model,
         dp_loader,
@@ -186,7 +190,7 @@ def _train_fused(
         epochs=training.local_epochs,
         noise_multiplier=dp.noise_multiplier,
         max_grad_norm=dp.max_grad_norm,
-        expected_batch_size=int(len(dp_loader.dataset) * dp_loader.sample_rate),
+        expected_batch_size=expected_batch_size,
         noise_generator=torch.Generator(device=device).manual_seed(seed + 1),
         device=device,
         after_step=after_step,
@@ -194,7 +198,7 @@ def _train_fused(
     return LocalTrainResult(
         mean_loss=run.loss_sum / max(run.loss_batches, 1),
         steps=run.steps,
-        sample_rate=dp_loader.sample_rate,
+        sample_rate=dp_loader.sample_rate,  # the sampler's rate, as the Opacus path reports
     )
 
 

@@ -33,11 +33,18 @@ def _mlp2() -> nn.Sequential:
     return build_model(ModelConfig(name="mlp", hidden=(16, 8)), (1, 4, 4), 5, seed=3)
 
 
+def _tanh_no_bias() -> nn.Sequential:
+    torch.manual_seed(4)
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(16, 12, bias=False), nn.Tanh(), nn.Linear(12, 5), nn.Tanh()
+    )
+
+
 def _batch(model: nn.Sequential, size: int = 24) -> tuple[torch.Tensor, torch.Tensor]:
     """A batch whose per-sample gradient norms span three orders of magnitude."""
     generator = torch.Generator().manual_seed(11)
-    in_features = model[1].in_features
-    num_classes = model[-1].out_features
+    linears = [layer for layer in model if isinstance(layer, nn.Linear)]
+    in_features, num_classes = linears[0].in_features, linears[-1].out_features
     shape = (size, 30) if in_features == 30 else (size, 1, 4, 4)
     scale = torch.logspace(-2, 1, size).reshape(-1, *([1] * (len(shape) - 1)))
     features = torch.randn(shape, generator=generator) * scale
@@ -66,7 +73,9 @@ def _opacus_summed_grads(
     return sums, norms
 
 
-@pytest.mark.parametrize("make_model", [_logreg, _mlp2], ids=["logreg", "mlp-2-hidden"])
+@pytest.mark.parametrize(
+    "make_model", [_logreg, _mlp2, _tanh_no_bias], ids=["logreg", "mlp-2-hidden", "tanh-no-bias"]
+)
 def test_clipped_sums_match_opacus(make_model) -> None:
     model = make_model()
     features, labels = _batch(model)
@@ -78,7 +87,8 @@ def test_clipped_sums_match_opacus(make_model) -> None:
     sums, loss = fused_dpsgd.clipped_grad_sums(model, features, labels, max_grad_norm)
 
     assert loss is not None
-    assert float(loss) == pytest.approx(float(nn.CrossEntropyLoss()(model(features), labels)))
+    with torch.no_grad():
+        assert float(loss) == pytest.approx(float(nn.CrossEntropyLoss()(model(features), labels)))
     assert [s.shape for s in sums] == [p.shape for p in model.parameters()]
     for ours, theirs in zip(sums, expected, strict=True):
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
@@ -155,7 +165,7 @@ def _data(num_records: int, shape: tuple[int, ...], num_classes: int, seed: int)
 
 
 def _mlp_run(data: LabeledArrays, config: TrainingConfig, **kwargs) -> tuple[dict, object]:
-    model = build_model(ModelConfig(name="mlp", hidden=(16,)), (1, 4, 4), 3, seed=0)
+    model = build_model(ModelConfig(name="mlp", hidden=(16,)), data.x.shape[1:], 3, seed=0)
     result = train_locally(model, data, config, DpSettings(1.1, 1.0), seed=7, device=CPU, **kwargs)
     return {k: v.clone() for k, v in model.state_dict().items()}, result
 
@@ -176,16 +186,30 @@ def test_train_locally_fused_is_deterministic_and_counts_every_step() -> None:
     assert first.sample_rate == 1 / math.ceil(200 / 16)
 
 
-@pytest.mark.parametrize("proximal_mu", [0.0, 0.5])
-def test_train_locally_fused_matches_opacus_path(monkeypatch, proximal_mu: float) -> None:
+@pytest.mark.parametrize(
+    ("records", "batch_size", "epochs", "proximal_mu", "steps"),
+    [
+        (12, 2, 3, 0.0, 3 * 6),  # many empty Poisson batches
+        (12, 2, 3, 0.5, 3 * 6),  # FedProx' proximal step after each noisy step
+        # ceil(2966 / 32) = 93 batches, but Opacus' loader yields int(1 / (1 / 93)) = 92
+        # and divides by int(2966 / 92) = 32, not int(2966 / 93) = 31.
+        (2966, 32, 1, 0.0, 92),
+    ],
+)
+def test_train_locally_fused_matches_opacus_path(
+    monkeypatch, records: int, batch_size: int, epochs: int, proximal_mu: float, steps: int
+) -> None:
     """Same seed, same Poisson batches (empty ones included), same noise: same model."""
-    data = _data(12, (1, 4, 4), 3, seed=2)
-    config = TrainingConfig(local_epochs=3, batch_size=2, learning_rate=0.2, momentum=0.5)
+    data = _data(records, (4,), 3, seed=2)
+    config = TrainingConfig(
+        local_epochs=epochs, batch_size=batch_size, learning_rate=0.2, momentum=0.5
+    )
     fused_state, fused = _mlp_run(data, config, proximal_mu=proximal_mu)
     monkeypatch.setattr(training, "USE_FUSED_DP_SGD", False)
     opacus_state, opacus = _mlp_run(data, config, proximal_mu=proximal_mu)
 
-    assert fused.steps == opacus.steps == 3 * 6
+    assert fused.steps == opacus.steps == steps
+    assert fused.sample_rate == opacus.sample_rate
     assert fused.mean_loss == pytest.approx(opacus.mean_loss, rel=1e-5)
     for key, value in fused_state.items():
         torch.testing.assert_close(value, opacus_state[key], rtol=1e-5, atol=1e-6)
@@ -219,6 +243,9 @@ def test_supports_fused_only_for_flatten_linear_activation_stacks() -> None:
     frozen = _logreg()
     frozen[1].bias.requires_grad_(False)
     assert not fused_dpsgd.supports_fused(frozen)
+
+    shared = nn.Linear(4, 4)
+    assert not fused_dpsgd.supports_fused(nn.Sequential(nn.Flatten(), shared, nn.ReLU(), shared))
 
     class Custom(nn.Sequential):
         pass
