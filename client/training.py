@@ -141,19 +141,16 @@ def train_locally(
         for features, labels in loader:
             features, labels = features.to(device), labels.to(device)
             optimizer.zero_grad(set_to_none=True)
-            # Under DP an empty Poisson batch also goes forward and backward:
-            # Opacus then holds zero-length per-sample gradients and takes a
-            # pure-noise step (without them its step raises).
-            if len(labels) > 0 or dp is not None:
-                loss = criterion(model(features), labels)
-                loss.backward()
-                if len(labels) > 0:
-                    loss_sum += float(loss.detach())
-                    loss_batches += 1
-            # An empty Poisson batch still takes a (pure-noise) step under DP.
-            if len(labels) > 0 or dp is not None:
-                optimizer.step()
-                steps += 1
+            # Only Poisson sampling (DP) yields empty batches. They too go
+            # forward and backward: Opacus then holds zero-length per-sample
+            # gradients and takes a pure-noise step, which is counted.
+            loss = criterion(model(features), labels)
+            loss.backward()
+            optimizer.step()
+            steps += 1
+            if len(labels) > 0:
+                loss_sum += float(loss.detach())
+                loss_batches += 1
             if proximal_mu:
                 _proximal_step(model, global_weights, proximal_mu * training.learning_rate)
     if engine is not None:
