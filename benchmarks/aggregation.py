@@ -164,6 +164,11 @@ def same_bytes(a: ArrayRecord, b: ArrayRecord) -> bool:
     return list(a) == list(b) and all(a[k].data == b[k].data for k in a)
 
 
+def _load_average() -> str:
+    loadavg = Path("/proc/loadavg")
+    return loadavg.read_text(encoding="utf-8").split()[0] if loadavg.is_file() else "n/a"
+
+
 # --------------------------------------------------------------------- main
 
 
@@ -226,9 +231,11 @@ def main() -> None:
         BOUND_NUMPY: read_numpy,
         BOUND_TORCH: read_torch,
     }
+    load_before = _load_average()
     run_start = time.perf_counter()
     times = run_round_robin(paths, args.warmup, args.repeats)
     timing_seconds = time.perf_counter() - run_start
+    load_after = _load_average()
 
     bound = min(min(times[BOUND_NUMPY]), min(times[BOUND_TORCH]))
     rows = {}
@@ -257,8 +264,16 @@ def main() -> None:
         f"{bound * 1e3:.1f} ms = {input_bytes / bound / 1e9:.2f} GB/s)"
     )
 
+    noisy = [name for name, row in rows.items() if row["median_ms"] > 1.5 * row["best_ms"]]
+    print(f"1-min load average before/after timing: {load_before} / {load_after}")
+    if noisy:
+        print(
+            "WARNING: median > 1.5 × best for " + ", ".join(noisy) + ": something else "
+            "competed for the CPU (multi-threaded torch suffers most); rerun on a quiet machine"
+        )
+
     ratios = {}
-    print("\nSpeed-up (Flower ÷ consortia, same replies)      median    best")
+    print(f"\n{'Speed-up (Flower ÷ consortia, same replies)':<62}{'median':>8}{'best':>8}")
     for flower, ours in (
         (FLOWER_TRAIN, CONSORTIA_AVERAGE),
         (FLOWER_TRAIN, CONSORTIA_TRAIN),
@@ -268,7 +283,7 @@ def main() -> None:
         best = min(times[flower]) / min(times[ours])
         ratios[f"{flower} / {ours}"] = {"median": median, "best": best}
         label = f"{flower.removeprefix('flower ')} ÷ {ours.removeprefix('consortia ')}"
-        print(f"  {label:<46}{median:>7.2f}×{best:>7.2f}×")
+        print(f"  {label:<60}{median:>7.2f}×{best:>7.2f}×")
 
     # ------------------------------------------------------------- agreement
     weights = [float(c[p.METRICS_KEY][p.WEIGHT]) for c in contents]
@@ -323,6 +338,8 @@ def main() -> None:
             "checks": checks,
             "agree": agree and agree_train,
             "peak_rss_mb": peak_rss_mb,
+            "load_average_1min": {"before": load_before, "after": load_after},
+            "noisy_paths": noisy,
         }
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")

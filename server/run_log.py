@@ -44,18 +44,20 @@ class RunLog:
     def record_train(
         self,
         server_round: int,
+        *,
+        participants: list[str],
         epsilons: dict[str, float],
         train_loss: float | None,
         failures: list[NodeFailure],
     ) -> None:
+        """Note whose updates were aggregated and every reported ε (used update or not)."""
         record = self.current(server_round)
         for name, value in epsilons.items():
             # An accountant only ever grows; keep the larger value defensively.
             self.epsilon[name] = max(self.epsilon.get(name, 0.0), value)
-        record.participants = sorted(epsilons)
+        record.participants = sorted(participants)
         record.train_loss = train_loss
         record.failures.extend(failures)
-        record.epsilon = dict(self.epsilon)
 
     def record_evaluation(
         self, server_round: int, loss: float | None, accuracy: float | None

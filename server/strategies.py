@@ -85,26 +85,74 @@ class ConsortiaStrategy(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Average the accepted updates in node-name order; fail if none is usable."""
+        replies = list(replies)
         accepted, failures = self._screen(replies, with_arrays=True)
+        arrays = None
+        if accepted:
+            arrays, accepted, dropped = self._average_finite(accepted)
+            failures = sorted(failures + dropped, key=lambda f: f.node)
         contents = [reply.content for _, reply in accepted]
-        epsilons = {
-            name: float(reply.content[p.METRICS_KEY].get(p.EPSILON, 0.0))
-            for name, reply in accepted
-        }
         metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key) if contents else None
-        train_loss = _metric(metrics, p.TRAIN_LOSS)
-        self.run_log.record_train(server_round, epsilons, train_loss, failures)
-        if not accepted:
+        self.run_log.record_train(
+            server_round,
+            participants=[name for name, _ in accepted],
+            epsilons=self._reported_epsilons(replies),
+            train_loss=_metric(metrics, p.TRAIN_LOSS),
+            failures=failures,
+        )
+        if arrays is None:
             raise FederationError(
                 f"round {server_round}: no node returned a usable update ("
                 + "; ".join(f"{f.node}: {f.reason}" for f in failures)
                 + ")"
             )
-        arrays = weighted_average(
+        return arrays, metrics
+
+    def _average_finite(
+        self, accepted: list[tuple[str, Message]]
+    ) -> tuple[ArrayRecord | None, list[tuple[str, Message]], list[NodeFailure]]:
+        """Average, then check the average for NaN/inf instead of every reply.
+
+        With positive weights a NaN or ∞ in any reply always reaches the
+        average, so one check of the (small) result replaces a pass over all
+        replies; only when it fails are the replies scanned to drop the
+        culprits, and the rest averaged again in the same order.
+        """
+        arrays = self._average(accepted)
+        if _all_finite(arrays):
+            return arrays, accepted, []
+        kept = [(n, r) for n, r in accepted if _all_finite(r.content[p.ARRAYS_KEY])]
+        dropped = [
+            NodeFailure(node=name, reason="update holds NaN or infinite values")
+            for name, reply in accepted
+            if (name, reply) not in kept
+        ]
+        if not kept:
+            return None, [], dropped
+        arrays = self._average(kept)
+        if not _all_finite(arrays):
+            raise FederationError("the weighted average of finite updates overflowed float range")
+        return arrays, kept, dropped
+
+    def _average(self, accepted: list[tuple[str, Message]]) -> ArrayRecord:
+        contents = [reply.content for _, reply in accepted]
+        return weighted_average(
             [c[p.ARRAYS_KEY] for c in contents],
             [float(c[p.METRICS_KEY][self.weighted_by_key]) for c in contents],
         )
-        return arrays, metrics
+
+    def _reported_epsilons(self, replies: list[Message]) -> dict[str, float]:
+        """ε of every node that trained, its update used or not: the spend happened."""
+        spent = {}
+        for reply in replies:
+            if reply.has_error():
+                continue
+            metrics = reply.content.get(p.METRICS_KEY)
+            if isinstance(metrics, MetricRecord) and isinstance(metrics.get(p.EPSILON), float):
+                spent[self.cohort.roster.name_of(reply.metadata.src_node_id)] = float(
+                    metrics[p.EPSILON]
+                )
+        return spent
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
@@ -158,7 +206,10 @@ class ConsortiaStrategy(FedAvg):
 def _update_problem(
     arrays: ArrayRecord, expected: dict[str, tuple[tuple[int, ...], str]]
 ) -> str | None:
-    """Names, shapes, dtypes and finiteness of an update against the global model."""
+    """Names, shapes and dtypes of an update against the global model.
+
+    Finiteness is checked on the average instead (`_average_finite`).
+    """
     if set(arrays) != set(expected):
         return f"update arrays {sorted(arrays)} differ from the model's {sorted(expected)}"
     for key, (shape, dtype) in expected.items():
@@ -167,9 +218,11 @@ def _update_problem(
             return (
                 f"array '{key}' is {array.dtype}{list(array.shape)}, expected {dtype}{list(shape)}"
             )
-        if not np.isfinite(array_view(array)).all():
-            return f"array '{key}' holds NaN or infinite values"
     return None
+
+
+def _all_finite(arrays: ArrayRecord) -> bool:
+    return all(np.isfinite(array_view(array)).all() for array in arrays.values())
 
 
 def _metric(metrics: MetricRecord | None, key: str) -> float | None:

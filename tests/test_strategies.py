@@ -1,0 +1,130 @@
+"""The coordinator strategy on real Flower messages: screening, order, ε bookkeeping."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.supercore.task_identity import TaskIdentity
+
+from consortia.common import protocol as p
+from consortia.common.config import FedAdamConfig, JobConfig
+from consortia.common.errors import FederationError
+from consortia.server.cohort import Cohort
+from consortia.server.roster import NodeEntry, Roster
+from consortia.server.run_log import RunLog
+from consortia.server.strategies import ConsortiaFedAdam, ConsortiaStrategy, build_strategy
+
+NAMES = ["alpha", "bravo", "charlie", "delta"]
+IDS = [9001, 17, 4242, 5]  # Flower's ids are random: deliberately not in name order
+
+
+@pytest.fixture(autouse=True)
+def _task_identity() -> None:
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+
+
+def _global() -> ArrayRecord:
+    return ArrayRecord(
+        {"w": Array(np.zeros((3, 2), np.float32)), "b": Array(np.zeros(2, np.float32))}
+    )
+
+
+def _strategy(job: JobConfig | None = None) -> tuple[ConsortiaStrategy, RunLog]:
+    roster = Roster(
+        nodes=tuple(
+            NodeEntry(node_id=i, name=n, data_fingerprint="f" * 64)
+            for n, i in sorted(zip(NAMES, IDS, strict=True))
+        )
+    )
+    strategy = build_strategy(job or JobConfig())
+    run_log = RunLog(roster)
+    strategy.attach(Cohort(roster, None, seed=0), run_log, federated_evaluation=True)
+    return strategy, run_log
+
+
+def _requests(strategy: ConsortiaStrategy) -> list[Message]:
+    return list(strategy.configure_train(1, _global(), ConfigRecord({p.TASK_KEY: "{}"}), None))  # type: ignore[arg-type]
+
+
+def _reply(request: Message, value: float, eps: float, **override: object) -> Message:
+    arrays = {
+        "w": Array(np.full((3, 2), value, np.float32)),
+        "b": Array(np.full(2, value, np.float32)),
+    }
+    arrays.update(override)  # type: ignore[arg-type]
+    metrics = MetricRecord({p.WEIGHT: 1.0, p.EPSILON: eps, p.TRAIN_LOSS: value})
+    return Message(
+        RecordDict({p.ARRAYS_KEY: ArrayRecord(arrays), p.METRICS_KEY: metrics}), reply_to=request
+    )
+
+
+def test_configure_train_samples_by_name_and_sets_the_round() -> None:
+    strategy, _ = _strategy()
+    requests = _requests(strategy)
+    assert [m.metadata.dst_node_id for m in requests] == [9001, 17, 4242, 5]  # alpha..delta
+    assert all(m.content[p.CONFIG_KEY][p.ROUND_KEY] == 1 for m in requests)
+
+
+def test_bad_updates_are_dropped_with_reasons_and_eps_still_counted() -> None:
+    strategy, run_log = _strategy()
+    alpha, bravo, charlie, delta = _requests(strategy)
+    replies = [
+        _reply(delta, 4.0, 0.4),
+        _reply(alpha, 1.0, 0.1),
+        _reply(bravo, 2.0, 0.2, w=Array(np.full((3, 2), np.nan, np.float32))),
+        _reply(charlie, 3.0, 0.3, b=Array(np.zeros(3, np.float32))),
+    ]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert arrays is not None
+    np.testing.assert_allclose(arrays["w"].numpy(), 2.5)  # mean of alpha (1) and delta (4)
+    record = run_log.close(1, 0.0)
+    assert record.participants == ["alpha", "delta"]
+    reasons = {f.node: f.reason for f in record.failures}
+    assert reasons["bravo"] == "update holds NaN or infinite values"
+    assert "array 'b' is float32[3], expected float32[2]" in reasons["charlie"]
+    # A rejected update was still released: its node's ε is on record.
+    assert record.epsilon == {"alpha": 0.1, "bravo": 0.2, "charlie": 0.3, "delta": 0.4}
+
+
+def test_error_replies_and_no_usable_update_stop_the_run() -> None:
+    strategy, _ = _strategy()
+    requests = _requests(strategy)
+    replies = [Message(Error(code=0, reason="out of budget"), reply_to=r) for r in requests]
+    with pytest.raises(
+        FederationError, match=r"round 1: no node returned a usable update.*out of budget"
+    ):
+        strategy.aggregate_train(1, replies)
+
+
+def test_aggregation_order_does_not_depend_on_arrival_order() -> None:
+    strategy, _ = _strategy()
+    requests = _requests(strategy)
+    replies = [_reply(r, v, 0.1) for r, v in zip(requests, [0.1, 1e-8, 3.3, -7.0], strict=True)]
+    forward, _ = strategy.aggregate_train(1, replies)
+    strategy.configure_train(2, _global(), ConfigRecord(), None)  # type: ignore[arg-type]
+    backward, _ = strategy.aggregate_train(2, list(reversed(replies)))
+    assert forward is not None and backward is not None
+    assert all(forward[k].data == backward[k].data for k in forward)
+
+
+def test_fedadam_keeps_the_model_dtype() -> None:
+    strategy, _ = _strategy(JobConfig(strategy=FedAdamConfig()))
+    assert isinstance(strategy, ConsortiaFedAdam)
+    requests = _requests(strategy)
+    arrays, _ = strategy.aggregate_train(1, [_reply(r, 0.5, 0.1) for r in requests])
+    assert arrays is not None and all(arrays[k].dtype == "float32" for k in arrays)
+
+
+def test_evaluation_can_be_switched_off() -> None:
+    strategy, _ = _strategy()
+    strategy.federated_evaluation = False
+    assert list(strategy.configure_evaluate(1, _global(), ConfigRecord(), None)) == []  # type: ignore[arg-type]
