@@ -13,7 +13,7 @@ in the node's state directory, holding per registered dataset its ε budget,
   and a release adds `steps × curve(σ, q)` to it, the very sum
   `consortia.common.privacy.epsilon` computes over the history (bit-for-bit:
   same operations, same order). Recording a release does not read the
-  history. A (σ, q) pair's curve costs ~20 ms the first time in a process
+  history. A (σ, q) pair's curve costs 10-20 ms the first time in a process
   (Opacus' `compute_rdp`) and is cached after: `projected_epsilon` before
   training warms it for `record_release` after.
 - **PRV is selectable per dataset, and slow.** The PRV accountant has no
@@ -49,14 +49,14 @@ import numpy as np
 from opacus.accountants.analysis import rdp as rdp_analysis
 from pydantic import BaseModel, ConfigDict, ValidationError, computed_field
 
-from consortia.common.atomic import _fsync_dir
+from consortia.common.atomic import fsync_dir
 from consortia.common.errors import ConsortiaError, PrivacyError
 from consortia.common.privacy import (
     RDP_ORDERS,
     AccountantName,
     Release,
-    _rdp_per_step,
     opacus_epsilon,
+    rdp_per_step,
 )
 
 Mechanism = Literal["dpsgd", "gaussian"]
@@ -349,7 +349,7 @@ class PrivacyLedger:
 
         Detects a tampered or corrupt ledger: edited, deleted or inserted
         release rows, or an edited composed state. Cost is O(history) to read
-        plus one Opacus curve (RDP, ~20 ms) or PRV composition per distinct
+        plus one Opacus curve (RDP, 10-20 ms) or PRV composition per distinct
         (σ, q) pair. Raises `LedgerIntegrityError` naming the failed check.
         """
         with self._transaction(f"read the history of {dataset!r}", write=False) as conn:
@@ -470,7 +470,7 @@ def _open_connection(path: Path) -> sqlite3.Connection:
         conn.close()
         raise
     if is_new:
-        _fsync_dir(path.parent)  # the new file's directory entry, too
+        fsync_dir(path.parent)  # the new file's directory entry, too
     return conn
 
 
@@ -509,7 +509,7 @@ def _sqlite_errors(path: Path, action: str) -> Iterator[None]:
         ) from None
     except sqlite3.DatabaseError as exc:
         raise LedgerCorruptError(
-            f"the privacy ledger at {path} is not a readable SQLite database ({exc}); "
+            f"the privacy ledger at {path} is damaged or not a SQLite database ({exc}); "
             f"{_RESTORE_ADVICE}"
         ) from None
 
@@ -724,7 +724,7 @@ def _compose_rdp(row: sqlite3.Row, release: Release, path: Path) -> tuple[np.nda
     """The composed RDP vector with `release` added, and its ε: O(#orders)."""
     vector = _decode_vector(row["composed_rdp"], row["name"], path)
     if release.steps:
-        vector = vector + release.steps * _rdp_per_step(
+        vector = vector + release.steps * rdp_per_step(
             release.noise_multiplier, release.sample_rate
         )
     return vector, _rdp_epsilon(vector, float(row["delta"]))
@@ -758,7 +758,7 @@ def _merge_pairs(history: Iterable[Release]) -> list[Release]:
     """One release per (σ, q) with the summed steps, in first-use order; zero-step ones dropped.
 
     Composition is commutative, and Opacus' accountants merge repeated steps
-    the same way; without this, Opacus would recompute a ~20 ms RDP curve (or
+    the same way; without this, Opacus would recompute a 10-20 ms RDP curve (or
     a PRV) for every release of a long history.
     """
     steps: dict[tuple[float, float], int] = {}
@@ -862,7 +862,7 @@ def _composed_rdp_problem(
     stored = _decode_vector(composed, budget.name, path)
     expected = np.zeros(len(RDP_ORDERS))
     for release in _merge_pairs(e.release for e in entries):
-        expected += release.steps * _rdp_per_step(release.noise_multiplier, release.sample_rate)
+        expected += release.steps * rdp_per_step(release.noise_multiplier, release.sample_rate)
     if not np.allclose(stored, expected, rtol=VERIFY_REL_TOL, atol=0.0):
         return "its stored composed RDP vector does not match the sum over its releases"
     if not _close(_rdp_epsilon(stored, budget.delta), budget.epsilon_spent):

@@ -26,7 +26,7 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
@@ -35,8 +35,8 @@ def write_json_atomic(path: Path, payload: Any) -> None:
     write_bytes_atomic(path, text.encode("utf-8"))
 
 
-def _fsync_dir(directory: Path) -> None:
-    """Persist the rename itself (POSIX needs the directory entry synced too)."""
+def fsync_dir(directory: Path) -> None:
+    """Persist a rename or a new file's entry (POSIX needs the directory synced too)."""
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:  # pragma: no cover - platforms without directory fds

@@ -42,14 +42,19 @@ def epsilon(history: list[Release], delta: float, accountant: AccountantName = "
     if accountant == "rdp":
         rdp = np.zeros(len(RDP_ORDERS))
         for release in history:
-            rdp += release.steps * _rdp_per_step(release.noise_multiplier, release.sample_rate)
+            rdp += release.steps * rdp_per_step(release.noise_multiplier, release.sample_rate)
         eps, _ = rdp_analysis.get_privacy_spent(orders=list(RDP_ORDERS), rdp=rdp, delta=delta)
         return float(eps)
     return opacus_epsilon(history, delta, accountant)
 
 
 @lru_cache(maxsize=256)
-def _rdp_per_step(noise_multiplier: float, sample_rate: float) -> np.ndarray:
+def rdp_per_step(noise_multiplier: float, sample_rate: float) -> np.ndarray:
+    """RDP of one subsampled-Gaussian step at every order of `RDP_ORDERS` (cached, read-only).
+
+    RDP composes additively per order: a history's curve is the sum of
+    `steps * rdp_per_step(σ, q)` over its releases.
+    """
     curve = rdp_analysis.compute_rdp(
         q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=list(RDP_ORDERS)
     )

@@ -27,7 +27,7 @@ from consortia.client.ledger import (
     ledger_path,
 )
 from consortia.common.errors import ConsortiaError, PrivacyError
-from consortia.common.privacy import Release, epsilon, opacus_epsilon
+from consortia.common.privacy import RDP_ORDERS, Release, epsilon, opacus_epsilon
 
 DELTA = 1e-5
 DATASET = "hospital-a"
@@ -217,7 +217,10 @@ def _tamper(path: Path, sql: str) -> None:
         ("DELETE FROM releases WHERE seq = 3", "release rows"),
         ("DELETE FROM releases WHERE seq = 1", "sequence numbers"),
         ("UPDATE datasets SET epsilon_spent = epsilon_spent / 2", "last release says"),
-        ("UPDATE datasets SET composed_rdp = zeroblob(1208)", "composed RDP vector"),
+        (
+            f"UPDATE datasets SET composed_rdp = zeroblob({8 * len(RDP_ORDERS)})",
+            "composed RDP vector",
+        ),
         ("UPDATE releases SET noise_multiplier = 5.0 WHERE seq = 1", "recomputed"),
     ],
 )
@@ -243,7 +246,7 @@ def test_garbage_file_is_a_clear_error(path: Path) -> None:
     message = str(corrupt.value)
     assert isinstance(corrupt.value, ConsortiaError)
     assert str(path) in message
-    assert "not a readable SQLite database" in message and "restore it from a backup" in message
+    assert "damaged or not a SQLite database" in message and "restore it from a backup" in message
 
 
 def test_damaged_pages_are_a_clear_error(path: Path) -> None:

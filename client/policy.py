@@ -1,0 +1,102 @@
+"""The node's policy: what its operator allows, whatever a job asks.
+
+The coordinator proposes; the node decides. Every check returns a
+machine-readable refusal (a code and a sentence) instead of raising, so the
+node can log it, reply with it, and train nothing.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from consortia.common.config import JobConfig, StrictModel
+
+
+class NodePolicy(StrictModel):
+    """Limits a node enforces on every job and every round."""
+
+    epsilon_budget: float = Field(
+        default=3.0, gt=0, description="total ε per dataset, over all jobs, at `delta`"
+    )
+    delta: float = Field(default=1e-5, gt=0, lt=1)
+    min_noise_multiplier: float = Field(default=0.5, ge=0)
+    max_grad_norm: float = Field(default=10.0, gt=0, description="largest clipping bound allowed")
+    max_local_epochs: int = Field(default=5, ge=1)
+    models: tuple[str, ...] = Field(default=("logreg", "mlp", "cnn"))
+    require_dp: bool = True
+    min_cohort: int = Field(default=2, ge=1, description="smallest cohort (secure aggregation)")
+    share_label_histogram: bool = False
+
+
+class Refusal(StrictModel):
+    """Why a node will not take part: `code` for machines, `reason` for people."""
+
+    code: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"[{self.code}] {self.reason}"
+
+
+def check_job(job: JobConfig, policy: NodePolicy) -> Refusal | None:
+    """Refuse a job whose settings break the policy, before any data is touched."""
+    privacy = job.privacy
+    if policy.require_dp and not privacy.enabled:
+        return Refusal(code="dp-required", reason="this node trains only with DP-SGD")
+    if job.model.name not in policy.models:
+        return Refusal(
+            code="model-not-allowed",
+            reason=f"model {job.model.name!r} is not in this node's list {list(policy.models)}",
+        )
+    if job.training.local_epochs > policy.max_local_epochs:
+        return Refusal(
+            code="too-many-epochs",
+            reason=f"{job.training.local_epochs} local epochs per round exceed the node's "
+            f"maximum of {policy.max_local_epochs}",
+        )
+    if privacy.enabled and privacy.max_grad_norm > policy.max_grad_norm:
+        return Refusal(
+            code="clipping-too-large",
+            reason=f"max_grad_norm {privacy.max_grad_norm} exceeds the node's maximum "
+            f"of {policy.max_grad_norm}",
+        )
+    if privacy.enabled and privacy.delta > policy.delta:
+        return Refusal(
+            code="delta-too-large",
+            reason=f"δ = {privacy.delta:g} exceeds the node's δ = {policy.delta:g}",
+        )
+    if (
+        privacy.enabled
+        and privacy.noise_multiplier is not None
+        and privacy.noise_multiplier < policy.min_noise_multiplier
+    ):
+        return Refusal(
+            code="noise-too-low",
+            reason=f"noise multiplier {privacy.noise_multiplier} is below the node's minimum "
+            f"of {policy.min_noise_multiplier}",
+        )
+    return None
+
+
+def check_noise(noise_multiplier: float, policy: NodePolicy) -> Refusal | None:
+    """Refuse a calibrated noise multiplier below the node's floor."""
+    if noise_multiplier < policy.min_noise_multiplier:
+        return Refusal(
+            code="noise-too-low",
+            reason=f"reaching the job's ε needs noise multiplier {noise_multiplier:.3g}, "
+            f"below the node's minimum of {policy.min_noise_multiplier}",
+        )
+    return None
+
+
+def check_budget(
+    spent: float, projected: float, policy: NodePolicy, dataset: str
+) -> Refusal | None:
+    """Refuse a round whose release would take the dataset past its ε budget."""
+    if projected > policy.epsilon_budget:
+        return Refusal(
+            code="budget-exhausted",
+            reason=f"dataset {dataset!r} has spent ε = {spent:.4g} of {policy.epsilon_budget:g}; "
+            f"this round would bring it to {projected:.4g}",
+        )
+    return None
