@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from consortia.cli.node import node_app
 from consortia.common.errors import ConsortiaError
 
 app = typer.Typer(
@@ -24,6 +25,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+app.add_typer(node_app, name="node")
 console = Console()
 err_console = Console(stderr=True)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -18,14 +19,19 @@ from flwr.clientapp import ClientApp
 
 from consortia.client import training
 from consortia.client.device import resolve_device
-from consortia.client.privacy_state import JobPrivacyState, load_state, save_state
+from consortia.client.ledger import PrivacyLedger, ledger_path
+from consortia.client.node_config import NODE_CONFIG_KEY, load_node_config
+from consortia.client.onboarding.registry import DatasetRegistry
+from consortia.client.policy import Refusal
+from consortia.client.spend import JobAccount, LedgerAccount, NodeRefusedError, PrivacyAccount
 from consortia.common import protocol as p
+from consortia.common.arrays import LabeledArrays
 from consortia.common.config import JobConfig
 from consortia.common.errors import FederationError
 from consortia.common.evaluation import evaluate_model
 from consortia.common.models import build_model
-from consortia.common.privacy import Release, calibrate_noise, epsilon
-from consortia.common.simulated_data import NodeData, simulated_node_data
+from consortia.common.privacy import Release
+from consortia.common.simulated_data import simulated_node_data
 from consortia.common.weights import load_arrays, model_to_arrays
 
 app = ClientApp()
@@ -33,32 +39,85 @@ app = ClientApp()
 
 @dataclass(frozen=True)
 class _NodeView:
-    """The node as one message sees it: its name, its data and the job."""
+    """The node as one message sees it: its name, its data, the job, its privacy account."""
 
     name: str
-    data: NodeData
+    train: LabeledArrays
+    test: LabeledArrays
+    num_classes: int
+    fingerprint: str
     job: JobConfig
+    account: PrivacyAccount
+
+    @property
+    def feature_shape(self) -> tuple[int, ...]:
+        return tuple(self.train.x.shape[1:])
 
 
 def _node_view(message: Message, context: Context) -> _NodeView:
     config = message.content[p.CONFIG_KEY]
     spec = p.TaskSpec.decode(config.get(p.TASK_KEY))
-    if spec.simulation is None or "partition-id" not in context.node_config:
-        raise FederationError(
-            "this node has no dataset to train on: this version serves simulated nodes "
-            "(Flower's simulation engine) only; registered on-prem datasets come with "
-            "`consortia node`"
-        )
-    partition_id = int(context.node_config["partition-id"])
+    if NODE_CONFIG_KEY in context.node_config:
+        return _deployed_view(spec.job, Path(str(context.node_config[NODE_CONFIG_KEY])), context)
+    if spec.simulation is not None and "partition-id" in context.node_config:
+        return _simulated_view(spec, int(context.node_config["partition-id"]), context)
+    raise FederationError(
+        "this node has no dataset to train on: start it with `consortia node start` "
+        f"(which sets the node-config key '{NODE_CONFIG_KEY}')"
+    )
+
+
+def _simulated_view(spec: p.TaskSpec, partition_id: int, context: Context) -> _NodeView:
+    assert spec.simulation is not None
+    data = simulated_node_data(spec.simulation, spec.job.seed, partition_id)
     return _NodeView(
         name=spec.simulation.node_name(partition_id),
-        data=simulated_node_data(spec.simulation, spec.job.seed, partition_id),
+        train=data.train,
+        test=data.test,
+        num_classes=data.num_classes,
+        fingerprint=data.fingerprint(),
         job=spec.job,
+        account=JobAccount(context, spec.job),
+    )
+
+
+def _deployed_view(job: JobConfig, node_toml: Path, context: Context) -> _NodeView:
+    """A real node: its registered dataset, its ledger, its policy; never the coordinator's data."""
+    node = load_node_config(node_toml)
+    if job.dataset is None or job.dataset not in node.serve:
+        raise NodeRefusedError(
+            Refusal(
+                code="dataset-not-served",
+                reason=f"the job asks for dataset {job.dataset!r}; this node serves "
+                f"{list(node.serve)}",
+            )
+        )
+    registry = DatasetRegistry(node.state_dir)
+    registration = registry.get(job.dataset)
+    data = registry.load(job.dataset)  # re-checks the fingerprint: a changed file is refused
+    return _NodeView(
+        name=node.name,
+        train=data.train,
+        test=data.test,
+        num_classes=data.num_classes,
+        fingerprint=registration.fingerprint,
+        job=job,
+        account=LedgerAccount(
+            context, PrivacyLedger(ledger_path(node.state_dir)), job.dataset, node.policy
+        ),
     )
 
 
 def _identity(view: _NodeView) -> ConfigRecord:
-    return ConfigRecord({p.NODE_NAME: view.name, p.NODE_FINGERPRINT: view.data.fingerprint()})
+    """Name, data fingerprint, and the data's shape (schema facts, not records)."""
+    return ConfigRecord(
+        {
+            p.NODE_NAME: view.name,
+            p.NODE_FINGERPRINT: view.fingerprint,
+            p.NODE_FEATURE_SHAPE: list(view.feature_shape),
+            p.NODE_NUM_CLASSES: view.num_classes,
+        }
+    )
 
 
 def _round_seed(job_seed: int, node_name: str, server_round: int) -> int:
@@ -78,23 +137,22 @@ def query(message: Message, context: Context) -> Message:
 def train(message: Message, context: Context) -> Message:
     """One round of local training; returns the update and the privacy spent so far."""
     view = _node_view(message, context)
-    job, data = view.job, view.data
+    job = view.job
     server_round = int(message.content[p.CONFIG_KEY][p.ROUND_KEY])
+    # Policy and budget first: a refused round touches no weights and trains nothing.
+    dp = view.account.admit(job, len(view.train))
     device = resolve_device(job.training.device)
     if device.type == "cpu":
         # One thread per virtual node: Ray runs one node per core, and a fixed
         # thread count keeps float reductions (and so the model bytes) stable.
         torch.set_num_threads(1)
 
-    model = build_model(job.model, data.feature_shape, data.num_classes, job.seed)
+    model = build_model(job.model, view.feature_shape, view.num_classes, job.seed)
     load_arrays(model, message.content[p.ARRAYS_KEY])
-
-    state = load_state(context)
-    dp = _dp_settings(job, len(data.train), state)
     mu = float(message.content[p.CONFIG_KEY].get(p.PROXIMAL_MU_KEY, 0.0))
     result = training.train_locally(
         model,
-        data.train,
+        view.train,
         job.training,
         dp,
         seed=_round_seed(job.seed, view.name, server_round),
@@ -104,23 +162,20 @@ def train(message: Message, context: Context) -> Message:
 
     metrics = MetricRecord(
         {
-            p.WEIGHT: _weight(job, len(data.train)),
+            p.WEIGHT: _weight(job, len(view.train)),
             p.TRAIN_LOSS: result.mean_loss,
             p.STEPS: result.steps,
         }
     )
     if dp is not None:
-        state.history.append(
-            Release(
-                noise_multiplier=dp.noise_multiplier,
-                sample_rate=result.sample_rate,
-                steps=result.steps,
-            )
+        release = Release(
+            noise_multiplier=dp.noise_multiplier,
+            sample_rate=result.sample_rate,
+            steps=result.steps,
         )
-        # Record the spend before the update is handed back to Flower.
-        save_state(context, state)
-        metrics[p.EPSILON] = epsilon(state.history, job.privacy.delta, job.privacy.accountant)
-        metrics[p.DELTA] = job.privacy.delta
+        # Recorded (durably, on a deployed node) before the update is handed to Flower.
+        metrics[p.EPSILON] = view.account.record(release, server_round)
+        metrics[p.DELTA] = view.account.delta
         metrics[p.NOISE_MULTIPLIER] = dp.noise_multiplier
         metrics[p.SAMPLE_RATE] = result.sample_rate
     content = RecordDict(
@@ -137,47 +192,12 @@ def train(message: Message, context: Context) -> Message:
 def evaluate(message: Message, context: Context) -> Message:
     """Loss and accuracy of the global model on the node's local test split."""
     view = _node_view(message, context)
-    data = view.data
-    model = build_model(view.job.model, data.feature_shape, data.num_classes, view.job.seed)
+    model = build_model(view.job.model, view.feature_shape, view.num_classes, view.job.seed)
     load_arrays(model, message.content[p.ARRAYS_KEY])
-    loss, accuracy = evaluate_model(model, data.test, resolve_device(view.job.training.device))
-    metrics = MetricRecord({p.WEIGHT: len(data.test), p.EVAL_LOSS: loss, p.EVAL_ACCURACY: accuracy})
+    loss, accuracy = evaluate_model(model, view.test, resolve_device(view.job.training.device))
+    metrics = MetricRecord({p.WEIGHT: len(view.test), p.EVAL_LOSS: loss, p.EVAL_ACCURACY: accuracy})
     return Message(
         RecordDict({p.METRICS_KEY: metrics, p.NODE_KEY: _identity(view)}), reply_to=message
-    )
-
-
-def _dp_settings(
-    job: JobConfig, num_records: int, state: JobPrivacyState
-) -> training.DpSettings | None:
-    """The round's DP mechanism; the noise is calibrated once, for the whole job.
-
-    With a target ε the node assumes it takes part in every planned round, so
-    its ε after the last round stays within the target however it is sampled.
-    """
-    privacy = job.privacy
-    if not privacy.enabled:
-        return None
-    if state.noise_multiplier is None:
-        if privacy.noise_multiplier is not None:
-            state.noise_multiplier = privacy.noise_multiplier
-        else:
-            assert privacy.target_epsilon is not None  # guaranteed by PrivacyConfig
-            batch = job.training.batch_size
-            planned_steps = (
-                job.rounds
-                * job.training.local_epochs
-                * training.steps_per_epoch(num_records, batch)
-            )
-            state.noise_multiplier = calibrate_noise(
-                privacy.target_epsilon,
-                privacy.delta,
-                training.poisson_sample_rate(num_records, batch),
-                planned_steps,
-                privacy.accountant,
-            )
-    return training.DpSettings(
-        noise_multiplier=state.noise_multiplier, max_grad_norm=privacy.max_grad_norm
     )
 
 

@@ -110,6 +110,10 @@ class JobConfig(StrictModel):
     """A federated training job: the same schema in simulation and deployment."""
 
     name: str = Field(default="job", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    dataset: str | None = Field(
+        default=None, description="registered dataset the nodes train on (deployment)"
+    )
+    min_nodes: int = Field(default=2, ge=1, description="nodes to wait for (deployment)")
     seed: int = Field(default=0, ge=0, lt=2**32)
     rounds: int = Field(default=10, ge=1, le=100_000)
     clients_per_round: int | None = Field(

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from consortia.common.config import ScenarioConfig
+from consortia.common.config import JobConfig, ScenarioConfig
 from consortia.common.errors import ConfigError
 
 M = TypeVar("M", bound=BaseModel)
@@ -96,12 +96,29 @@ def _is_model(obj: Any) -> bool:
 # ------------------------------------------------------------------ scenarios
 
 
-class LoadedScenario(BaseModel):
-    """A validated scenario with where it came from and the hash of its source text."""
+class LoadedConfig(BaseModel):
+    """A validated job or scenario with where it came from and the hash of its source text."""
 
-    config: ScenarioConfig
+    config: ScenarioConfig | JobConfig
     source: str
     source_sha256: str
+
+
+class LoadedScenario(LoadedConfig):
+    """A validated scenario (a job plus its simulated consortium)."""
+
+    config: ScenarioConfig
+
+
+def load_job(path: Path) -> LoadedConfig:
+    """Load a deployment job file (no `[simulation]` block: the nodes bring the data)."""
+    text = _read_text(path)
+    config = validate_model(JobConfig, _parse(text, str(path)), str(path))
+    return LoadedConfig(
+        config=config,
+        source=str(path),
+        source_sha256=hashlib.sha256(text.encode("utf-8")).hexdigest(),
+    )
 
 
 def bundled_scenarios() -> list[str]:

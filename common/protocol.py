@@ -26,6 +26,8 @@ NODE_KEY = "node"  # ConfigRecord describing the replying node
 # Node description keys (node -> coordinator)
 NODE_NAME = "name"
 NODE_FINGERPRINT = "data-fingerprint"
+NODE_FEATURE_SHAPE = "feature-shape"
+NODE_NUM_CLASSES = "num-classes"
 
 # MetricRecord keys (node -> coordinator)
 WEIGHT = "aggregation-weight"

@@ -1,7 +1,8 @@
 """consortia's Flower ServerApp, for the stock tooling (`flwr run .`).
 
 The run config (`[tool.flwr.app.config]` in pyproject.toml, or
-`flwr run . --run-config ...`) names the scenario and the output folder.
+`flwr run . --run-config ...`) names the scenario (simulation) or the job
+file (deployment: `job = "/path/job.toml"`) and the output folder.
 `consortia simulate` builds the same federation through
 `consortia.server.simulation` instead.
 """
@@ -14,7 +15,7 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from consortia.common.config_io import load_scenario
+from consortia.common.config_io import load_job, load_scenario
 from consortia.server.federation import run_federation
 from consortia.server.roster import Roster
 from consortia.server.run_dirs import default_run_dir
@@ -41,9 +42,14 @@ class LogListener:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Run the scenario named in the run config."""
+    """Run the job (`job` = path of a job TOML) or the scenario named in the run config."""
+    job_path = context.run_config.get("job")
     scenario_ref = context.run_config.get("scenario")
-    loaded = load_scenario(str(scenario_ref) if scenario_ref else None)
+    loaded = (
+        load_job(Path(str(job_path)))
+        if job_path
+        else load_scenario(str(scenario_ref) if scenario_ref else None)
+    )
     base = Path(str(context.run_config.get("out-dir", "runs")))
     out_dir = default_run_dir(base, loaded.config.name)
     summary = run_federation(grid, loaded, out_dir, LogListener())

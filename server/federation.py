@@ -20,11 +20,12 @@ from flwr.serverapp import Grid
 
 from consortia.common import protocol as p
 from consortia.common.arrays import LabeledArrays
-from consortia.common.config import ScenarioConfig
-from consortia.common.config_io import LoadedScenario
+from consortia.common.config import JobConfig, ScenarioConfig
+from consortia.common.config_io import LoadedConfig
+from consortia.common.errors import FederationError
 from consortia.common.evaluation import evaluate_model
 from consortia.common.models import build_model
-from consortia.common.simulated_data import centralized_test_data, source_of
+from consortia.common.simulated_data import centralized_test_data
 from consortia.common.weights import load_arrays, model_to_arrays
 from consortia.server.checkpoints import file_sha256
 from consortia.server.cohort import Cohort
@@ -53,25 +54,31 @@ class RunSummary:
 
 
 def run_federation(
-    grid: Grid, loaded: LoadedScenario, out_dir: Path, listener: RoundListener
+    grid: Grid, loaded: LoadedConfig, out_dir: Path, listener: RoundListener
 ) -> RunSummary:
-    """Run the scenario's job over the nodes reachable through `grid`."""
+    """Run the job (or simulated scenario) over the nodes reachable through `grid`."""
     config = loaded.config
+    simulation = config.simulation if isinstance(config, ScenarioConfig) else None
+    job = config.job() if isinstance(config, ScenarioConfig) else config
+    if simulation is None and config.evaluation == "centralized":
+        raise FederationError(
+            "evaluation = 'centralized' needs a coordinator test set, which only simulations "
+            "have; use 'federated' or 'none' for a deployed job"
+        )
     _seed_everything(config.seed)
-    task = p.TaskSpec(job=config.job(), simulation=config.simulation).encode()
-    roster = discover(
-        grid, ConfigRecord({p.TASK_KEY: task}), config.simulation.nodes, config.round_timeout_s
-    )
+    task = p.TaskSpec(job=job, simulation=simulation).encode()
+    expected = simulation.nodes if simulation is not None else config.min_nodes
+    roster = discover(grid, ConfigRecord({p.TASK_KEY: task}), expected, config.round_timeout_s)
     outputs = RunOutputs(out_dir)
     outputs.write_manifest(
         build_manifest(out_dir.name, config, loaded.source, loaded.source_sha256, roster)
     )
     listener.on_start(config.rounds, roster)
 
-    source = source_of(config.simulation)
-    model = build_model(config.model, source.feature_shape, source.num_classes, config.seed)
+    feature_shape, num_classes = roster.data_shape()
+    model = build_model(config.model, feature_shape, num_classes, config.seed)
     run_log = RunLog(roster)
-    strategy = build_strategy(config.job())
+    strategy = build_strategy(job)
     strategy.attach(
         Cohort(roster, config.clients_per_round, config.seed),
         run_log,
@@ -97,7 +104,7 @@ class _RoundObserver:
 
     def __init__(
         self,
-        config: ScenarioConfig,
+        config: JobConfig,
         model: torch.nn.Module,
         run_log: RunLog,
         outputs: RunOutputs,
@@ -110,7 +117,7 @@ class _RoundObserver:
         self.listener = listener
         self.test_data: LabeledArrays | None = (
             centralized_test_data(config.simulation, config.seed)
-            if config.evaluation == "centralized"
+            if isinstance(config, ScenarioConfig) and config.evaluation == "centralized"
             else None
         )
         self.last_checkpoint: Path | None = None

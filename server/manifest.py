@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from consortia.common.config import ScenarioConfig
+from consortia.common.config import JobConfig
 from consortia.server.roster import Roster
 
 _PACKAGES = ("consortia", "flwr", "torch", "opacus", "numpy")
@@ -35,7 +35,7 @@ class Manifest(BaseModel):
 
 
 def build_manifest(
-    run_name: str, config: ScenarioConfig, source: str, source_sha256: str, roster: Roster
+    run_name: str, config: JobConfig, source: str, source_sha256: str, roster: Roster
 ) -> Manifest:
     resolved = config.model_dump(mode="json")
     return Manifest(
@@ -53,7 +53,7 @@ def build_manifest(
     )
 
 
-def config_sha256(config: ScenarioConfig) -> str:
+def config_sha256(config: JobConfig) -> str:
     """sha256 of the resolved config as canonical JSON (sorted keys, defaults filled in)."""
     canonical = json.dumps(config.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()

@@ -28,6 +28,8 @@ class NodeEntry(BaseModel):
     node_id: int
     name: str
     data_fingerprint: str
+    feature_shape: tuple[int, ...]
+    num_classes: int
 
 
 class Roster(BaseModel):
@@ -40,6 +42,19 @@ class Roster(BaseModel):
     @property
     def names(self) -> list[str]:
         return [n.name for n in self.nodes]
+
+    def data_shape(self) -> tuple[tuple[int, ...], int]:
+        """(feature shape, class count) every node reported; they must all agree."""
+        shapes = {(n.feature_shape, n.num_classes) for n in self.nodes}
+        if len(shapes) != 1:
+            detail = ", ".join(
+                f"{n.name}: {list(n.feature_shape)}/{n.num_classes} classes" for n in self.nodes
+            )
+            raise FederationError(
+                f"the nodes' datasets do not share one layout ({detail}); their dataset "
+                "schemas must declare the same columns, categories and classes"
+            )
+        return shapes.pop()
 
     def name_of(self, node_id: int) -> str:
         for node in self.nodes:
@@ -83,11 +98,18 @@ def _roster_from(replies: Iterable[Message], expected: int) -> Roster:
         if not isinstance(record, ConfigRecord) or p.NODE_NAME not in record:
             problems.append(f"node {source}: reply does not identify the node")
             continue
+        shape = record.get(p.NODE_FEATURE_SHAPE)
+        classes = record.get(p.NODE_NUM_CLASSES)
+        if not isinstance(shape, list) or not isinstance(classes, int):
+            problems.append(f"node {source}: reply does not describe its data's layout")
+            continue
         entries.append(
             NodeEntry(
                 node_id=source,
                 name=str(record[p.NODE_NAME]),
                 data_fingerprint=str(record.get(p.NODE_FINGERPRINT, "")),
+                feature_shape=tuple(int(d) for d in shape),
+                num_classes=classes,
             )
         )
     if len(entries) < expected:

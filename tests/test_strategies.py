@@ -41,7 +41,9 @@ def _global() -> ArrayRecord:
 def _strategy(job: JobConfig | None = None) -> tuple[ConsortiaStrategy, RunLog]:
     roster = Roster(
         nodes=tuple(
-            NodeEntry(node_id=i, name=n, data_fingerprint="f" * 64)
+            NodeEntry(
+                node_id=i, name=n, data_fingerprint="f" * 64, feature_shape=(3,), num_classes=2
+            )
             for n, i in sorted(zip(NAMES, IDS, strict=True))
         )
     )

@@ -1,0 +1,326 @@
+"""The dataset schema, `dataset.toml`: where a node's local data lives and what it must hold.
+
+A hospital's IT team writes one such file per dataset. It names the source
+(`[source]`, one of five formats), describes every table column
+(`[[columns]]`), and says how the data is prepared for training (label
+mapping, missing values, split, standardisation). Every model forbids unknown
+keys, so a typo is an error rather than a silently ignored setting.
+
+Relative paths in the file are resolved from the folder of the file itself,
+so a schema can sit next to its data and be moved together with it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Discriminator, Field, Tag, field_validator, model_validator
+
+from consortia.common.config import StrictModel
+from consortia.common.config_io import read_toml, validate_model
+
+FORMATS = ("csv", "parquet", "npz", "idx", "image_folder")
+TABLE_FORMATS = ("csv", "parquet")
+
+# ----------------------------------------------------------------------- sources
+
+
+class _TableSource(StrictModel):
+    """Settings shared by the table formats."""
+
+    path: Path
+    missing_values: tuple[str, ...] = Field(
+        default=("",), description="cell texts that mean 'no value' (compared after trimming)"
+    )
+
+    @field_validator("missing_values")
+    @classmethod
+    def _trimmed_markers(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(marker.strip() for marker in value))
+
+
+class CsvSource(_TableSource):
+    """A delimited text file (UTF-8, a byte-order mark is accepted)."""
+
+    format: Literal["csv"]
+    header: bool = Field(
+        default=True,
+        description="the first line names the columns; without one the schema's order is used",
+    )
+    delimiter: str = Field(default=",", min_length=1, max_length=1)
+
+    @field_validator("delimiter")
+    @classmethod
+    def _usable_delimiter(cls, value: str) -> str:
+        if value in {'"', "\n", "\r"}:
+            raise ValueError("the delimiter cannot be a quote or a line break")
+        return value
+
+
+class ParquetSource(_TableSource):
+    """A Parquet file; column names come from the file, markers apply to text columns."""
+
+    format: Literal["parquet"]
+
+
+class NpzSource(StrictModel):
+    """A NumPy `.npz` archive with a feature array and a label array (no pickles)."""
+
+    format: Literal["npz"]
+    path: Path
+    features_key: str = Field(default="x", min_length=1)
+    labels_key: str = Field(default="y", min_length=1)
+
+
+class IdxSource(StrictModel):
+    """An IDX image file and an IDX label file (the MNIST format), gzipped or not."""
+
+    format: Literal["idx"]
+    images: Path
+    labels: Path
+
+
+class ImageFolderSource(StrictModel):
+    """One sub-folder per class holding PNG or JPEG images; the folder name is the label."""
+
+    format: Literal["image_folder"]
+    path: Path
+    mode: Literal["grayscale", "rgb"] = "grayscale"
+    size: tuple[
+        Annotated[int, Field(ge=1, le=4096)],
+        Annotated[int, Field(ge=1, le=4096)],
+    ] = Field(description="[height, width] every image is resized to")
+
+
+def _source_format(value: Any) -> Any:
+    return value.get("format") if isinstance(value, dict) else getattr(value, "format", None)
+
+
+Source = Annotated[
+    Annotated[CsvSource, Tag("csv")]
+    | Annotated[ParquetSource, Tag("parquet")]
+    | Annotated[NpzSource, Tag("npz")]
+    | Annotated[IdxSource, Tag("idx")]
+    | Annotated[ImageFolderSource, Tag("image_folder")],
+    # A callable discriminator so that a wrong or missing `format` reads as one
+    # plain sentence (the shared formatter words string-tag errors for `name`).
+    Discriminator(
+        _source_format,
+        custom_error_type="invalid_format",
+        custom_error_message="'format' must be one of " + ", ".join(f"'{f}'" for f in FORMATS),
+    ),
+]
+
+# ----------------------------------------------------------------------- columns
+
+
+class ColumnSpec(StrictModel):
+    """One column of a table source.
+
+    `min`/`max` bound numeric values (inclusive); `categories` lists the
+    allowed values of a category column, in the order every node one-hot
+    encodes them. `ignore = true` reads the column (it counts for the column
+    count and the fingerprint) but never checks or uses it, e.g. a patient id.
+    """
+
+    name: str = Field(min_length=1)
+    type: Literal["float", "int", "category"]
+    min: float | None = None
+    max: float | None = None
+    categories: tuple[str, ...] | None = None
+    label: bool = False
+    ignore: bool = False
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ColumnSpec:
+        where = f"column '{self.name}'"
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"{where}: 'min' ({self.min:g}) is above 'max' ({self.max:g})")
+        if self.type == "category" and (self.min is not None or self.max is not None):
+            raise ValueError(f"{where}: 'min'/'max' apply to numbers; remove them or use 'float'")
+        if self.type != "category" and self.categories is not None:
+            raise ValueError(
+                f"{where}: 'categories' applies to type 'category'; remove it or change the type"
+            )
+        if self.categories is not None:
+            if not self.categories:
+                raise ValueError(f"{where}: 'categories' is empty; list the allowed values")
+            if len(set(self.categories)) != len(self.categories):
+                raise ValueError(f"{where}: 'categories' lists a value twice")
+        if self.label and self.ignore:
+            raise ValueError(f"{where}: a column cannot be both 'label' and 'ignore'")
+        if self.label and self.type == "float":
+            raise ValueError(f"{where}: the label column must be of type 'int' or 'category'")
+        if self.type == "category" and not self.label and not self.ignore and not self.categories:
+            raise ValueError(
+                f"{where}: type 'category' needs 'categories' (the allowed values, in the "
+                "order every node encodes them)"
+            )
+        return self
+
+    @property
+    def is_feature(self) -> bool:
+        return not self.label and not self.ignore
+
+
+class SplitSpec(StrictModel):
+    """The local train/test split."""
+
+    test_fraction: float = Field(default=0.2, gt=0, lt=1)
+    stratified: bool = True
+    seed: int = Field(default=0, ge=0, lt=2**32)
+
+
+# ----------------------------------------------------------------------- dataset
+
+
+class DatasetSpec(StrictModel):
+    """A validated `dataset.toml`.
+
+    Preparation settings:
+    - `label_mapping` maps raw label values (as text) to class ids 0..k-1,
+      e.g. ``{"0" = 0, "1" = 1, "2" = 1}`` to binarise a graded label;
+    - `num_classes` fixes the class count every node agrees on (otherwise it
+      comes from the mapping, the label column's categories or `max`, or the
+      data);
+    - `missing`: "drop" removes records with a missing feature; "impute" fills
+      it with the median (numbers) or the most frequent category, computed on
+      the local train split only. Records without a label are always dropped;
+    - `standardize`: z-score numeric features with the train split's mean and
+      standard deviation (one-hot columns are left as 0/1). Off by default:
+      statistics of one node's records differ from node to node, and under
+      label skew they can erase the class signal (see common/datasets.py).
+    """
+
+    description: str = ""
+    source: Source
+    columns: tuple[ColumnSpec, ...] = ()
+    label_mapping: dict[str, int] | None = None
+    num_classes: int | None = Field(default=None, ge=2, le=100_000)
+    missing: Literal["drop", "impute"] = "drop"
+    standardize: bool = False
+    split: SplitSpec = SplitSpec()
+
+    @field_validator("columns")
+    @classmethod
+    def _columns(cls, columns: tuple[ColumnSpec, ...]) -> tuple[ColumnSpec, ...]:
+        if not columns:
+            return columns
+        names = [c.name for c in columns]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"column names must be unique; declared twice: {', '.join(twice)}")
+        labels = [c.name for c in columns if c.label]
+        if len(labels) != 1:
+            found = f"{len(labels)} ({', '.join(labels)})" if labels else "none"
+            raise ValueError(
+                f"exactly one column needs 'label = true'; found {found}; "
+                "mark the column that holds the outcome, and only that one"
+            )
+        if not any(c.is_feature for c in columns):
+            raise ValueError("no feature column: every column is the label or ignored")
+        return columns
+
+    @field_validator("label_mapping")
+    @classmethod
+    def _mapping(cls, mapping: dict[str, int] | None) -> dict[str, int] | None:
+        if mapping is None:
+            return None
+        if not mapping:
+            raise ValueError("[label_mapping] is empty; map each raw label to a class id")
+        ids = sorted(set(mapping.values()))
+        if ids != list(range(len(ids))):
+            raise ValueError(f"class ids must be 0..k-1 without gaps; the mapping gives {ids}")
+        return mapping
+
+    @model_validator(mode="after")
+    def _fits_source(self) -> DatasetSpec:
+        fmt = self.source.format
+        if fmt in TABLE_FORMATS and not self.columns:
+            raise ValueError(
+                f"a {fmt} source needs [[columns]] entries describing every column "
+                "(name, type, and label = true on the outcome column)"
+            )
+        if fmt not in TABLE_FORMATS and self.columns:
+            raise ValueError(f"[[columns]] describe table columns; a {fmt} source takes none")
+        label = self.label_column
+        known = len(set(self.label_mapping.values())) if self.label_mapping else None
+        if label is not None and label.type == "category" and known is None:
+            if not label.categories:
+                raise ValueError(
+                    f"label column '{label.name}': give 'categories' (their order sets the "
+                    "class ids) or a [label_mapping]"
+                )
+            known = len(label.categories)
+        if label is not None and label.categories and self.label_mapping is not None:
+            unmapped = [c for c in label.categories if c not in self.label_mapping]
+            if unmapped:
+                raise ValueError(
+                    f"[label_mapping] has no class id for the label categories "
+                    f"{', '.join(repr(c) for c in unmapped)}"
+                )
+        if known is not None and self.num_classes is not None and self.num_classes < known:
+            raise ValueError(
+                f"'num_classes' ({self.num_classes}) is below the {known} classes the "
+                "label mapping or categories define"
+            )
+        return self
+
+    # ------------------------------------------------------------------ helpers
+
+    @property
+    def is_table(self) -> bool:
+        return self.source.format in TABLE_FORMATS
+
+    @property
+    def label_column(self) -> ColumnSpec | None:
+        return next((c for c in self.columns if c.label), None)
+
+    @property
+    def feature_columns(self) -> tuple[ColumnSpec, ...]:
+        return tuple(c for c in self.columns if c.is_feature)
+
+    def declared_num_classes(self) -> int | None:
+        """The class count the schema fixes, or None when only the data can tell."""
+        if self.num_classes is not None:
+            return self.num_classes
+        if self.label_mapping is not None:
+            return len(set(self.label_mapping.values()))
+        label = self.label_column
+        if label is not None and label.categories:
+            return len(label.categories)
+        if label is not None and label.max is not None:
+            return int(label.max) + 1
+        return None
+
+    def source_files(self) -> tuple[Path, ...]:
+        """The files (or folder) the source reads."""
+        if isinstance(self.source, IdxSource):
+            return (self.source.images, self.source.labels)
+        return (self.source.path,)
+
+    def resolved(self, base: Path) -> DatasetSpec:
+        """A copy whose relative source paths are made absolute from `base`."""
+        base = base.expanduser().resolve()
+
+        def fix(path: Path) -> Path:
+            path = path.expanduser()
+            return path if path.is_absolute() else (base / path).resolve()
+
+        if isinstance(self.source, IdxSource):
+            update = {"images": fix(self.source.images), "labels": fix(self.source.labels)}
+        else:
+            update = {"path": fix(self.source.path)}
+        return self.model_copy(update={"source": self.source.model_copy(update=update)})
+
+
+def load_spec(path: Path) -> DatasetSpec:
+    """Read and validate a `dataset.toml`; relative paths resolve from its folder.
+
+    Raises `ConfigError` ("file: key: message" lines) when the file is not
+    valid TOML or does not describe a valid dataset.
+    """
+    path = Path(path)
+    spec = validate_model(DatasetSpec, read_toml(path), str(path))
+    return spec.resolved(path.parent)
