@@ -120,9 +120,18 @@ def _identity(view: _NodeView) -> ConfigRecord:
     )
 
 
-def _round_seed(job_seed: int, node_name: str, server_round: int) -> int:
-    """A per-(job, node, round) seed: reproducible, and different for every node and round."""
-    sequence = np.random.SeedSequence([job_seed, zlib.crc32(node_name.encode()), server_round])
+def _round_seed(job_seed: int, node_name: str, server_round: int, secret: int | None) -> int:
+    """The seed of a round's Poisson sampling and DP noise.
+
+    Simulation (`secret` None): derived from (job seed, node, round) alone, so
+    a run is reproducible. Deployment: mixed with fresh entropy the node
+    never shares; the coordinator knows the job seed and the node's name and
+    must not be able to regenerate, and subtract, the node's noise.
+    """
+    words = [job_seed, zlib.crc32(node_name.encode()), server_round]
+    if secret is not None:
+        words.append(secret)
+    sequence = np.random.SeedSequence(words)
     return int(sequence.generate_state(1, dtype=np.uint32)[0])
 
 
@@ -155,14 +164,15 @@ def train(message: Message, context: Context) -> Message:
         view.train,
         job.training,
         dp,
-        seed=_round_seed(job.seed, view.name, server_round),
+        seed=_round_seed(job.seed, view.name, server_round, view.account.noise_secret()),
         device=device,
         proximal_mu=mu,
     )
 
     metrics = MetricRecord(
         {
-            p.WEIGHT: _weight(job, len(view.train)),
+            # Uniform weights: a record count is itself data about the node.
+            p.WEIGHT: 1.0,
             p.TRAIN_LOSS: result.mean_loss,
             p.STEPS: result.steps,
         }
@@ -199,11 +209,6 @@ def evaluate(message: Message, context: Context) -> Message:
     return Message(
         RecordDict({p.METRICS_KEY: metrics, p.NODE_KEY: _identity(view)}), reply_to=message
     )
-
-
-def _weight(job: JobConfig, num_records: int) -> float:
-    """The node's aggregation weight: 1 (uniform) unless the job asks for record counts."""
-    return float(num_records) if job.strategy.weighting == "examples" else 1.0
 
 
 __all__ = ["app"]

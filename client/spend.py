@@ -13,6 +13,7 @@ job's ε after all planned rounds stays within its target.
 
 from __future__ import annotations
 
+import secrets
 from typing import Protocol
 
 from flwr.app import Context
@@ -45,6 +46,10 @@ class PrivacyAccount(Protocol):
 
     def record(self, release: Release, server_round: int) -> float:
         """Store the release durably; return ε spent so far. Call before replying."""
+        ...
+
+    def noise_secret(self) -> int | None:
+        """Entropy mixed into the round's noise seed; None keeps simulations reproducible."""
         ...
 
 
@@ -92,6 +97,9 @@ class JobAccount:
         self.state.history.append(release)
         save_state(self.context, self.state)
         return epsilon(self.state.history, self.delta, self.job.privacy.accountant)
+
+    def noise_secret(self) -> int | None:
+        return None
 
 
 class LedgerAccount:
@@ -146,3 +154,6 @@ class LedgerAccount:
             self.dataset, release, run_id=str(self.context.run_id), server_round=server_round
         )
         return entry.epsilon
+
+    def noise_secret(self) -> int | None:
+        return secrets.randbits(128)

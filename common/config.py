@@ -78,7 +78,6 @@ class FedAvgConfig(StrictModel):
     """Federated averaging (McMahan et al., 2017)."""
 
     name: Literal["fedavg"] = "fedavg"
-    weighting: Literal["uniform", "examples"] = "uniform"
 
 
 class FedProxConfig(FedAvgConfig):
