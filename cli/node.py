@@ -4,6 +4,7 @@ consortia node data add NAME --config dataset.toml --node node.toml
 consortia node data check NAME --node node.toml
 consortia node data list --node node.toml
 consortia node ledger show --node node.toml
+consortia node check-job job.toml --node node.toml
 consortia node start --node node.toml
 """
 
@@ -17,6 +18,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from consortia.common.errors import ConfigError
@@ -112,6 +114,49 @@ def ledger_show(node: NodeOption) -> None:
     console.print(table)
 
 
+@node_app.command("check-job")
+def check_job(
+    job: Annotated[Path, typer.Argument(help="The job's job.toml, as the coordinator runs it.")],
+    node: NodeOption,
+) -> None:
+    """Would this node take part in JOB? Runs the node's policy checks; trains nothing.
+
+    Prints the architecture hash of the job's model (pin it in the policy's
+    `architectures`), the noise the node would calibrate, and the dataset's ε
+    after one round and after every planned round. Exit code 1 if refused.
+    """
+    from consortia.client.admission import preview_admission
+
+    preview = preview_admission(_load_job(job), _node(node))
+    table = Table("", "", show_header=False, box=None)
+    for label, value in preview.rows():
+        table.add_row(label, value)
+    console.print(table)
+    if preview.refusal is not None:
+        console.print(f"[red]refused[/] {escape(str(preview.refusal))}", highlight=False)
+        raise typer.Exit(1)
+    console.print("[green]this node would take part[/]")
+
+
+def _guard_against_shipped_code() -> None:
+    """Make every process of the SuperNode refuse imports from Flower's app-bundle folder."""
+    from importlib import resources
+
+    from flwr.supercore.utils import get_flwr_home
+
+    guard = resources.files("consortia.client") / "codeguard"
+    os.environ["CONSORTIA_REFUSE_CODE_UNDER"] = str(get_flwr_home() / "apps")
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        [str(guard), *filter(None, [os.environ.get("PYTHONPATH")])]
+    )
+
+
+def _load_job(path: Path):  # type: ignore[no-untyped-def]  # JobConfig, imported lazily
+    from consortia.common.config_io import load_job
+
+    return load_job(path).config
+
+
 @node_app.command("start")
 def start(node: NodeOption) -> None:
     """Start the Flower SuperNode serving consortia's installed ClientApp for this node."""
@@ -130,8 +175,10 @@ def start(node: NodeOption) -> None:
     args += ["--node-config", f'{NODE_CONFIG_KEY}="{node.resolve()}"']
     args += ["--port", str(config.runtime_port)]
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    # Run only the code this machine installed: never `uv sync` a coordinator's app.
+    # Run only the code this machine installed: never `uv sync` a coordinator's app ...
     os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+    # ... and never import Python files from the app bundle it sends (codeguard).
+    _guard_against_shipped_code()
     console.print(f"node {config.name}: connecting to {link.address}", highlight=False)
     sys.stdout.flush()
     os.execv(executable, args)

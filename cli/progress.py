@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from consortia.server.label_skew import LabelSkew
 from consortia.server.roster import Roster
 from consortia.server.run_log import RoundRecord
 
@@ -25,8 +27,10 @@ class ProgressListener:
         )
         self.task_id: int | None = None
 
-    def on_start(self, total_rounds: int, roster: Roster) -> None:
+    def on_start(self, total_rounds: int, roster: Roster, skew: LabelSkew | None) -> None:
         self.console.print(f"nodes: {', '.join(roster.names)}")
+        for line in skew.lines() if skew is not None else []:
+            self.console.print(line, highlight=False, markup=False)
         self.progress.start()
         self.task_id = self.progress.add_task("rounds", total=total_rounds, status="starting")
 
@@ -38,6 +42,9 @@ class ProgressListener:
         status = f"accuracy {accuracy}  max ε {eps:.3f}"
         if record.failures:
             status += f"  [yellow]{len(record.failures)} node(s) failed[/]"
+        for failure in record.failures:
+            line = escape(f"round {record.round}: {failure}")
+            self.console.print(f"[yellow]{line}[/]", highlight=False)
         self.progress.update(self.task_id, advance=1, status=status)
 
     def stop(self) -> None:

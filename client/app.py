@@ -8,28 +8,33 @@
 
 from __future__ import annotations
 
+import functools
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
+from logging import WARNING
 from pathlib import Path
 
 import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.logger import log
 
 from consortia.client import training
+from consortia.client.admission import served_dataset
 from consortia.client.device import resolve_device
+from consortia.client.label_histogram import label_histogram_entries
 from consortia.client.ledger import PrivacyLedger, ledger_path
 from consortia.client.node_config import NODE_CONFIG_KEY, load_node_config
 from consortia.client.onboarding.registry import DatasetRegistry
-from consortia.client.policy import Refusal
 from consortia.client.spend import JobAccount, LedgerAccount, NodeRefusedError, PrivacyAccount
 from consortia.common import protocol as p
 from consortia.common.arrays import LabeledArrays
 from consortia.common.config import JobConfig
 from consortia.common.errors import FederationError
 from consortia.common.evaluation import evaluate_model
-from consortia.common.models import build_model
+from consortia.common.models import architecture_hash, build_model
 from consortia.common.privacy import Release
 from consortia.common.simulated_data import simulated_node_data
 from consortia.common.weights import load_arrays, model_to_arrays
@@ -84,17 +89,10 @@ def _simulated_view(spec: p.TaskSpec, partition_id: int, context: Context) -> _N
 def _deployed_view(job: JobConfig, node_toml: Path, context: Context) -> _NodeView:
     """A real node: its registered dataset, its ledger, its policy; never the coordinator's data."""
     node = load_node_config(node_toml)
-    if job.dataset is None or job.dataset not in node.serve:
-        raise NodeRefusedError(
-            Refusal(
-                code="dataset-not-served",
-                reason=f"the job asks for dataset {job.dataset!r}; this node serves "
-                f"{list(node.serve)}",
-            )
-        )
+    dataset = served_dataset(job, node)
     registry = DatasetRegistry(node.state_dir)
-    registration = registry.get(job.dataset)
-    data = registry.load(job.dataset)  # re-checks the fingerprint: a changed file is refused
+    registration = registry.get(dataset)
+    data = registry.load(dataset)  # re-checks the fingerprint: a changed file is refused
     return _NodeView(
         name=node.name,
         train=data.train,
@@ -103,7 +101,7 @@ def _deployed_view(job: JobConfig, node_toml: Path, context: Context) -> _NodeVi
         fingerprint=registration.fingerprint,
         job=job,
         account=LedgerAccount(
-            context, PrivacyLedger(ledger_path(node.state_dir)), job.dataset, node.policy
+            context, PrivacyLedger(ledger_path(node.state_dir)), dataset, node.policy
         ),
     )
 
@@ -129,34 +127,77 @@ def _round_seed(job_seed: int, node_name: str, server_round: int, secret: int | 
     must not be able to regenerate, and subtract, the node's noise.
     """
     words = [job_seed, zlib.crc32(node_name.encode()), server_round]
-    if secret is not None:
-        words.append(secret)
-    sequence = np.random.SeedSequence(words)
-    return int(sequence.generate_state(1, dtype=np.uint32)[0])
+    if secret is None:
+        return int(np.random.SeedSequence(words).generate_state(1, dtype=np.uint32)[0])
+    # 63 bits: a 32-bit seed could be searched; torch takes up to 64 and training adds 1.
+    sequence = np.random.SeedSequence([*words, secret])
+    return int(sequence.generate_state(1, dtype=np.uint64)[0]) >> 1
+
+
+Handler = Callable[[Message, Context], Message]
+
+
+def _answer_refusals(handler: Handler) -> Handler:
+    """Turn a node's refusal into a reply the coordinator can read, and a line in the node log.
+
+    A refusal is the policy working, not a fault: the reply holds only the
+    machine-readable code and the reason (no traceback, no data), and the node
+    did no training.
+    """
+
+    @functools.wraps(handler)
+    def answer(message: Message, context: Context) -> Message:
+        try:
+            return handler(message, context)
+        except NodeRefusedError as refused:
+            code, reason = refused.refusal.code, refused.refusal.reason
+            log(
+                WARNING,
+                "refused %s of run %s: [%s] %s",
+                message.metadata.message_type,
+                message.metadata.run_id,
+                code,
+                reason,
+            )
+            return Message(p.refusal_record(code, reason), reply_to=message)
+
+    return answer
 
 
 @app.query()
+@_answer_refusals
 def query(message: Message, context: Context) -> Message:
-    """Identify the node to the coordinator's roster."""
+    """Identify the node to the coordinator's roster (and its DP label histogram if asked)."""
     view = _node_view(message, context)
-    return Message(RecordDict({p.NODE_KEY: _identity(view)}), reply_to=message)
+    identity = _identity(view)
+    if view.job.label_histogram is not None:
+        seed = _round_seed(view.job.seed, view.name, 0, view.account.noise_secret())
+        entries = label_histogram_entries(
+            view.train,
+            view.num_classes,
+            view.job.label_histogram.noise_multiplier,
+            view.account,
+            seed,
+        )
+        identity.update(entries)
+    return Message(RecordDict({p.NODE_KEY: identity}), reply_to=message)
 
 
 @app.train()
+@_answer_refusals
 def train(message: Message, context: Context) -> Message:
     """One round of local training; returns the update and the privacy spent so far."""
     view = _node_view(message, context)
     job = view.job
     server_round = int(message.content[p.CONFIG_KEY][p.ROUND_KEY])
-    # Policy and budget first: a refused round touches no weights and trains nothing.
-    dp = view.account.admit(job, len(view.train))
+    model = build_model(job.model, view.feature_shape, view.num_classes, job.seed)
+    # Policy and budget first: a refused round loads no weights and trains nothing.
+    dp = view.account.admit(job, len(view.train), architecture_hash(model))
     device = resolve_device(job.training.device)
     if device.type == "cpu":
         # One thread per virtual node: Ray runs one node per core, and a fixed
         # thread count keeps float reductions (and so the model bytes) stable.
         torch.set_num_threads(1)
-
-    model = build_model(job.model, view.feature_shape, view.num_classes, job.seed)
     load_arrays(model, message.content[p.ARRAYS_KEY])
     mu = float(message.content[p.CONFIG_KEY].get(p.PROXIMAL_MU_KEY, 0.0))
     result = training.train_locally(
@@ -199,6 +240,7 @@ def train(message: Message, context: Context) -> Message:
 
 
 @app.evaluate()
+@_answer_refusals
 def evaluate(message: Message, context: Context) -> Message:
     """Loss and accuracy of the global model on the node's local test split."""
     view = _node_view(message, context)

@@ -7,6 +7,8 @@ node can log it, reply with it, and train nothing.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from consortia.common.config import JobConfig, StrictModel
@@ -23,6 +25,14 @@ class NodePolicy(StrictModel):
     max_grad_norm: float = Field(default=10.0, gt=0, description="largest clipping bound allowed")
     max_local_epochs: int = Field(default=5, ge=1)
     models: tuple[str, ...] = Field(default=("logreg", "mlp", "cnn"))
+    architectures: tuple[str, ...] = Field(
+        default=(),
+        description="sha256 architecture hashes the node accepts (empty: any of `models`); "
+        "`consortia node check-job` prints a job's hash",
+    )
+    accountant: Literal["rdp", "prv"] = Field(
+        default="rdp", description="accountant the ledger composes each dataset's history with"
+    )
     require_dp: bool = True
     min_cohort: int = Field(default=2, ge=1, description="smallest cohort (secure aggregation)")
     share_label_histogram: bool = False
@@ -74,6 +84,17 @@ def check_job(job: JobConfig, policy: NodePolicy) -> Refusal | None:
             code="noise-too-low",
             reason=f"noise multiplier {privacy.noise_multiplier} is below the node's minimum "
             f"of {policy.min_noise_multiplier}",
+        )
+    return None
+
+
+def check_architecture(digest: str, policy: NodePolicy) -> Refusal | None:
+    """Refuse a model whose architecture hash the operator has not pinned (if any are)."""
+    if policy.architectures and digest not in policy.architectures:
+        return Refusal(
+            code="architecture-not-allowed",
+            reason=f"the job's model has architecture {digest}, which is not among the "
+            f"{len(policy.architectures)} hashes in this node's policy",
         )
     return None
 

@@ -19,12 +19,19 @@ from typing import Protocol
 from flwr.app import Context
 
 from consortia.client import training
-from consortia.client.ledger import PrivacyLedger
-from consortia.client.policy import NodePolicy, Refusal, check_budget, check_job, check_noise
+from consortia.client.ledger import Mechanism, PrivacyLedger
+from consortia.client.policy import (
+    NodePolicy,
+    Refusal,
+    check_architecture,
+    check_budget,
+    check_job,
+    check_noise,
+)
 from consortia.client.privacy_state import JobPrivacyState, load_state, save_state
 from consortia.common.config import JobConfig
 from consortia.common.errors import ConsortiaError
-from consortia.common.privacy import Release, calibrate_noise, epsilon
+from consortia.common.privacy import Release, calibrate_noise, epsilon, histogram_release
 
 
 class NodeRefusedError(ConsortiaError):
@@ -40,12 +47,24 @@ class PrivacyAccount(Protocol):
 
     delta: float
 
-    def admit(self, job: JobConfig, num_records: int) -> training.DpSettings | None:
-        """The round's DP mechanism, or `NodeRefusedError`; None when the job trains without DP."""
+    def admit(
+        self, job: JobConfig, num_records: int, architecture: str
+    ) -> training.DpSettings | None:
+        """The round's DP mechanism, or `NodeRefusedError`; None when the job trains without DP.
+
+        `architecture` is the `architecture_hash` of the model the job builds.
+        """
         ...
 
-    def record(self, release: Release, server_round: int) -> float:
-        """Store the release durably; return ε spent so far. Call before replying."""
+    def record(self, release: Release, server_round: int, mechanism: Mechanism = "dpsgd") -> float:
+        """Store the release durably; return ε spent so far. Call before replying.
+
+        Raises `BudgetExceededError` (recording nothing) if it would pass the budget.
+        """
+        ...
+
+    def shares_label_histogram(self) -> bool:
+        """Whether the node's policy lets it release a DP label histogram."""
         ...
 
     def noise_secret(self) -> int | None:
@@ -73,8 +92,16 @@ def planned_noise(job: JobConfig, num_records: int, state: JobPrivacyState) -> f
                 training.poisson_sample_rate(num_records, batch),
                 job.rounds * per_round,
                 privacy.accountant,
+                prior=other_releases(job),
             )
     return state.noise_multiplier
+
+
+def other_releases(job: JobConfig) -> list[Release]:
+    """What the job releases besides DP-SGD, which its ε target must also cover."""
+    if job.label_histogram is None:
+        return []
+    return [histogram_release(job.label_histogram.noise_multiplier)]
 
 
 class JobAccount:
@@ -86,20 +113,25 @@ class JobAccount:
         self.delta = job.privacy.delta
         self.state = load_state(context)
 
-    def admit(self, job: JobConfig, num_records: int) -> training.DpSettings | None:
+    def admit(
+        self, job: JobConfig, num_records: int, architecture: str
+    ) -> training.DpSettings | None:
         if not job.privacy.enabled:
             return None
         sigma = planned_noise(job, num_records, self.state)
         save_state(self.context, self.state)
         return training.DpSettings(noise_multiplier=sigma, max_grad_norm=job.privacy.max_grad_norm)
 
-    def record(self, release: Release, server_round: int) -> float:
+    def record(self, release: Release, server_round: int, mechanism: Mechanism = "dpsgd") -> float:
         self.state.history.append(release)
         save_state(self.context, self.state)
         return epsilon(self.state.history, self.delta, self.job.privacy.accountant)
 
     def noise_secret(self) -> int | None:
         return None
+
+    def shares_label_histogram(self) -> bool:
+        return True  # a simulated node has no operator policy; the scenario decides
 
 
 class LedgerAccount:
@@ -117,43 +149,89 @@ class LedgerAccount:
         self.dataset = dataset
         self.policy = policy
         self.state = load_state(context)
-        budget = ledger.register_dataset(dataset, policy.epsilon_budget, policy.delta)
+        budget = ledger.register_dataset(
+            dataset, policy.epsilon_budget, policy.delta, policy.accountant
+        )
         self.delta = budget.delta
 
-    def admit(self, job: JobConfig, num_records: int) -> training.DpSettings | None:
-        refusal = check_job(job, self.policy)
-        if refusal is None and job.privacy.enabled:
-            sigma = planned_noise(job, num_records, self.state)
-            save_state(self.context, self.state)
-            refusal = check_noise(sigma, self.policy) or self._budget_refusal(
-                job, num_records, sigma
+    def admit(
+        self, job: JobConfig, num_records: int, architecture: str
+    ) -> training.DpSettings | None:
+        try:
+            return admit_under_policy(
+                job, num_records, architecture, self.policy, self.ledger, self.dataset, self.state
             )
-        if refusal is not None:
-            raise NodeRefusedError(refusal)
-        if not job.privacy.enabled:
-            return None
-        assert self.state.noise_multiplier is not None
-        return training.DpSettings(
-            noise_multiplier=self.state.noise_multiplier,
-            max_grad_norm=job.privacy.max_grad_norm,
-        )
+        finally:
+            save_state(self.context, self.state)  # the calibrated noise, kept for the job
 
-    def _budget_refusal(self, job: JobConfig, num_records: int, sigma: float) -> Refusal | None:
-        batch = job.training.batch_size
-        planned = Release(
-            noise_multiplier=sigma,
-            sample_rate=training.poisson_sample_rate(num_records, batch),
-            steps=job.training.local_epochs * training.steps_per_epoch(num_records, batch),
-        )
-        spent = self.ledger.spent(self.dataset)
-        projected = self.ledger.projected_epsilon(self.dataset, planned)
-        return check_budget(spent, projected, self.policy, self.dataset)
-
-    def record(self, release: Release, server_round: int) -> float:
+    def record(self, release: Release, server_round: int, mechanism: Mechanism = "dpsgd") -> float:
         entry = self.ledger.record_release(
-            self.dataset, release, run_id=str(self.context.run_id), server_round=server_round
+            self.dataset,
+            release,
+            run_id=str(self.context.run_id),
+            server_round=server_round,
+            mechanism=mechanism,
         )
         return entry.epsilon
 
     def noise_secret(self) -> int | None:
         return secrets.randbits(128)
+
+    def shares_label_histogram(self) -> bool:
+        return self.policy.share_label_histogram
+
+
+def admit_under_policy(
+    job: JobConfig,
+    num_records: int,
+    architecture: str,
+    policy: NodePolicy,
+    ledger: PrivacyLedger,
+    dataset: str,
+    state: JobPrivacyState,
+) -> training.DpSettings | None:
+    """Every check a deployed node makes before a round, in order; raises `NodeRefusedError`.
+
+    Static settings first (DP, model, architecture, epochs, clipping, δ, noise
+    floor), then the calibrated noise against the floor, then the round's
+    projected ε against the dataset's remaining budget. `state` receives the
+    job's calibrated noise multiplier. Also used by `consortia node check-job`
+    to answer "would this node accept that job?" without training.
+    """
+    refusal = check_job(job, policy) or check_architecture(architecture, policy)
+    if refusal is None and job.privacy.enabled:
+        sigma = planned_noise(job, num_records, state)
+        refusal = check_noise(sigma, policy) or _budget_refusal(
+            job, num_records, sigma, policy, ledger, dataset
+        )
+    if refusal is not None:
+        raise NodeRefusedError(refusal)
+    if not job.privacy.enabled:
+        return None
+    assert state.noise_multiplier is not None
+    return training.DpSettings(
+        noise_multiplier=state.noise_multiplier, max_grad_norm=job.privacy.max_grad_norm
+    )
+
+
+def planned_release(job: JobConfig, num_records: int, sigma: float) -> Release:
+    """The release one full round of the job makes (every planned step)."""
+    batch = job.training.batch_size
+    return Release(
+        noise_multiplier=sigma,
+        sample_rate=training.poisson_sample_rate(num_records, batch),
+        steps=job.training.local_epochs * training.steps_per_epoch(num_records, batch),
+    )
+
+
+def _budget_refusal(
+    job: JobConfig,
+    num_records: int,
+    sigma: float,
+    policy: NodePolicy,
+    ledger: PrivacyLedger,
+    dataset: str,
+) -> Refusal | None:
+    spent = ledger.spent(dataset)
+    projected = ledger.projected_epsilon(dataset, planned_release(job, num_records, sigma))
+    return check_budget(spent, projected, policy, dataset)

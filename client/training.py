@@ -5,37 +5,47 @@ Privacy-relevant choices, all Opacus' own machinery:
   probability q = 1 / ceil(n / batch_size), which the accountant assumes.
 - Per-sample clipping to `max_grad_norm` and Gaussian noise of std
   `noise_multiplier * max_grad_norm` (`DPOptimizer`).
-- Every optimizer step is counted, including those on empty Poisson batches:
-  each still releases a noisy gradient.
+- Every noisy optimizer step is counted, including those on empty Poisson
+  batches: each still releases a noisy gradient. Physical chunks of one
+  Poisson batch (`max_physical_batch_size`) are not steps: only the last
+  chunk's step adds noise and moves the weights.
 FedProx' proximal term depends only on the weights, never on the data, so it
-is applied as a separate step after the private one (pure post-processing,
+is applied as a separate step after each private one (pure post-processing,
 no privacy cost); adding it to the loss would bypass per-sample clipping.
 
-Models made only of Flatten/Linear/ReLU/Tanh (`logreg`, `mlp`) take the fused
-path of `fused_dpsgd`: the same sampler, clipping and noise, computed without
-Opacus' per-step hooks (several times cheaper on CPU). Other models go
-through Opacus' `PrivacyEngine`.
+Three engines compute the clipped gradient sum (`TrainingConfig.dp_engine`):
+models made only of Flatten/Linear/ReLU/Tanh (`logreg`, `mlp`) take the
+fused path of `fused_dpsgd` under 'auto' (several times cheaper on CPU);
+other models, or 'opacus', go through Opacus' per-sample hooks; 'ghost' uses
+Opacus' fast gradient clipping. All share the sampler, clipping, noise
+generator seed and step accounting, so the choice changes speed and memory,
+never the privacy guarantee.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from opacus import PrivacyEngine
 from opacus.data_loader import DPDataLoader
+from opacus.grad_sample import GradSampleModuleFastGradientClipping
+from opacus.optimizers import DPOptimizer
+from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from consortia.client import fused_dpsgd
 from consortia.common.arrays import LabeledArrays
 from consortia.common.config import TrainingConfig
+from consortia.common.errors import ConfigError
 
-# Take the fused DP-SGD path for models that support it. Only benchmarks and
-# tests turn this off, to time or compare against plain Opacus.
-USE_FUSED_DP_SGD = True
+Engine = Literal["fused", "hooks", "ghost"]
 
 
 @dataclass(frozen=True)
@@ -90,6 +100,50 @@ def make_loader(data: LabeledArrays, batch_size: int, generator: torch.Generator
     )
 
 
+def dp_engine_for(model: nn.Module, training: TrainingConfig) -> Engine:
+    """The DP-SGD engine `train_locally` uses for `model` under `training.dp_engine`.
+
+    'auto' keeps the fused path for the models it supports (exact and
+    cheapest) and Opacus' hooks otherwise; 'ghost' first checks that Opacus'
+    ghost clipping can handle the model, so a misfit is a config error before
+    any training rather than an exception mid-round.
+    """
+    if training.dp_engine == "ghost":
+        check_ghost_supported(model)
+        return "ghost"
+    if training.dp_engine == "auto" and fused_dpsgd.supports_fused(model):
+        return "fused"
+    return "hooks"
+
+
+def check_ghost_supported(model: nn.Module) -> None:
+    """Raise `ConfigError` if Opacus' ghost clipping cannot train `model`.
+
+    Opacus (grad_sample_mode="ghost") computes per-sample gradient norms of
+    Linear and Embedding layers from activations and output gradients alone
+    ("ghost norm"), and of every other layer with a per-sample gradient
+    sampler (Conv, GroupNorm, ...) by materialising that layer's per-sample
+    gradient just long enough to take its norm. What it cannot do is a
+    parameter used by more than one layer, or one layer applied twice: the
+    norm of a sum of per-use gradients is not the sum of their norms, and
+    Opacus raises "Parameter tying is not supported" mid-forward. A module
+    listed twice in the model, or a parameter shared between modules, is
+    caught here; a layer *called* twice by custom forward code can only be
+    seen while training and is turned into the same error there.
+    """
+    owners: dict[int, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if not param.requires_grad:
+            continue
+        if id(param) in owners:
+            raise ConfigError(
+                f"training.dp_engine = 'ghost' cannot train this model: parameter {name!r} "
+                f"is shared with {owners[id(param)]!r} (tied weights or a layer used twice), "
+                "which Opacus' ghost clipping does not support; use dp_engine = 'opacus'"
+            )
+        owners[id(param)] = name
+
+
 def train_locally(
     model: nn.Module,
     data: LabeledArrays,
@@ -103,61 +157,186 @@ def train_locally(
     """Train `model` in place for `training.local_epochs` epochs on `data`.
 
     `seed` fixes batch sampling and DP noise, so a round is reproducible on
-    CPU. With `dp` set, training goes through Opacus and the result reports
-    the exact number of noisy steps and the sample rate for the accountant.
+    CPU. With `dp` set, training goes through the engine `dp_engine_for`
+    picks, and the result reports the exact number of noisy steps and the
+    sample rate for the accountant.
     """
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     model.to(device)
-    global_weights = [p.detach().clone() for p in model.parameters()] if proximal_mu else []
     optimizer = _optimizer(model, training)
     loader = make_loader(data, training.batch_size, generator)
-    sample_rate = 1.0 / len(loader)
-    if dp is not None and USE_FUSED_DP_SGD and fused_dpsgd.supports_fused(model):
-        assert isinstance(model, nn.Sequential)  # guaranteed by supports_fused
-
-        def after_step() -> None:
-            _proximal_step(model, global_weights, proximal_mu * training.learning_rate)
-
-        proximal = after_step if proximal_mu else None
-        return _train_fused(model, loader, optimizer, training, dp, seed, device, proximal)
-    engine = None
-    if dp is not None:
-        engine = PrivacyEngine(accountant="rdp")
-        noise_generator = torch.Generator(device=device).manual_seed(seed + 1)
-        model, optimizer, loader = engine.make_private(
-            module=model,
-            optimizer=optimizer,
-            data_loader=loader,
-            noise_multiplier=dp.noise_multiplier,
-            max_grad_norm=dp.max_grad_norm,
-            poisson_sampling=True,
-            noise_generator=noise_generator,
+    after_step = _proximal_hook(model, proximal_mu * training.learning_rate)
+    if dp is None:
+        return _run_epochs(
+            model,
+            loader,
+            optimizer,
+            nn.CrossEntropyLoss(),
+            epochs=training.local_epochs,
+            sample_rate=1.0 / len(loader),
+            device=device,
+            after_step=after_step,
         )
-    criterion = nn.CrossEntropyLoss()
+    engine = dp_engine_for(model, training)
+    if engine == "fused":
+        assert isinstance(model, nn.Sequential)  # guaranteed by supports_fused
+        return _train_fused(model, loader, optimizer, training, dp, seed, device, after_step)
+    return _train_opacus(
+        model, loader, optimizer, training, dp, seed, device, after_step, ghost=engine == "ghost"
+    )
+
+
+def _proximal_hook(model: nn.Module, scale: float) -> Callable[[], None] | None:
+    """FedProx' proximal step towards the weights `model` starts the round with (None if off)."""
+    if not scale:
+        return None
+    global_weights = [p.detach().clone() for p in model.parameters()]
+
+    def after_step() -> None:
+        _proximal_step(model, global_weights, scale)
+
+    return after_step
+
+
+def _train_opacus(
+    model: nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    training: TrainingConfig,
+    dp: DpSettings,
+    seed: int,
+    device: torch.device,
+    after_step: Callable[[], None] | None,
+    *,
+    ghost: bool,
+) -> LocalTrainResult:
+    """DP-SGD through Opacus' `PrivacyEngine`, per-sample hooks or ghost clipping.
+
+    Ghost clipping needs the loss per sample (it backpropagates twice: once
+    for the norms, once for the clipped sum), so `make_private` wraps the
+    criterion too. With `max_physical_batch_size`, `BatchMemoryManager`
+    splits each Poisson batch into chunks and tells the optimizer to skip
+    (only clip and accumulate) on all but the last chunk. The step count is
+    cross-checked against the steps Opacus' own accountant recorded.
+    """
+    engine = PrivacyEngine(accountant="rdp")
+    private = engine.make_private(
+        module=model,
+        optimizer=optimizer,
+        criterion=nn.CrossEntropyLoss(),
+        data_loader=loader,
+        noise_multiplier=dp.noise_multiplier,
+        max_grad_norm=dp.max_grad_norm,
+        poisson_sampling=True,
+        noise_generator=torch.Generator(device=device).manual_seed(seed + 1),
+        grad_sample_mode="ghost" if ghost else "hooks",
+    )
+    if ghost:
+        wrapped, dp_optimizer, criterion, dp_loader = private
+    else:
+        wrapped, dp_optimizer, dp_loader = private
+        criterion = nn.CrossEntropyLoss()
+    try:
+        cap = training.max_physical_batch_size
+        with _physical_batches(dp_loader, dp_optimizer, cap) as batches:
+            result = _run_epochs(
+                wrapped,
+                batches,
+                dp_optimizer,
+                criterion,
+                epochs=training.local_epochs,
+                sample_rate=1.0 / len(loader),
+                device=device,
+                after_step=after_step,
+            )
+    except NotImplementedError as error:
+        if not isinstance(wrapped, GradSampleModuleFastGradientClipping):
+            raise
+        raise ConfigError(
+            f"training.dp_engine = 'ghost' cannot train this model ({error}); "
+            "use dp_engine = 'opacus'"
+        ) from error
+    finally:
+        _unwrap(wrapped)
+    accounted = sum(num_steps for _, _, num_steps in engine.accountant.history)
+    if result.steps != accounted:  # pragma: no cover - would be a bug in the loop
+        raise RuntimeError(f"counted {result.steps} noisy steps but Opacus accounted {accounted}")
+    return result
+
+
+def _physical_batches(
+    dp_loader: DataLoader, optimizer: DPOptimizer, max_physical_batch_size: int | None
+) -> AbstractContextManager[DataLoader]:
+    """A context giving `dp_loader`, chunked by `BatchMemoryManager` when a cap is set.
+
+    The chunked loader wraps the Poisson loader's own batch sampler, so every
+    epoch draws the same logical batches (same sampler, same generator) as
+    without a cap; it only cuts each into pieces and queues the optimizer's
+    skip signals as it hands them out.
+    """
+    if max_physical_batch_size is None:
+        return nullcontext(dp_loader)
+    return BatchMemoryManager(
+        data_loader=dp_loader, max_physical_batch_size=max_physical_batch_size, optimizer=optimizer
+    )
+
+
+def _run_epochs(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    *,
+    epochs: int,
+    sample_rate: float,
+    device: torch.device,
+    after_step: Callable[[], None] | None,
+) -> LocalTrainResult:
+    """The training loop of plain SGD and of both Opacus engines.
+
+    A step that the DP optimizer skipped (a non-final physical chunk) is no
+    step: it neither counts, nor triggers `after_step`, nor ends the batch
+    whose mean loss is reported. Only Poisson sampling (DP) yields empty
+    batches; they too go forward and backward, Opacus then takes a
+    pure-noise step, which is counted. `sample_rate` is passed through to
+    the result.
+    """
     model.train()
     steps, loss_sum, loss_batches = 0, 0.0, 0
-    for _ in range(training.local_epochs):
-        for features, labels in loader:
+    batch_loss, batch_records = 0.0, 0  # of the logical batch under way
+    for _ in range(epochs):
+        for features, labels in batches:
             features, labels = features.to(device), labels.to(device)
             optimizer.zero_grad(set_to_none=True)
-            # Only Poisson sampling (DP) yields empty batches. They too go
-            # forward and backward: Opacus then holds zero-length per-sample
-            # gradients and takes a pure-noise step, which is counted.
             loss = criterion(model(features), labels)
             loss.backward()
             optimizer.step()
-            steps += 1
             if len(labels) > 0:
-                loss_sum += float(loss.detach())
+                batch_loss += float(loss.detach()) * len(labels)
+                batch_records += len(labels)
+            if _step_was_skipped(optimizer):
+                continue
+            steps += 1
+            if batch_records:
+                loss_sum += batch_loss / batch_records
                 loss_batches += 1
-            if proximal_mu:
-                _proximal_step(model, global_weights, proximal_mu * training.learning_rate)
-    if engine is not None:
-        _unwrap(model)
+            batch_loss, batch_records = 0.0, 0
+            if after_step is not None:
+                after_step()
     return LocalTrainResult(
         mean_loss=loss_sum / max(loss_batches, 1), steps=steps, sample_rate=sample_rate
     )
+
+
+def _step_was_skipped(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the last `step()` only accumulated a physical chunk (no noise, no update).
+
+    `DPOptimizer` records this in `_is_last_step_skipped` (what its own
+    `zero_grad` reads to keep the running sum); `step()`'s return value
+    cannot tell, since a plain SGD step returns None too.
+    """
+    return isinstance(optimizer, DPOptimizer) and optimizer._is_last_step_skipped
 
 
 def _train_fused(
@@ -180,23 +359,109 @@ def _train_fused(
     # int(1 / sample_rate) and can be one less than len(loader) through float
     # rounding (e.g. 93 batches -> 92), not by the sampler's own rate.
     expected_batch_size = int(len(dp_loader.dataset) * (1 / len(dp_loader)))
-    run = fused_dpsgd.train_fused(
-        model,
-        dp_loader,
-        optimizer,
-        epochs=training.local_epochs,
-        noise_multiplier=dp.noise_multiplier,
-        max_grad_norm=dp.max_grad_norm,
-        expected_batch_size=expected_batch_size,
-        noise_generator=torch.Generator(device=device).manual_seed(seed + 1),
-        device=device,
-        after_step=after_step,
-    )
+    noise_generator = torch.Generator(device=device).manual_seed(seed + 1)
+    if training.max_physical_batch_size is None:
+        run = fused_dpsgd.train_fused(
+            model,
+            dp_loader,
+            optimizer,
+            epochs=training.local_epochs,
+            noise_multiplier=dp.noise_multiplier,
+            max_grad_norm=dp.max_grad_norm,
+            expected_batch_size=expected_batch_size,
+            noise_generator=noise_generator,
+            device=device,
+            after_step=after_step,
+        )
+    else:
+        run = _train_fused_chunked(
+            model,
+            dp_loader,
+            optimizer,
+            epochs=training.local_epochs,
+            dp=dp,
+            max_physical_batch_size=training.max_physical_batch_size,
+            expected_batch_size=expected_batch_size,
+            noise_generator=noise_generator,
+            device=device,
+            after_step=after_step,
+        )
     return LocalTrainResult(
         mean_loss=run.loss_sum / max(run.loss_batches, 1),
         steps=run.steps,
         sample_rate=dp_loader.sample_rate,  # the sampler's rate, as the Opacus path reports
     )
+
+
+@torch.no_grad()
+def _train_fused_chunked(
+    model: nn.Sequential,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    *,
+    epochs: int,
+    dp: DpSettings,
+    max_physical_batch_size: int,
+    expected_batch_size: int,
+    noise_generator: torch.Generator,
+    device: torch.device,
+    after_step: Callable[[], None] | None,
+) -> fused_dpsgd.FusedRun:
+    """`fused_dpsgd.train_fused` with each Poisson batch fed in chunks.
+
+    The clipped gradient sum of a batch is the sum of its chunks' sums
+    (clipping is per sample), so one noisy step on that total is the
+    unchunked step up to float rounding, while no more than
+    `max_physical_batch_size` records are on the device at once. Chunks are
+    near-equal, as Opacus' `BatchMemoryManager` cuts them.
+    """
+    params = list(model.parameters())
+    steps, loss_sum, loss_batches = 0, 0.0, 0
+    for _ in range(epochs):
+        for features, labels in batches:
+            sums = [torch.zeros_like(param) for param in params]
+            batch_loss = 0.0
+            for chunk in _chunks(len(labels), max_physical_batch_size):
+                chunk_sums, loss = fused_dpsgd.clipped_grad_sums(
+                    model,
+                    features[chunk].to(device),
+                    labels[chunk].to(device),
+                    dp.max_grad_norm,
+                )
+                for total, part in zip(sums, chunk_sums, strict=True):
+                    total.add_(part)
+                if loss is not None:
+                    batch_loss += float(loss) * (chunk.stop - chunk.start)
+            fused_dpsgd.noisy_step(
+                params,
+                sums,
+                optimizer,
+                noise_std=dp.noise_multiplier * dp.max_grad_norm,
+                expected_batch_size=expected_batch_size,
+                generator=noise_generator,
+            )
+            steps += 1
+            if len(labels) > 0:
+                loss_sum += batch_loss / len(labels)
+                loss_batches += 1
+            if after_step is not None:
+                after_step()
+    optimizer.zero_grad(set_to_none=True)  # as train_fused: no noisy gradient left attached
+    return fused_dpsgd.FusedRun(steps=steps, loss_sum=loss_sum, loss_batches=loss_batches)
+
+
+def _chunks(size: int, max_size: int) -> list[slice]:
+    """Slices of at most `max_size` covering range(size), cut as `np.array_split` cuts.
+
+    That is Opacus' `BatchSplittingSampler`: ceil(size / max_size) chunks, the
+    first `size % count` of them one longer. None for an empty batch.
+    """
+    count = math.ceil(size / max_size)
+    if count == 0:
+        return []
+    base, longer = divmod(size, count)
+    bounds = [0, *itertools.accumulate(base + (i < longer) for i in range(count))]
+    return [slice(start, stop) for start, stop in itertools.pairwise(bounds)]
 
 
 def _optimizer(model: nn.Module, training: TrainingConfig) -> torch.optim.Optimizer:

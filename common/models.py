@@ -7,6 +7,9 @@ GroupNorm is used instead) and checked with Opacus' `ModuleValidator`.
 
 from __future__ import annotations
 
+import hashlib
+import inspect
+import json
 import math
 
 import torch
@@ -31,6 +34,36 @@ def build_model(
     if errors:  # pragma: no cover - the registry only holds compatible models
         raise ConfigError(f"model {config.name!r} is not DP-SGD compatible: {errors}")
     return model
+
+
+def architecture_hash(model: nn.Module) -> str:
+    """sha256 of what a model computes, independent of its weights.
+
+    Covers every submodule's class and settings (`extra_repr`), every
+    parameter's and buffer's name, shape and dtype, and the `forward` source of
+    consortia's own module classes (torch's are pinned by the torch version in
+    the run manifest). A node operator pins these hashes in the policy
+    (`architectures`) to accept exactly the models reviewed, not just a name.
+    """
+    description = {
+        "modules": [
+            [name, f"{type(m).__module__}.{type(m).__qualname__}", m.extra_repr()]
+            for name, m in model.named_modules()
+        ],
+        "tensors": [
+            [name, list(t.shape), str(t.dtype)]
+            for name, t in [*model.named_parameters(), *model.named_buffers()]
+        ],
+        "code": sorted(
+            {
+                inspect.getsource(type(m).forward)
+                for m in model.modules()
+                if type(m).__module__.startswith("consortia.")
+            }
+        ),
+    }
+    canonical = json.dumps(description, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def _architecture(

@@ -10,6 +10,7 @@ value Opacus' `RDPAccountant` returns for the same history (tested).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import lru_cache
 from typing import Literal
 
@@ -62,35 +63,88 @@ def rdp_per_step(noise_multiplier: float, sample_rate: float) -> np.ndarray:
     return curve
 
 
+def histogram_release(noise_multiplier: float) -> Release:
+    """A counting query with L2 sensitivity 1 under Gaussian noise of std `noise_multiplier`.
+
+    The Gaussian mechanism is the subsampled Gaussian at sample rate 1 for one
+    step, so it composes with DP-SGD releases in the same accountant.
+    """
+    return Release(noise_multiplier=noise_multiplier, sample_rate=1.0, steps=1)
+
+
 def calibrate_noise(
     target_epsilon: float,
     delta: float,
     sample_rate: float,
     steps: int,
     accountant: AccountantName = "rdp",
+    prior: Sequence[Release] = (),
 ) -> float:
     """Smallest noise multiplier (to Opacus' tolerance) whose ε after `steps` is ≤ target.
 
-    Opacus' binary search returns the upper end of its bracket, so the
+    `prior` are releases the job makes besides DP-SGD (a label histogram):
+    the target covers them too. Without them this is Opacus'
+    `get_noise_multiplier`; with them, the same bracketing search over the
+    composed history. Both return the upper end of the bracket, so the
     composed ε of the returned value never exceeds `target_epsilon`.
     """
-    try:
-        return float(
-            get_noise_multiplier(
-                target_epsilon=target_epsilon,
-                target_delta=delta,
-                sample_rate=sample_rate,
-                steps=steps,
-                accountant=accountant,
-                epsilon_tolerance=0.01,
+    if not prior:
+        try:
+            return float(
+                get_noise_multiplier(
+                    target_epsilon=target_epsilon,
+                    target_delta=delta,
+                    sample_rate=sample_rate,
+                    steps=steps,
+                    accountant=accountant,
+                    epsilon_tolerance=_EPSILON_TOLERANCE,
+                )
             )
+        except ValueError as exc:
+            raise _unreachable(target_epsilon, delta, steps, sample_rate, str(exc)) from None
+    spent_before = epsilon(list(prior), delta, accountant)
+    if spent_before >= target_epsilon:
+        raise _unreachable(
+            target_epsilon,
+            delta,
+            steps,
+            sample_rate,
+            f"the job's other releases alone spend ε={spent_before:.4g}",
         )
-    except ValueError as exc:
-        raise PrivacyError(
-            f"cannot reach ε={target_epsilon} at δ={delta} over {steps} steps with sample rate "
-            f"{sample_rate:.4g} ({exc}); raise the target ε, train fewer rounds or epochs, "
-            "or use larger local datasets"
-        ) from None
+
+    def composed(sigma: float) -> float:
+        release = Release(noise_multiplier=sigma, sample_rate=sample_rate, steps=steps)
+        return epsilon([*prior, release], delta, accountant)
+
+    low, high = 0.0, 10.0
+    eps_high = composed(high)
+    while eps_high > target_epsilon:
+        low, high = high, 2 * high
+        if high > _SIGMA_MAX:
+            raise _unreachable(target_epsilon, delta, steps, sample_rate, "σ would exceed 2000")
+        eps_high = composed(high)
+    while target_epsilon - eps_high > _EPSILON_TOLERANCE:
+        middle = (low + high) / 2
+        eps_middle = composed(middle)
+        if eps_middle < target_epsilon:
+            high, eps_high = middle, eps_middle
+        else:
+            low = middle
+    return high
+
+
+_EPSILON_TOLERANCE = 0.01
+_SIGMA_MAX = 2000.0
+
+
+def _unreachable(
+    target_epsilon: float, delta: float, steps: int, sample_rate: float, detail: str
+) -> PrivacyError:
+    return PrivacyError(
+        f"cannot reach ε={target_epsilon} at δ={delta} over {steps} steps with sample rate "
+        f"{sample_rate:.4g} ({detail}); raise the target ε, train fewer rounds or epochs, "
+        "or use larger local datasets"
+    )
 
 
 def opacus_epsilon(history: list[Release], delta: float, accountant: AccountantName) -> float:

@@ -7,6 +7,7 @@ metric names defined here. Both sides validate what they receive.
 
 from __future__ import annotations
 
+from flwr.app import ConfigRecord, RecordDict
 from pydantic import ValidationError
 
 from consortia.common.config import JobConfig, SimulationConfig, StrictModel
@@ -22,12 +23,19 @@ ARRAYS_KEY = "arrays"
 CONFIG_KEY = "config"
 METRICS_KEY = "metrics"
 NODE_KEY = "node"  # ConfigRecord describing the replying node
+REFUSAL_KEY = "refusal"  # ConfigRecord {code, reason}: the node declined and did nothing
 
 # Node description keys (node -> coordinator)
 NODE_NAME = "name"
 NODE_FINGERPRINT = "data-fingerprint"
 NODE_FEATURE_SHAPE = "feature-shape"
 NODE_NUM_CLASSES = "num-classes"
+NODE_LABEL_HISTOGRAM = "label-histogram"  # DP-noised class counts, if asked and allowed
+NODE_HISTOGRAM_WITHHELD = "label-histogram-withheld"  # why the node did not share it
+
+# Refusal keys (node -> coordinator)
+REFUSAL_CODE = "code"
+REFUSAL_REASON = "reason"
 
 # MetricRecord keys (node -> coordinator)
 WEIGHT = "aggregation-weight"
@@ -64,3 +72,16 @@ class TaskSpec(StrictModel):
             return cls.model_validate_json(text)
         except ValidationError as exc:
             raise FederationError(f"malformed task document: {exc}") from None
+
+
+def refusal_record(code: str, reason: str) -> RecordDict:
+    """The whole content of a node's refusal reply: nothing but why."""
+    return RecordDict({REFUSAL_KEY: ConfigRecord({REFUSAL_CODE: code, REFUSAL_REASON: reason})})
+
+
+def read_refusal(content: RecordDict) -> tuple[str, str] | None:
+    """(code, reason) when a reply is a node's refusal, else None."""
+    record = content.get(REFUSAL_KEY)
+    if not isinstance(record, ConfigRecord):
+        return None
+    return str(record.get(REFUSAL_CODE, "unknown")), str(record.get(REFUSAL_REASON, ""))

@@ -17,6 +17,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from consortia.common.config_io import load_job, load_scenario
 from consortia.server.federation import run_federation
+from consortia.server.label_skew import LabelSkew
 from consortia.server.roster import Roster
 from consortia.server.run_dirs import default_run_dir
 from consortia.server.run_log import RoundRecord
@@ -28,8 +29,10 @@ _log = logging.getLogger("consortia")
 class LogListener:
     """Progress as log lines (there is no terminal UI under `flwr run`)."""
 
-    def on_start(self, total_rounds: int, roster: Roster) -> None:
+    def on_start(self, total_rounds: int, roster: Roster, skew: LabelSkew | None) -> None:
         _log.warning("consortia: %d rounds over nodes %s", total_rounds, ", ".join(roster.names))
+        for line in skew.lines() if skew is not None else []:
+            _log.warning("consortia: %s", line)
 
     def on_round(self, record: RoundRecord) -> None:
         _log.warning(
@@ -38,6 +41,8 @@ class LogListener:
             f"{record.accuracy:.4f}" if record.accuracy is not None else "n/a",
             max(record.epsilon.values(), default=0.0),
         )
+        for failure in record.failures:
+            _log.warning("consortia: round %d: %s", record.round, failure)
 
 
 @app.main()

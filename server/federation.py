@@ -24,11 +24,12 @@ from consortia.common.config import JobConfig, ScenarioConfig
 from consortia.common.config_io import LoadedConfig
 from consortia.common.errors import FederationError
 from consortia.common.evaluation import evaluate_model
-from consortia.common.models import build_model
+from consortia.common.models import architecture_hash, build_model
 from consortia.common.simulated_data import centralized_test_data
 from consortia.common.weights import load_arrays, model_to_arrays
 from consortia.server.checkpoints import file_sha256
 from consortia.server.cohort import Cohort
+from consortia.server.label_skew import LabelSkew
 from consortia.server.manifest import build_manifest
 from consortia.server.roster import Roster, discover
 from consortia.server.run_log import RoundRecord, RunLog
@@ -39,7 +40,7 @@ from consortia.server.strategies import build_strategy
 class RoundListener(Protocol):
     """Receives progress: the CLI draws a progress bar, `flwr run` logs."""
 
-    def on_start(self, total_rounds: int, roster: Roster) -> None: ...
+    def on_start(self, total_rounds: int, roster: Roster, skew: LabelSkew | None) -> None: ...
 
     def on_round(self, record: RoundRecord) -> None: ...
 
@@ -69,14 +70,19 @@ def run_federation(
     task = p.TaskSpec(job=job, simulation=simulation).encode()
     expected = simulation.nodes if simulation is not None else config.min_nodes
     roster = discover(grid, ConfigRecord({p.TASK_KEY: task}), expected, config.round_timeout_s)
-    outputs = RunOutputs(out_dir)
-    outputs.write_manifest(
-        build_manifest(out_dir.name, config, loaded.source, loaded.source_sha256, roster)
-    )
-    listener.on_start(config.rounds, roster)
-
     feature_shape, num_classes = roster.data_shape()
     model = build_model(config.model, feature_shape, num_classes, config.seed)
+    outputs = RunOutputs(out_dir)
+    manifest = build_manifest(
+        out_dir.name,
+        config,
+        loaded.source,
+        loaded.source_sha256,
+        roster,
+        architecture_hash(model),
+    )
+    outputs.write_manifest(manifest)
+    listener.on_start(config.rounds, roster, manifest.label_skew)
     run_log = RunLog(roster)
     strategy = build_strategy(job)
     strategy.attach(

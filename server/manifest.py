@@ -13,6 +13,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from consortia.common.config import JobConfig
+from consortia.server.label_skew import LabelSkew, label_skew
 from consortia.server.roster import Roster
 
 _PACKAGES = ("consortia", "flwr", "torch", "opacus", "numpy")
@@ -32,10 +33,17 @@ class Manifest(BaseModel):
     python: str
     git_commit: str | None
     data_fingerprints: dict[str, str]
+    model_architecture: str
+    label_skew: LabelSkew | None = None
 
 
 def build_manifest(
-    run_name: str, config: JobConfig, source: str, source_sha256: str, roster: Roster
+    run_name: str,
+    config: JobConfig,
+    source: str,
+    source_sha256: str,
+    roster: Roster,
+    model_architecture: str,
 ) -> Manifest:
     resolved = config.model_dump(mode="json")
     return Manifest(
@@ -50,6 +58,12 @@ def build_manifest(
         python=platform.python_version(),
         git_commit=_git_commit(),
         data_fingerprints={n.name: n.data_fingerprint for n in roster.nodes},
+        model_architecture=model_architecture,
+        label_skew=(
+            None
+            if config.label_histogram is None
+            else label_skew(roster, config.label_histogram.noise_multiplier)
+        ),
     )
 
 

@@ -30,6 +30,8 @@ class NodeEntry(BaseModel):
     data_fingerprint: str
     feature_shape: tuple[int, ...]
     num_classes: int
+    label_histogram: tuple[float, ...] | None = None  # DP-noised counts, when asked and shared
+    histogram_withheld: str | None = None
 
 
 class Roster(BaseModel):
@@ -94,6 +96,10 @@ def _roster_from(replies: Iterable[Message], expected: int) -> Roster:
         if reply.has_error():
             problems.append(f"node {source}: {reply.error.reason}")
             continue
+        refusal = p.read_refusal(reply.content)
+        if refusal is not None:
+            problems.append(f"node {source} refused [{refusal[0]}]: {refusal[1]}")
+            continue
         record = reply.content.get(p.NODE_KEY)
         if not isinstance(record, ConfigRecord) or p.NODE_NAME not in record:
             problems.append(f"node {source}: reply does not identify the node")
@@ -110,6 +116,8 @@ def _roster_from(replies: Iterable[Message], expected: int) -> Roster:
                 data_fingerprint=str(record.get(p.NODE_FINGERPRINT, "")),
                 feature_shape=tuple(int(d) for d in shape),
                 num_classes=classes,
+                label_histogram=_histogram(record.get(p.NODE_LABEL_HISTOGRAM), classes),
+                histogram_withheld=_optional_str(record.get(p.NODE_HISTOGRAM_WITHHELD)),
             )
         )
     if len(entries) < expected:
@@ -119,3 +127,14 @@ def _roster_from(replies: Iterable[Message], expected: int) -> Roster:
     if len(set(names)) != len(names):
         raise FederationError(f"two nodes share a name: {sorted(names)}")
     return Roster(nodes=tuple(sorted(entries, key=lambda e: e.name)))
+
+
+def _histogram(value: object, num_classes: int) -> tuple[float, ...] | None:
+    """The node's noisy class counts, if it sent a well-formed list of them."""
+    if not isinstance(value, list) or len(value) != num_classes:
+        return None
+    return tuple(float(v) for v in value)
+
+
+def _optional_str(value: object) -> str | None:
+    return None if value is None else str(value)

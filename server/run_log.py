@@ -12,6 +12,12 @@ class NodeFailure(BaseModel):
 
     node: str
     reason: str
+    refusal: str | None = None  # the node's refusal code when the node declined by policy
+
+    def __str__(self) -> str:
+        if self.refusal is not None:
+            return f"{self.node} refused [{self.refusal}]: {self.reason}"
+        return f"{self.node}: {self.reason}"
 
 
 class RoundRecord(BaseModel):

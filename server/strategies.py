@@ -103,7 +103,7 @@ class ConsortiaStrategy(FedAvg):
         if arrays is None:
             raise FederationError(
                 f"round {server_round}: no node returned a usable update ("
-                + "; ".join(f"{f.node}: {f.reason}" for f in failures)
+                + "; ".join(map(str, failures))
                 + ")"
             )
         return arrays, metrics
@@ -177,8 +177,12 @@ class ConsortiaStrategy(FedAvg):
         failures: list[NodeFailure] = []
         for reply in replies:
             name = self.cohort.roster.name_of(reply.metadata.src_node_id)
+            refusal = None if reply.has_error() else p.read_refusal(reply.content)
             problem = self._problem(reply, with_arrays)
-            if problem is None:
+            if refusal is not None:
+                code, reason = refusal
+                failures.append(NodeFailure(node=name, reason=reason, refusal=code))
+            elif problem is None:
                 accepted.append((name, reply))
             else:
                 failures.append(NodeFailure(node=name, reason=problem))

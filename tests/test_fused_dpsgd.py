@@ -197,16 +197,17 @@ def test_train_locally_fused_is_deterministic_and_counts_every_step() -> None:
     ],
 )
 def test_train_locally_fused_matches_opacus_path(
-    monkeypatch, records: int, batch_size: int, epochs: int, proximal_mu: float, steps: int
+    records: int, batch_size: int, epochs: int, proximal_mu: float, steps: int
 ) -> None:
     """Same seed, same Poisson batches (empty ones included), same noise: same model."""
     data = _data(records, (4,), 3, seed=2)
-    config = TrainingConfig(
-        local_epochs=epochs, batch_size=batch_size, learning_rate=0.2, momentum=0.5
-    )
+    settings = {"local_epochs": epochs, "batch_size": batch_size, "learning_rate": 0.2}
+    config = TrainingConfig(**settings, momentum=0.5)
+    assert training.dp_engine_for(_mlp2(), config) == "fused"
     fused_state, fused = _mlp_run(data, config, proximal_mu=proximal_mu)
-    monkeypatch.setattr(training, "USE_FUSED_DP_SGD", False)
-    opacus_state, opacus = _mlp_run(data, config, proximal_mu=proximal_mu)
+    opacus_config = TrainingConfig(**settings, momentum=0.5, dp_engine="opacus")
+    assert training.dp_engine_for(_mlp2(), opacus_config) == "hooks"
+    opacus_state, opacus = _mlp_run(data, opacus_config, proximal_mu=proximal_mu)
 
     assert fused.steps == opacus.steps == steps
     assert fused.sample_rate == opacus.sample_rate

@@ -1,0 +1,122 @@
+"""Would a deployed node take part in a job? The same checks a round makes, without training.
+
+The node operator runs this (`consortia node check-job`) before agreeing to
+a consortium's job: it names the model's architecture hash to pin in the
+policy, the noise the node would calibrate, and where the dataset's budget
+would stand after one round and after the whole job.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel
+
+from consortia.client.ledger import PrivacyLedger, ledger_path
+from consortia.client.node_config import NodeConfig
+from consortia.client.onboarding.registry import DatasetRegistry
+from consortia.client.policy import Refusal
+from consortia.client.privacy_state import JobPrivacyState
+from consortia.client.spend import (
+    NodeRefusedError,
+    admit_under_policy,
+    other_releases,
+    planned_release,
+)
+from consortia.common.config import JobConfig
+from consortia.common.models import architecture_hash, build_model
+from consortia.common.privacy import epsilon
+
+
+def served_dataset(job: JobConfig, node: NodeConfig) -> str:
+    """The registered dataset the job asks for, if this node serves it; else a refusal."""
+    if job.dataset is None or job.dataset not in node.serve:
+        raise NodeRefusedError(
+            Refusal(
+                code="dataset-not-served",
+                reason=f"the job asks for dataset {job.dataset!r}; this node serves "
+                f"{list(node.serve)}",
+            )
+        )
+    return job.dataset
+
+
+class AdmissionPreview(BaseModel):
+    """What the node would decide for a job, and the figures behind the decision."""
+
+    node: str
+    dataset: str | None
+    model: str
+    architecture: str | None = None
+    noise_multiplier: float | None = None
+    epsilon_budget: float | None = None
+    epsilon_spent: float | None = None
+    epsilon_after_round: float | None = None
+    epsilon_after_job: float | None = None
+    refusal: Refusal | None = None
+
+    def rows(self) -> list[tuple[str, str]]:
+        """Label/value pairs for a table, skipping what was not reached."""
+        values = {
+            "node": self.node,
+            "dataset": self.dataset,
+            "model": self.model,
+            "architecture": self.architecture,
+            "noise multiplier": _fmt(self.noise_multiplier),
+            "ε budget": _fmt(self.epsilon_budget),
+            "ε spent": _fmt(self.epsilon_spent),
+            "ε after one round": _fmt(self.epsilon_after_round),
+            "ε after the whole job": _fmt(self.epsilon_after_job),
+        }
+        return [(label, value) for label, value in values.items() if value is not None]
+
+
+def preview_admission(job: JobConfig, node: NodeConfig) -> AdmissionPreview:
+    """Run a round's admission checks for `job` on `node`; nothing is trained or spent.
+
+    The one write: the dataset's budget is entered in the ledger if it is not
+    there yet, exactly as the node's first round would.
+    """
+    preview = AdmissionPreview(node=node.name, dataset=job.dataset, model=job.model.name)
+    try:
+        dataset = served_dataset(job, node)
+    except NodeRefusedError as refused:
+        return preview.model_copy(update={"refusal": refused.refusal})
+    registration = DatasetRegistry(node.state_dir).get(dataset)
+    model = build_model(job.model, registration.feature_shape, registration.num_classes, job.seed)
+    digest = architecture_hash(model)
+    policy = node.policy
+    state = JobPrivacyState()
+    refusal = None
+    with PrivacyLedger(ledger_path(node.state_dir)) as ledger:
+        budget = ledger.register_dataset(
+            dataset, policy.epsilon_budget, policy.delta, policy.accountant
+        )
+        try:
+            admit_under_policy(
+                job, registration.train_records, digest, policy, ledger, dataset, state
+            )
+        except NodeRefusedError as refused:
+            refusal = refused.refusal
+        after_round = after_job = None
+        if state.noise_multiplier is not None:
+            one_round = planned_release(job, registration.train_records, state.noise_multiplier)
+            every_round = one_round.model_copy(update={"steps": one_round.steps * job.rounds})
+            after_round = ledger.projected_epsilon(dataset, one_round)
+            history = [entry.release for entry in ledger.history(dataset)]
+            after_job = epsilon(
+                [*history, *other_releases(job), every_round], budget.delta, budget.accountant
+            )
+    return preview.model_copy(
+        update={
+            "architecture": digest,
+            "noise_multiplier": state.noise_multiplier,
+            "epsilon_budget": budget.epsilon_budget,
+            "epsilon_spent": budget.epsilon_spent,
+            "epsilon_after_round": after_round,
+            "epsilon_after_job": after_job,
+            "refusal": refusal,
+        }
+    )
+
+
+def _fmt(value: float | None) -> str | None:
+    return None if value is None else f"{value:.4g}"

@@ -1,0 +1,116 @@
+"""DP label histograms: the mechanism, its accounting, and the coordinator's skew report."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import Context, MessageType, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+from test_client_app import _message
+
+from consortia.client.app import app
+from consortia.client.label_histogram import noisy_counts
+from consortia.client.privacy_state import load_state
+from consortia.common import protocol as p
+from consortia.common.config_io import load_scenario
+from consortia.common.errors import PrivacyError
+from consortia.common.privacy import (
+    Release,
+    calibrate_noise,
+    epsilon,
+    histogram_release,
+    opacus_epsilon,
+)
+from consortia.server.label_skew import label_skew
+from consortia.server.roster import NodeEntry, Roster
+
+SIGMA = 20.0
+
+
+@pytest.fixture(autouse=True)
+def _task_identity() -> None:
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+
+
+def test_noise_is_centred_on_the_counts_with_std_sigma() -> None:
+    labels = np.array([0] * 30 + [1] * 50 + [2] * 20)
+    draws = np.array(
+        [noisy_counts(labels, 3, 4.0, np.random.default_rng(seed)) for seed in range(4000)]
+    )
+    assert draws.mean(axis=0) == pytest.approx([30, 50, 20], abs=0.3)
+    assert draws.std(axis=0) == pytest.approx([4.0] * 3, rel=0.05)
+    assert noisy_counts(labels, 3, 4.0, np.random.default_rng(1)) == noisy_counts(
+        labels, 3, 4.0, np.random.default_rng(1)
+    )
+
+
+def test_histogram_is_one_gaussian_release_in_the_accountant() -> None:
+    release = histogram_release(SIGMA)
+    assert (release.sample_rate, release.steps) == (1.0, 1)
+    assert epsilon([release], 1e-5) == pytest.approx(opacus_epsilon([release], 1e-5, "rdp"))
+
+
+def test_calibration_leaves_room_for_the_histogram() -> None:
+    prior = [histogram_release(SIGMA)]
+    alone = calibrate_noise(1.0, 1e-5, 0.5, 20)
+    sigma = calibrate_noise(1.0, 1e-5, 0.5, 20, prior=prior)
+    assert sigma > alone  # more noise on DP-SGD: the histogram takes part of ε
+    composed = epsilon([*prior, Release(noise_multiplier=sigma, sample_rate=0.5, steps=20)], 1e-5)
+    assert 1.0 - 0.01 <= composed <= 1.0
+    with pytest.raises(PrivacyError, match="other releases alone spend"):
+        calibrate_noise(0.1, 1e-5, 0.5, 20, prior=[histogram_release(1.0)])
+
+
+def test_simulated_node_shares_and_accounts_its_histogram() -> None:
+    scenario = load_scenario(None, {"rounds": 2, "label_histogram": {"noise_multiplier": SIGMA}})
+    config = scenario.config
+    context = Context(
+        run_id=1,
+        node_id=7,
+        node_config={"partition-id": 0, "num-partitions": 5},
+        state=RecordDict(),
+        run_config={},
+    )
+    identity = app(_message(config, MessageType.QUERY), context).content[p.NODE_KEY]
+    counts = identity[p.NODE_LABEL_HISTOGRAM]
+    assert isinstance(counts, list) and len(counts) == 2
+    assert load_state(context).history == [histogram_release(SIGMA)]  # spent before the reply
+    epsilons = []
+    for server_round in (1, 2):
+        reply = app(_message(config, MessageType.TRAIN, server_round), context)
+        epsilons.append(float(reply.content[p.METRICS_KEY][p.EPSILON]))
+    history = load_state(context).history
+    assert history[0] == histogram_release(SIGMA) and len(history) == 3
+    assert epsilons[-1] == pytest.approx(opacus_epsilon(history, 1e-5, "rdp"), rel=1e-12)
+    assert epsilons[-1] <= config.privacy.target_epsilon
+
+
+def _entry(
+    name: str, histogram: tuple[float, ...] | None, withheld: str | None = None
+) -> NodeEntry:
+    return NodeEntry(
+        node_id=hash(name) % 1000,
+        name=name,
+        data_fingerprint="0" * 64,
+        feature_shape=(4,),
+        num_classes=2,
+        label_histogram=histogram,
+        histogram_withheld=withheld,
+    )
+
+
+def test_skew_is_post_processing_of_the_noisy_counts() -> None:
+    roster = Roster(
+        nodes=(
+            _entry("a", (30.0, -5.0)),  # negative noisy count: clipped to zero
+            _entry("b", (10.0, 40.0)),
+            _entry("c", None, withheld="policy says no"),
+        )
+    )
+    skew = label_skew(roster, SIGMA)
+    assert skew.pooled == pytest.approx((0.5, 0.5))
+    assert skew.nodes["a"].proportions == pytest.approx((1.0, 0.0))
+    assert skew.nodes["a"].total_variation == pytest.approx(0.5)
+    assert skew.nodes["b"].total_variation == pytest.approx(0.3)
+    assert skew.nodes["c"].withheld == "policy says no" and skew.nodes["c"].proportions is None
+    assert any("c: withheld (policy says no)" in line for line in skew.lines())
