@@ -82,6 +82,15 @@ _PRV_ATTEMPTS = 3
 
 _M = TypeVar("_M", bound=BaseModel)
 
+_STEP_CURVES = """
+CREATE TABLE IF NOT EXISTS step_curves (
+    -- cache: RDP of one subsampled-Gaussian step per order, as `composed_rdp`
+    noise_multiplier REAL NOT NULL,
+    sample_rate REAL NOT NULL,
+    curve BLOB NOT NULL,
+    PRIMARY KEY (noise_multiplier, sample_rate)
+)"""
+
 # One statement per item: `executescript` would commit the open transaction.
 _SCHEMA: tuple[str, ...] = (
     """
@@ -117,6 +126,7 @@ CREATE TABLE releases (
     recorded_at TEXT NOT NULL,
     PRIMARY KEY (dataset, seq)
 )""",
+    _STEP_CURVES,
 )
 
 _RELEASE_COLUMNS = (
@@ -315,7 +325,7 @@ class PrivacyLedger:
         with self._transaction(f"read dataset {dataset!r}", write=False) as conn:
             row = _require_dataset(conn, dataset, self.path)
             if row["accountant"] == "rdp":
-                return _compose_rdp(row, release, self.path)[1]
+                return _compose_rdp(conn, row, release, self.path, store=False)[1]
             grouped = _grouped_history(conn, dataset)
         return _prv_epsilon([*grouped, release], float(row["delta"]))
 
@@ -340,7 +350,7 @@ class PrivacyLedger:
         with self._transaction(f"record a release of {dataset!r}", write=True) as conn:
             row = _require_dataset(conn, dataset, self.path)
             if row["accountant"] == "rdp":
-                vector, projected = _compose_rdp(row, release, self.path)
+                vector, projected = _compose_rdp(conn, row, release, self.path, store=True)
                 return _write_release(conn, row, release, projected, vector, labels)
         return self._record_prv(dataset, release, labels)
 
@@ -541,6 +551,7 @@ def _ensure_schema(conn: sqlite3.Connection, path: Path) -> None:
             f"the privacy ledger at {path} has unknown schema version {version}; {_RESTORE_ADVICE}"
         )
     _check_orders(conn, path)
+    conn.execute(_STEP_CURVES)  # a cache added within schema 1: ledgers without it get it
 
 
 def _check_orders(conn: sqlite3.Connection, path: Path) -> None:
@@ -720,14 +731,39 @@ def _decode_vector(blob: object, dataset: str, path: Path) -> np.ndarray:
     return np.frombuffer(blob, dtype="<f8").astype(np.float64)
 
 
-def _compose_rdp(row: sqlite3.Row, release: Release, path: Path) -> tuple[np.ndarray, float]:
+def _compose_rdp(
+    conn: sqlite3.Connection, row: sqlite3.Row, release: Release, path: Path, store: bool
+) -> tuple[np.ndarray, float]:
     """The composed RDP vector with `release` added, and its ε: O(#orders)."""
     vector = _decode_vector(row["composed_rdp"], row["name"], path)
     if release.steps:
-        vector = vector + release.steps * rdp_per_step(
-            release.noise_multiplier, release.sample_rate
-        )
+        vector = vector + release.steps * _step_curve(conn, release, store)
     return vector, _rdp_epsilon(vector, float(row["delta"]))
+
+
+def _step_curve(conn: sqlite3.Connection, release: Release, store: bool) -> np.ndarray:
+    """RDP of one step of `release`'s (σ, q), from the ledger's cache when it is there.
+
+    Opacus' `compute_rdp` costs up to ~0.5 s for q < 1, and a deployed node
+    runs every message in a new process, so the in-process cache alone would
+    pay it per round. The stored curve is derived data: `verify` recomputes
+    every curve from scratch, so a wrong cache entry cannot hide.
+    """
+    key = (release.noise_multiplier, release.sample_rate)
+    cached = conn.execute(
+        "SELECT curve FROM step_curves WHERE noise_multiplier = ? AND sample_rate = ?", key
+    ).fetchone()
+    if cached is not None:
+        curve = np.frombuffer(cached["curve"], dtype="<f8")
+        if curve.shape == (len(RDP_ORDERS),) and not np.isnan(curve).any():
+            return curve
+    curve = rdp_per_step(*key)
+    if store:
+        conn.execute(
+            "INSERT OR REPLACE INTO step_curves VALUES (?, ?, ?)",
+            (*key, _encode_vector(curve)),
+        )
+    return curve
 
 
 def _rdp_epsilon(vector: np.ndarray, delta: float) -> float:

@@ -362,3 +362,20 @@ def test_sigkill_inside_the_transaction_records_nothing(path: Path) -> None:
     assert _check_consistent(path) == 2
     with PrivacyLedger(path) as ledger:
         assert ledger.spent(DATASET) == spent
+
+
+def test_step_curves_are_cached_in_the_file_and_checked_by_verify(path: Path) -> None:
+    """A new process (here: a new connection) reuses the stored curve; a forged one is caught."""
+    release = _release(1.1, 0.37, 3)
+    with PrivacyLedger(path) as ledger:
+        ledger.register_dataset(DATASET, epsilon_budget=100.0, delta=DELTA)
+        ledger.record_release(DATASET, release, run_id="job", server_round=1)
+    with sqlite3.connect(path) as conn:
+        (count,) = conn.execute("SELECT count(*) FROM step_curves").fetchone()
+        assert count == 1
+        # Forge the cache: a curve of zeros would make every later step free.
+        conn.execute("UPDATE step_curves SET curve = ?", (bytes(8 * len(RDP_ORDERS)),))
+    with PrivacyLedger(path) as ledger:
+        ledger.record_release(DATASET, release, run_id="job", server_round=2)
+        with pytest.raises(LedgerIntegrityError, match="recomputed"):
+            ledger.verify(DATASET)
