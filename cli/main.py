@@ -13,6 +13,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from consortia.cli.node import node_app
@@ -113,7 +114,7 @@ def run() -> None:
     try:
         app()
     except ConsortiaError as exc:
-        err_console.print(f"[bold red]error:[/] {exc.message}", highlight=False)
+        err_console.print(f"[bold red]error:[/] {escape(exc.message)}", highlight=False)
         sys.exit(exc.exit_code)
 
 

@@ -1,0 +1,239 @@
+"""A deployed node's policy through its ClientApp: what it refuses; a refusal costs nothing.
+
+The node is real (node.toml, a registered CSV dataset, a SQLite ledger in a
+temporary folder); the ClientApp is called in-process with real Flower
+messages, as `flower-supernode` would call it, with `context.node_config`
+naming node.toml. Only the public message protocol (`common/protocol.py`)
+is read back: a refusal is a reply holding the machine-readable code and a
+reason, never an update, and it leaves no release in the ledger.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import CliRunner
+from federation import add_site, write_job
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+from sklearn.datasets import load_breast_cancer
+
+from consortia.client.app import app
+from consortia.client.ledger import PrivacyLedger, ledger_path
+from consortia.client.node_config import NODE_CONFIG_KEY
+from consortia.client.onboarding.registry import DatasetRegistry
+from consortia.common import protocol as p
+from consortia.common.config import JobConfig
+from consortia.common.models import architecture_hash, build_model
+from consortia.common.privacy import histogram_release
+from consortia.common.weights import model_to_arrays
+
+DATASET = "cancer"
+MIN_NOISE = 0.8  # the node's floor; each refused job stays far within the other limits
+Node = Callable[..., Path]
+
+
+@pytest.fixture(autouse=True)
+def _task_identity() -> None:
+    """Messages are created inside a Flower task; stand in for the coordinator's one."""
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+
+
+@pytest.fixture
+def deployed_node(tmp_path: Path) -> Node:
+    """A node serving 'cancer' under a policy: `deployed_node(budget=..., policy='...')`."""
+
+    def make(budget: float = 100.0, policy: str = "") -> Path:
+        data = load_breast_cancer()
+        names = [f"f{i:02d}" for i in range(data.data.shape[1])]
+        return add_site(
+            tmp_path / "st-mary",
+            "st-mary",
+            data.data,
+            data.target,
+            names,
+            superlink_port=9091,  # never contacted: the ClientApp is called in-process
+            budget=budget,
+            policy=f"min_noise_multiplier = {MIN_NOISE}\n{policy}",
+        )
+
+    return make
+
+
+def _job(**overrides: Any) -> JobConfig:
+    settings: dict[str, Any] = {
+        "name": "policy-test",
+        "dataset": DATASET,
+        "min_nodes": 1,
+        "rounds": 1,
+        "seed": 3,
+        "model": {"name": "logreg"},
+        "training": {"batch_size": 64, "learning_rate": 1.0},
+        "privacy": {"target_epsilon": 0.8, "delta": 1e-5, "max_grad_norm": 1.0},
+    }
+    return JobConfig.model_validate({**settings, **overrides})
+
+
+def _train(node_toml: Path, job: JobConfig, run_id: int) -> Message:
+    """Round 1 of `job` as the node's SuperNode would deliver it; the ClientApp's reply."""
+    registration = DatasetRegistry(node_toml.parent / "state").get(DATASET)
+    model = build_model(job.model, registration.feature_shape, registration.num_classes, job.seed)
+    config = ConfigRecord({p.TASK_KEY: p.TaskSpec(job=job).encode(), p.ROUND_KEY: 1})
+    request = Message(
+        RecordDict({p.ARRAYS_KEY: model_to_arrays(model), p.CONFIG_KEY: config}),
+        dst_node_id=7,
+        message_type=MessageType.TRAIN,
+    )
+    context = Context(
+        run_id=run_id,
+        node_id=7,
+        node_config={NODE_CONFIG_KEY: str(node_toml)},
+        state=RecordDict(),
+        run_config={},
+    )
+    return app(request, context)
+
+
+def _releases_of(node_toml: Path, run_id: int) -> list[object]:
+    with PrivacyLedger(ledger_path(node_toml.parent / "state")) as ledger:
+        ledger.verify(DATASET)
+        return [e for e in ledger.history(DATASET) if e.run_id == str(run_id)]
+
+
+def _assert_refused(node_toml: Path, reply: Message, run_id: int, code: str) -> str:
+    """The reply is a refusal with `code`, carries no update, and nothing was spent."""
+    assert not reply.has_error(), reply.error.reason
+    refusal = p.read_refusal(reply.content)
+    assert refusal is not None, f"not a refusal: {list(reply.content.keys())}"
+    assert refusal[0] == code, refusal
+    assert refusal[1].strip()  # a reason a person can read
+    assert p.ARRAYS_KEY not in reply.content  # no update leaves the node
+    assert p.METRICS_KEY not in reply.content  # no ε is claimed either
+    assert _releases_of(node_toml, run_id) == []
+    return refusal[1]
+
+
+def test_explicit_noise_below_the_node_minimum_is_refused(deployed_node: Node) -> None:
+    node_toml = deployed_node()
+    job = _job(privacy={"noise_multiplier": MIN_NOISE / 2, "delta": 1e-5, "max_grad_norm": 1.0})
+    reason = _assert_refused(node_toml, _train(node_toml, job, run_id=11), 11, "noise-too-low")
+    assert str(MIN_NOISE) in reason
+
+
+def test_model_not_in_the_node_list_is_refused(deployed_node: Node) -> None:
+    node_toml = deployed_node(policy='models = ["logreg"]\n')
+    job = _job(model={"name": "mlp"})
+    reason = _assert_refused(node_toml, _train(node_toml, job, run_id=12), 12, "model-not-allowed")
+    assert "mlp" in reason
+
+
+def test_target_epsilon_whose_calibrated_noise_is_below_the_floor_is_refused(
+    deployed_node: Node,
+) -> None:
+    # One round of 8 Poisson steps at q = 1/8: reaching ε = 20 needs σ ≈ 0.43 < 0.8.
+    node_toml = deployed_node(budget=1000.0)
+    job = _job(privacy={"target_epsilon": 20.0, "delta": 1e-5, "max_grad_norm": 1.0})
+    _assert_refused(node_toml, _train(node_toml, job, run_id=13), 13, "noise-too-low")
+
+
+def test_job_past_the_remaining_budget_is_refused_after_one_that_fits(
+    deployed_node: Node,
+) -> None:
+    node_toml = deployed_node(budget=1.0)
+    accepted = _train(node_toml, _job(), run_id=14)
+    assert not accepted.has_error() and p.read_refusal(accepted.content) is None
+    assert p.ARRAYS_KEY in accepted.content  # the same node trains a job within its policy
+    spent = float(accepted.content[p.METRICS_KEY][p.EPSILON])
+    assert 0.5 < spent <= 0.8
+    assert len(_releases_of(node_toml, 14)) == 1
+
+    reason = _assert_refused(
+        node_toml, _train(node_toml, _job(), run_id=15), 15, "budget-exhausted"
+    )
+    assert DATASET in reason
+    with PrivacyLedger(ledger_path(node_toml.parent / "state")) as ledger:
+        assert ledger.spent(DATASET) == pytest.approx(spent)
+        assert len(ledger.history(DATASET)) == 1
+
+
+def _architecture_of(node_toml: Path, job: JobConfig) -> str:
+    registration = DatasetRegistry(node_toml.parent / "state").get(DATASET)
+    model = build_model(job.model, registration.feature_shape, registration.num_classes, 0)
+    return architecture_hash(model)
+
+
+def test_pinned_architectures_admit_exactly_the_reviewed_model(deployed_node: Node) -> None:
+    reviewed = _job(model={"name": "mlp", "hidden": [16]})
+    node_toml = deployed_node(policy=f'architectures = ["{_architecture_of_job(reviewed)}"]\n')
+    assert _architecture_of(node_toml, reviewed) == _architecture_of_job(reviewed)
+    wider = _job(model={"name": "mlp", "hidden": [32]})  # same name, another architecture
+    reason = _assert_refused(
+        node_toml, _train(node_toml, wider, run_id=16), 16, "architecture-not-allowed"
+    )
+    assert _architecture_of(node_toml, wider) in reason
+    accepted = _train(node_toml, reviewed, run_id=17)
+    assert p.read_refusal(accepted.content) is None and p.ARRAYS_KEY in accepted.content
+
+
+def _architecture_of_job(job: JobConfig) -> str:
+    # 30 breast-cancer features, 2 classes: what the registered CSV holds.
+    return architecture_hash(build_model(job.model, (30,), 2, 0))
+
+
+def _query(node_toml: Path, job: JobConfig, run_id: int) -> Message:
+    config = ConfigRecord({p.TASK_KEY: p.TaskSpec(job=job).encode()})
+    request = Message(
+        RecordDict({p.CONFIG_KEY: config}), dst_node_id=7, message_type=MessageType.QUERY
+    )
+    context = Context(
+        run_id=run_id,
+        node_id=7,
+        node_config={NODE_CONFIG_KEY: str(node_toml)},
+        state=RecordDict(),
+        run_config={},
+    )
+    return app(request, context)
+
+
+@pytest.mark.parametrize("shares", [True, False])
+def test_label_histogram_only_under_the_policy_and_spent_before_it_leaves(
+    deployed_node: Node, shares: bool
+) -> None:
+    node_toml = deployed_node(policy=f"share_label_histogram = {str(shares).lower()}\n")
+    job = _job(label_histogram={"noise_multiplier": 20.0})
+    identity = _query(node_toml, job, run_id=18).content[p.NODE_KEY]
+    releases = _releases_of(node_toml, 18)
+    if shares:
+        counts = identity[p.NODE_LABEL_HISTOGRAM]
+        assert isinstance(counts, list) and len(counts) == 2
+        assert abs(sum(counts) - 455) < 200  # 80 % of 569 records, plus noise of σ = 20
+        (release,) = releases
+        assert (release.mechanism, release.server_round) == ("gaussian", 0)  # type: ignore[attr-defined]
+        assert release.release == histogram_release(20.0)  # type: ignore[attr-defined]
+    else:
+        assert p.NODE_LABEL_HISTOGRAM not in identity
+        assert "policy" in str(identity[p.NODE_HISTOGRAM_WITHHELD])
+        assert releases == []
+
+
+def test_check_job_previews_the_decision(
+    deployed_node: Node, tmp_path: Path, consortia_cli: CliRunner
+) -> None:
+    node_toml = deployed_node(budget=1.0)
+    job_toml = write_job(tmp_path / "job.toml", 0.8, min_nodes=1, rounds=1, batch_size=64)
+    preview = consortia_cli(
+        "node", "check-job", str(job_toml), "--node", str(node_toml), cwd=tmp_path
+    )
+    assert preview.returncode == 0, preview.stdout + preview.stderr
+    assert _architecture_of_job(_job()) in preview.stdout
+    assert "would take part" in preview.stdout
+    greedy = write_job(tmp_path / "greedy.toml", 3.0, min_nodes=1, rounds=1, batch_size=64)
+    refused = consortia_cli(
+        "node", "check-job", str(greedy), "--node", str(node_toml), cwd=tmp_path
+    )
+    assert refused.returncode == 1 and "budget-exhausted" in refused.stdout
+    with PrivacyLedger(ledger_path(node_toml.parent / "state")) as ledger:
+        assert ledger.history(DATASET) == []  # a preview spends nothing
