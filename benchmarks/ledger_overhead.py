@@ -48,11 +48,11 @@ a temporary folder (`--dir` to choose), for each history size of
   which reads the whole file, schema check), `LedgerAccount(...)`
   (register the dataset again: a no-op write transaction), admit with an
   *empty* RDP-curve cache (Opacus' `compute_rdp` of the round's (σ, q)),
-  record, close. The curve cache is cleared before each call and refilled
-  after it, outside the timer. What an uncached curve costs depends on the
-  node: with q = 1 (a node whose train split fits in one batch: four of the
-  five default nodes) Opacus has a closed form; with q < 1 (`hillcrest`,
-  q = 0.5) it sums a series per order, up to a second at large σ. Closing a
+  record, close. The in-process curve cache is cleared before each call
+  and refilled after it, outside the timer, so the curve comes from the
+  ledger file's `step_curves` table, as in a new process. (Without that
+  table, Opacus' `compute_rdp` for q < 1 cost ~0.5 s a message on
+  `hillcrest`.) Closing a
   WAL database as its last connection checkpoints it (more fsyncs).
 
 Also, for attribution: a one-row SQLite commit with `synchronous=FULL` and

@@ -77,6 +77,17 @@ def _job(**overrides: Any) -> JobConfig:
     return JobConfig.model_validate({**settings, **overrides})
 
 
+def _context(node_toml: Path, run_id: int) -> Context:
+    """The node's Context as its SuperNode would pass it: node.toml named in node_config."""
+    return Context(
+        run_id=run_id,
+        node_id=7,
+        node_config={NODE_CONFIG_KEY: str(node_toml)},
+        state=RecordDict(),
+        run_config={},
+    )
+
+
 def _train(node_toml: Path, job: JobConfig, run_id: int) -> Message:
     """Round 1 of `job` as the node's SuperNode would deliver it; the ClientApp's reply."""
     registration = DatasetRegistry(node_toml.parent / "state").get(DATASET)
@@ -87,14 +98,7 @@ def _train(node_toml: Path, job: JobConfig, run_id: int) -> Message:
         dst_node_id=7,
         message_type=MessageType.TRAIN,
     )
-    context = Context(
-        run_id=run_id,
-        node_id=7,
-        node_config={NODE_CONFIG_KEY: str(node_toml)},
-        state=RecordDict(),
-        run_config={},
-    )
-    return app(request, context)
+    return app(request, _context(node_toml, run_id))
 
 
 def _releases_of(node_toml: Path, run_id: int) -> list[object]:
@@ -188,14 +192,7 @@ def _query(node_toml: Path, job: JobConfig, run_id: int) -> Message:
     request = Message(
         RecordDict({p.CONFIG_KEY: config}), dst_node_id=7, message_type=MessageType.QUERY
     )
-    context = Context(
-        run_id=run_id,
-        node_id=7,
-        node_config={NODE_CONFIG_KEY: str(node_toml)},
-        state=RecordDict(),
-        run_config={},
-    )
-    return app(request, context)
+    return app(request, _context(node_toml, run_id))
 
 
 @pytest.mark.parametrize("shares", [True, False])
