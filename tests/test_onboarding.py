@@ -462,6 +462,10 @@ def test_registry_names_and_replacement(tmp_path: Path) -> None:
     assert [p.name for p in registry.root.iterdir()] == ["cardio_2024"]  # no leftovers
     with pytest.raises(DataError, match=r"no dataset named 'other' .*registered: cardio_2024"):
         registry.get("other")
+    # The same records under a second name would start a second privacy budget.
+    with pytest.raises(DataError, match="identical to the registered dataset 'cardio_2024'"):
+        registry.add("cardio_copy", spec_path)
+    assert [r.name for r in registry.list()] == ["cardio_2024"]
 
 
 def test_quality_report_json_and_render(tmp_path: Path) -> None:

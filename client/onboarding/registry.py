@@ -120,9 +120,21 @@ class DatasetRegistry:
             feature_names=prepared.feature_names,
             feature_shape=prepared.feature_shape,
         )
+        self._refuse_duplicate_content(registration)
         report = QualityReport.from_inspection(inspection, dataset=name)
         self._write(target, registration, report, spec_text, replace=replace)
         return registration
+
+    def _refuse_duplicate_content(self, registration: Registration) -> None:
+        """The same records under a second name would get a second, fresh privacy budget."""
+        for other in self.list():
+            if other.name != registration.name and other.fingerprint == registration.fingerprint:
+                raise DataError(
+                    f"dataset '{registration.name}' was not registered: its content is identical "
+                    f"to the registered dataset '{other.name}' (fingerprint "
+                    f"{other.fingerprint[:16]}…), and the privacy ledger keeps one budget per "
+                    f"dataset name; serve '{other.name}' instead"
+                )
 
     def _write(
         self,
