@@ -75,16 +75,6 @@ def check_job(job: JobConfig, policy: NodePolicy) -> Refusal | None:
             code="delta-too-large",
             reason=f"δ = {privacy.delta:g} exceeds the node's δ = {policy.delta:g}",
         )
-    if (
-        privacy.enabled
-        and privacy.noise_multiplier is not None
-        and privacy.noise_multiplier < policy.min_noise_multiplier
-    ):
-        return Refusal(
-            code="noise-too-low",
-            reason=f"noise multiplier {privacy.noise_multiplier} is below the node's minimum "
-            f"of {policy.min_noise_multiplier}",
-        )
     return None
 
 
@@ -100,12 +90,12 @@ def check_architecture(digest: str, policy: NodePolicy) -> Refusal | None:
 
 
 def check_noise(noise_multiplier: float, policy: NodePolicy) -> Refusal | None:
-    """Refuse a calibrated noise multiplier below the node's floor."""
+    """Refuse a noise multiplier (the job's own, or calibrated to its ε) below the node's floor."""
     if noise_multiplier < policy.min_noise_multiplier:
         return Refusal(
             code="noise-too-low",
-            reason=f"reaching the job's ε needs noise multiplier {noise_multiplier:.3g}, "
-            f"below the node's minimum of {policy.min_noise_multiplier}",
+            reason=f"the job's noise multiplier {noise_multiplier:.3g} is below the node's "
+            f"minimum of {policy.min_noise_multiplier}",
         )
     return None
 

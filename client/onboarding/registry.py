@@ -17,7 +17,6 @@ after registration changes nothing until the dataset is registered again.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import tempfile
@@ -32,7 +31,7 @@ from consortia.client.onboarding.prepare import PreparedDataset, prepare
 from consortia.client.onboarding.quality import QualityReport
 from consortia.client.onboarding.schema import DatasetSpec, load_spec
 from consortia.client.onboarding.validation import CHECK_FAILED, inspect
-from consortia.common.atomic import write_bytes_atomic, write_json_atomic
+from consortia.common.atomic import fsync_dir, write_bytes_atomic, write_json_atomic
 from consortia.common.errors import ConfigError, DataError
 
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
@@ -167,7 +166,7 @@ class DatasetRegistry:
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        _fsync_folder(self.root)
+        fsync_dir(self.root)
 
     # ------------------------------------------------------------------- read
 
@@ -229,15 +228,3 @@ class DatasetRegistry:
     def spec(self, name: str) -> DatasetSpec:
         """The validated schema stored at registration (absolute paths)."""
         return self.get(name).spec
-
-
-def _fsync_folder(folder: Path) -> None:
-    """Persist renames inside `folder` (POSIX needs the directory entry synced too)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

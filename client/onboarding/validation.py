@@ -315,6 +315,18 @@ def _table_labels(
     keys = np.array([label.text(i) if ok[i] else "" for i in range(n)], dtype=object)
     ids = np.full(n, -1, dtype=np.int64)
     mapping = spec.label_mapping
+
+    def problem(i: int, message: str) -> Problem:
+        """A problem with record i's label, located by file, row and column."""
+        return Problem(
+            display,
+            message,
+            row=int(raw.rows[i]),
+            column=label.spec.name,
+            value=label.text(i),
+            column_index=label.index,
+        )
+
     if mapping is not None:
         mapped = np.array(
             [mapping.get(k, -1) if o else -1 for k, o in zip(keys, ok, strict=True)], dtype=np.int64
@@ -326,14 +338,10 @@ def _table_labels(
             log,
             "label\0mapping",
             ok & (mapped < 0),
-            lambda i: Problem(
-                display,
+            lambda i: problem(
+                i,
                 f"label {label.text(i)!r} is not in [label_mapping] (keys: {shown}); correct "
                 "it or map it to a class id",
-                row=int(raw.rows[i]),
-                column=label.spec.name,
-                value=label.text(i),
-                column_index=label.index,
             ),
         )
         ids = mapped
@@ -352,14 +360,10 @@ def _table_labels(
             log,
             "label\0negative",
             negative,
-            lambda i: Problem(
-                display,
+            lambda i: problem(
+                i,
                 f"label {label.text(i)!r} is not a class id (0, 1, …); correct it or add a "
                 "[label_mapping] that maps it to one",
-                row=int(raw.rows[i]),
-                column=label.spec.name,
-                value=label.text(i),
-                column_index=label.index,
             ),
         )
         ids[negative] = -1
@@ -369,14 +373,10 @@ def _table_labels(
         log,
         "label\0beyond",
         beyond,
-        lambda i: Problem(
-            display,
+        lambda i: problem(
+            i,
             f"label {label.text(i)!r} is not a class id below num_classes = {num_classes}; "
             "correct it, raise 'num_classes', or add a [label_mapping]",
-            row=int(raw.rows[i]),
-            column=label.spec.name,
-            value=label.text(i),
-            column_index=label.index,
         ),
     )
     ids[beyond] = -1
