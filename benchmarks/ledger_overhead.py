@@ -109,7 +109,14 @@ from consortia.client.node_config import NODE_CONFIG_KEY, load_node_config
 from consortia.client.onboarding.registry import DatasetRegistry
 from consortia.client.policy import NodePolicy
 from consortia.client.privacy_state import JobPrivacyState, save_state
-from consortia.client.spend import LedgerAccount, planned_noise
+from consortia.client.spend import (
+    LedgerAccount,
+    admit_under_policy,
+    other_releases,
+    planned_noise,
+    planned_release,
+    register_budget,
+)
 from consortia.common import protocol as p
 from consortia.common.arrays import concat
 from consortia.common.config import JobConfig, ScenarioConfig
@@ -166,13 +173,7 @@ class BenchNode:
     release: Release = field(init=False)
 
     def __post_init__(self) -> None:
-        batch = self.job.training.batch_size
-        n = len(self.data.train)
-        self.release = Release(
-            noise_multiplier=self.noise_multiplier,
-            sample_rate=training.poisson_sample_rate(n, batch),
-            steps=self.job.training.local_epochs * training.steps_per_epoch(n, batch),
-        )
+        self.release = planned_release(self.job, len(self.data.train), self.noise_multiplier)
 
     @property
     def dp(self) -> training.DpSettings:
@@ -200,7 +201,7 @@ def default_node(name: str) -> BenchNode:
     data = simulated_node_data(sim, scenario.seed, partition_id)
     job = scenario.job()
     start = time.perf_counter()
-    sigma = planned_noise(job, len(data.train), JobPrivacyState())
+    sigma = _calibrate(job, len(data.train))
     calibration_ms = _ms(start)
     model = build_model(job.model, data.feature_shape, data.num_classes, job.seed)
     return BenchNode(
@@ -256,8 +257,15 @@ def deploy(node: BenchNode, folder: Path) -> tuple[Path, JobConfig, float]:
     registry = DatasetRegistry(load_node_config(node_toml).state_dir)
     registry.add(DATASET, site / "dataset.toml")
     job = node.job.model_copy(update={"dataset": DATASET})
-    sigma = planned_noise(job, len(registry.load(DATASET).train), JobPrivacyState())
+    sigma = _calibrate(job, len(registry.load(DATASET).train))
     return node_toml, job, sigma
+
+
+def _calibrate(job: JobConfig, num_records: int) -> float:
+    """The job's noise multiplier, as a node calibrates it once per job."""
+    return planned_noise(
+        job, num_records, JobPrivacyState(), job.privacy.accountant, other_releases(job)
+    )
 
 
 # ------------------------------------------------------------------ probes
@@ -301,20 +309,19 @@ def handler_probe(node: BenchNode, task: str, sigma: float, node_config: dict[st
 
 
 def warm_ledger_probe(node: BenchNode, path: Path) -> tuple[Probe, Callable[[], None]]:
-    """admit + record on an open ledger with a cached curve; and its closer."""
+    """admit + record on a ledger kept open, curve cached (a long-lived node); and its closer."""
     policy = NodePolicy(epsilon_budget=BIG_BUDGET, delta=DELTA)
     ledger = PrivacyLedger(path)
-    account = LedgerAccount(
-        calibrated_context(node.noise_multiplier, {}), ledger, RDP_DATASET, policy
-    )
+    register_budget(ledger, RDP_DATASET, policy)
+    state = JobPrivacyState(noise_multiplier=node.noise_multiplier)
     rounds = iter(range(1, 10**9))
     n = len(node.data.train)
 
     def probe() -> dict[str, float]:
         start = time.perf_counter()
-        account.admit(node.job, n, node.architecture)
+        admit_under_policy(node.job, n, node.architecture, policy, ledger, RDP_DATASET, state)
         admitted = time.perf_counter()
-        account.record(node.release, next(rounds))
+        ledger.record_release(RDP_DATASET, node.release, run_id="bench", server_round=next(rounds))
         end = time.perf_counter()
         return {
             "total": (end - start) * 1e3,
@@ -326,7 +333,10 @@ def warm_ledger_probe(node: BenchNode, path: Path) -> tuple[Probe, Callable[[], 
 
 
 def message_ledger_probe(node: BenchNode, path: Path) -> Probe:
-    """What a fresh per-message process does with the ledger: open, admit (cold), record."""
+    """What the deployed handler does in a fresh process: `LedgerAccount` admit, then record.
+
+    Each opens the file (pragmas, `quick_check`, schema, budget), works, and closes it.
+    """
     policy = NodePolicy(epsilon_budget=BIG_BUDGET, delta=DELTA)
     rounds = iter(range(1, 10**9))
     n = len(node.data.train)
@@ -336,22 +346,16 @@ def message_ledger_probe(node: BenchNode, path: Path) -> Probe:
         context = calibrated_context(node.noise_multiplier, {})
         rdp_per_step.cache_clear()  # a new process has computed no curve yet
         start = time.perf_counter()
-        ledger = PrivacyLedger(path)
-        account = LedgerAccount(context, ledger, RDP_DATASET, policy)
-        opened = time.perf_counter()
+        account = LedgerAccount(context, path, RDP_DATASET, policy)
         account.admit(node.job, n, node.architecture)
         admitted = time.perf_counter()
         account.record(release, next(rounds))
-        recorded = time.perf_counter()
-        ledger.close()
         end = time.perf_counter()
         rdp_per_step(release.noise_multiplier, release.sample_rate)  # warm again, untimed
         return {
             "total": (end - start) * 1e3,
-            "open + register": (opened - start) * 1e3,
-            "admit (cold curve)": (admitted - opened) * 1e3,
-            "record": (recorded - admitted) * 1e3,
-            "close": (end - recorded) * 1e3,
+            "admit (open, cold curve, close)": (admitted - start) * 1e3,
+            "record (open, commit, close)": (end - admitted) * 1e3,
         }
 
     return probe

@@ -18,8 +18,10 @@ from consortia.client.privacy_state import JobPrivacyState
 from consortia.client.spend import (
     NodeRefusedError,
     admit_under_policy,
+    histogram_refusal,
     other_releases,
     planned_release,
+    register_budget,
 )
 from consortia.common.config import JobConfig
 from consortia.common.models import architecture_hash, build_model
@@ -87,9 +89,7 @@ def preview_admission(job: JobConfig, node: NodeConfig) -> AdmissionPreview:
     state = JobPrivacyState()
     refusal = None
     with PrivacyLedger(ledger_path(node.state_dir)) as ledger:
-        budget = ledger.register_dataset(
-            dataset, policy.epsilon_budget, policy.delta, policy.accountant
-        )
+        budget = register_budget(ledger, dataset, policy)
         try:
             admit_under_policy(
                 job, registration.train_records, digest, policy, ledger, dataset, state
@@ -100,11 +100,11 @@ def preview_admission(job: JobConfig, node: NodeConfig) -> AdmissionPreview:
         if state.noise_multiplier is not None:
             one_round = planned_release(job, registration.train_records, state.noise_multiplier)
             every_round = one_round.model_copy(update={"steps": one_round.steps * job.rounds})
-            after_round = ledger.projected_epsilon(dataset, one_round)
-            history = [entry.release for entry in ledger.history(dataset)]
-            after_job = epsilon(
-                [*history, *other_releases(job), every_round], budget.delta, budget.accountant
-            )
+            # What the node would release: its history, the histogram if it shares it, rounds.
+            before = [entry.release for entry in ledger.history(dataset)]
+            before += other_releases(job, histogram_refusal(job, policy) is None)
+            after_round = epsilon([*before, one_round], budget.delta, budget.accountant)
+            after_job = epsilon([*before, every_round], budget.delta, budget.accountant)
     return preview.model_copy(
         update={
             "architecture": digest,

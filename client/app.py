@@ -24,15 +24,20 @@ from flwr.common.logger import log
 from consortia.client import training
 from consortia.client.admission import served_dataset
 from consortia.client.device import resolve_device
-from consortia.client.label_histogram import label_histogram_entries
-from consortia.client.ledger import PrivacyLedger, ledger_path
+from consortia.client.label_histogram import release_label_histogram
+from consortia.client.ledger import BudgetExceededError, LedgerError, ledger_path
 from consortia.client.node_config import NODE_CONFIG_KEY, load_node_config
 from consortia.client.onboarding.registry import DatasetRegistry
 from consortia.client.spend import JobAccount, LedgerAccount, NodeRefusedError, PrivacyAccount
 from consortia.common import protocol as p
 from consortia.common.arrays import LabeledArrays
 from consortia.common.config import JobConfig
-from consortia.common.errors import FederationError
+from consortia.common.errors import (
+    ConsortiaError,
+    DataError,
+    FederationError,
+    PrivacyError,
+)
 from consortia.common.evaluation import evaluate_model
 from consortia.common.models import architecture_hash, build_model
 from consortia.common.privacy import Release
@@ -100,9 +105,7 @@ def _deployed_view(job: JobConfig, node_toml: Path, context: Context) -> _NodeVi
         num_classes=data.num_classes,
         fingerprint=registration.fingerprint,
         job=job,
-        account=LedgerAccount(
-            context, PrivacyLedger(ledger_path(node.state_dir)), dataset, node.policy
-        ),
+        account=LedgerAccount(context, ledger_path(node.state_dir), dataset, node.policy),
     )
 
 
@@ -149,8 +152,8 @@ def _answer_refusals(handler: Handler) -> Handler:
     def answer(message: Message, context: Context) -> Message:
         try:
             return handler(message, context)
-        except NodeRefusedError as refused:
-            code, reason = refused.refusal.code, refused.refusal.reason
+        except (NodeRefusedError, PrivacyError, DataError, LedgerError) as exc:
+            code, reason = _refusal_of(exc)
             log(
                 WARNING,
                 "refused %s of run %s: [%s] %s",
@@ -164,6 +167,24 @@ def _answer_refusals(handler: Handler) -> Handler:
     return answer
 
 
+def _refusal_of(exc: ConsortiaError) -> tuple[str, str]:
+    """(code, reason) of a condition the node declines on rather than fails with.
+
+    Besides policy refusals: a budget spent by another job between admission
+    and recording, an ε target the node cannot reach, a data file changed
+    since registration, a ledger that cannot be used. Each leaves no update.
+    """
+    if isinstance(exc, NodeRefusedError):
+        return exc.refusal.code, exc.refusal.reason
+    if isinstance(exc, BudgetExceededError):
+        return "budget-exhausted", exc.message
+    if isinstance(exc, PrivacyError):
+        return "privacy-target-unreachable", exc.message
+    if isinstance(exc, DataError):
+        return "data-unusable", exc.message
+    return "ledger-unusable", exc.message
+
+
 @app.query()
 @_answer_refusals
 def query(message: Message, context: Context) -> Message:
@@ -171,16 +192,25 @@ def query(message: Message, context: Context) -> Message:
     view = _node_view(message, context)
     identity = _identity(view)
     if view.job.label_histogram is not None:
-        seed = _round_seed(view.job.seed, view.name, 0, view.account.noise_secret())
-        entries = label_histogram_entries(
-            view.train,
-            view.num_classes,
-            view.job.label_histogram.noise_multiplier,
-            view.account,
-            seed,
-        )
-        identity.update(entries)
+        identity.update(_label_histogram(view, view.job.label_histogram.noise_multiplier))
     return Message(RecordDict({p.NODE_KEY: identity}), reply_to=message)
+
+
+def _label_histogram(view: _NodeView, sigma: float) -> dict[str, list[float] | str]:
+    """The DP label histogram, released only if the node would take part in the job at all."""
+    job = view.job
+    withheld = view.account.histogram_withheld(job)
+    if withheld is None:
+        model = build_model(job.model, view.feature_shape, view.num_classes, job.seed)
+        try:
+            # A round's checks: policy, noise calibrated with this release counted, budget.
+            view.account.admit(job, len(view.train), architecture_hash(model))
+        except (NodeRefusedError, PrivacyError) as exc:
+            withheld = f"the node would not take part in this job: {exc.message}"
+    if withheld is not None:
+        return {p.NODE_HISTOGRAM_WITHHELD: withheld}
+    seed = _round_seed(job.seed, view.name, 0, view.account.noise_secret())
+    return release_label_histogram(view.train, view.num_classes, sigma, view.account, seed)
 
 
 @app.train()
@@ -245,6 +275,7 @@ def evaluate(message: Message, context: Context) -> Message:
     """Loss and accuracy of the global model on the node's local test split."""
     view = _node_view(message, context)
     model = build_model(view.job.model, view.feature_shape, view.num_classes, view.job.seed)
+    view.account.check_model(view.job, architecture_hash(model))  # a refused model runs nowhere
     load_arrays(model, message.content[p.ARRAYS_KEY])
     loss, accuracy = evaluate_model(model, view.test, resolve_device(view.job.training.device))
     metrics = MetricRecord({p.WEIGHT: len(view.test), p.EVAL_LOSS: loss, p.EVAL_ACCURACY: accuracy})

@@ -26,19 +26,21 @@ def noisy_counts(
     return [float(c) for c in counts + rng.normal(0.0, sigma, size=num_classes)]
 
 
-def label_histogram_entries(
+def release_label_histogram(
     train: LabeledArrays,
     num_classes: int,
     sigma: float,
     account: PrivacyAccount,
     seed: int,
 ) -> dict[str, list[float] | str]:
-    """The node-record entries for the roster: the noisy histogram, or why it is withheld."""
-    if not account.shares_label_histogram():
-        return {p.NODE_HISTOGRAM_WITHHELD: "the node's policy does not share label histograms"}
+    """Record the release, then draw it: the node-record entries for the roster.
+
+    The caller has checked that the node may share it. If the budget cannot
+    afford it (recording refuses), the histogram is withheld instead.
+    """
     try:
         account.record(histogram_release(sigma), server_round=0, mechanism="gaussian")
     except BudgetExceededError as exc:
-        return {p.NODE_HISTOGRAM_WITHHELD: f"privacy budget: {exc}"}
+        return {p.NODE_HISTOGRAM_WITHHELD: f"privacy budget: {exc.message}"}
     counts = noisy_counts(train.y, num_classes, sigma, np.random.default_rng(seed))
     return {p.NODE_LABEL_HISTOGRAM: counts}

@@ -55,6 +55,7 @@ from consortia.common.privacy import (
     RDP_ORDERS,
     AccountantName,
     Release,
+    merge_pairs,
     opacus_epsilon,
     rdp_per_step,
 )
@@ -775,34 +776,13 @@ def _rdp_epsilon(vector: np.ndarray, delta: float) -> float:
 
 
 def _prv_epsilon(history: Iterable[Release], delta: float) -> float:
-    """ε by Opacus' PRVAccountant over `history` with each (σ, q)'s steps merged."""
-    return _reference_epsilon_of(_merge_pairs(history), delta, "prv")
+    """ε by Opacus' PRVAccountant over `history` (merged per (σ, q))."""
+    return opacus_epsilon(list(history), delta, "prv")
 
 
 def _reference_epsilon(history: list[Release], budget: DatasetBudget) -> float:
-    """ε by Opacus' own accountant over the history, merged per (σ, q) to stay fast."""
-    return _reference_epsilon_of(_merge_pairs(history), budget.delta, budget.accountant)
-
-
-def _reference_epsilon_of(merged: list[Release], delta: float, accountant: str) -> float:
-    if not merged:
-        return 0.0
-    return opacus_epsilon(merged, delta, "prv" if accountant == "prv" else "rdp")
-
-
-def _merge_pairs(history: Iterable[Release]) -> list[Release]:
-    """One release per (σ, q) with the summed steps, in first-use order; zero-step ones dropped.
-
-    Composition is commutative, and Opacus' accountants merge repeated steps
-    the same way; without this, Opacus would recompute a 10-20 ms RDP curve (or
-    a PRV) for every release of a long history.
-    """
-    steps: dict[tuple[float, float], int] = {}
-    for release in history:
-        if release.steps:
-            key = (release.noise_multiplier, release.sample_rate)
-            steps[key] = steps.get(key, 0) + release.steps
-    return [Release(noise_multiplier=s, sample_rate=q, steps=n) for (s, q), n in steps.items()]
+    """ε by Opacus' own accountant over the history (merged per (σ, q) to stay fast)."""
+    return opacus_epsilon(history, budget.delta, budget.accountant)
 
 
 def _close(a: float, b: float) -> bool:
@@ -897,7 +877,7 @@ def _composed_rdp_problem(
     """Does the stored RDP vector (what future releases build on) match the history?"""
     stored = _decode_vector(composed, budget.name, path)
     expected = np.zeros(len(RDP_ORDERS))
-    for release in _merge_pairs(e.release for e in entries):
+    for release in merge_pairs(e.release for e in entries):
         expected += release.steps * rdp_per_step(release.noise_multiplier, release.sample_rate)
     if not np.allclose(stored, expected, rtol=VERIFY_REL_TOL, atol=0.0):
         return "its stored composed RDP vector does not match the sum over its releases"

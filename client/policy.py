@@ -33,7 +33,6 @@ class NodePolicy(StrictModel):
     accountant: Literal["rdp", "prv"] = Field(
         default="rdp", description="accountant the ledger composes each dataset's history with"
     )
-    require_dp: bool = True
     min_cohort: int = Field(default=2, ge=1, description="smallest cohort (secure aggregation)")
     share_label_histogram: bool = False
 
@@ -51,7 +50,9 @@ class Refusal(StrictModel):
 def check_job(job: JobConfig, policy: NodePolicy) -> Refusal | None:
     """Refuse a job whose settings break the policy, before any data is touched."""
     privacy = job.privacy
-    if policy.require_dp and not privacy.enabled:
+    if not privacy.enabled:
+        # Not a policy choice: the ledger can bound only DP releases, and one
+        # non-private round would make every later ε of the dataset meaningless.
         return Refusal(code="dp-required", reason="this node trains only with DP-SGD")
     if job.model.name not in policy.models:
         return Refusal(

@@ -14,12 +14,15 @@ job's ε after all planned rounds stays within its target.
 from __future__ import annotations
 
 import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Protocol
 
 from flwr.app import Context
 
 from consortia.client import training
-from consortia.client.ledger import Mechanism, PrivacyLedger
+from consortia.client.ledger import DatasetBudget, Mechanism, PrivacyLedger
 from consortia.client.policy import (
     NodePolicy,
     Refusal,
@@ -31,7 +34,13 @@ from consortia.client.policy import (
 from consortia.client.privacy_state import JobPrivacyState, load_state, save_state
 from consortia.common.config import JobConfig
 from consortia.common.errors import ConsortiaError
-from consortia.common.privacy import Release, calibrate_noise, epsilon, histogram_release
+from consortia.common.privacy import (
+    AccountantName,
+    Release,
+    calibrate_noise,
+    epsilon,
+    histogram_release,
+)
 
 
 class NodeRefusedError(ConsortiaError):
@@ -43,7 +52,7 @@ class NodeRefusedError(ConsortiaError):
 
 
 class PrivacyAccount(Protocol):
-    """What `train` needs from the node's privacy bookkeeping."""
+    """What the ClientApp needs from the node's privacy bookkeeping."""
 
     delta: float
 
@@ -56,6 +65,10 @@ class PrivacyAccount(Protocol):
         """
         ...
 
+    def check_model(self, job: JobConfig, architecture: str) -> None:
+        """`NodeRefusedError` if the node would not run this job's model at all (evaluation)."""
+        ...
+
     def record(self, release: Release, server_round: int, mechanism: Mechanism = "dpsgd") -> float:
         """Store the release durably; return ε spent so far. Call before replying.
 
@@ -63,8 +76,8 @@ class PrivacyAccount(Protocol):
         """
         ...
 
-    def shares_label_histogram(self) -> bool:
-        """Whether the node's policy lets it release a DP label histogram."""
+    def histogram_withheld(self, job: JobConfig) -> str | None:
+        """Why the node's policy withholds the job's label histogram; None if it may share it."""
         ...
 
     def noise_secret(self) -> int | None:
@@ -72,11 +85,20 @@ class PrivacyAccount(Protocol):
         ...
 
 
-def planned_noise(job: JobConfig, num_records: int, state: JobPrivacyState) -> float:
+def planned_noise(
+    job: JobConfig,
+    num_records: int,
+    state: JobPrivacyState,
+    accountant: AccountantName,
+    prior: list[Release],
+) -> float:
     """The job's noise multiplier, calibrated once over all planned rounds.
 
     The node assumes it takes part in every round, so its ε after the last
     round stays within the target however the coordinator samples.
+    `accountant` is the one that will state the node's ε (on a deployed node,
+    its ledger's, whatever the job says); `prior` are the job's other
+    releases the target must also cover.
     """
     if state.noise_multiplier is None:
         privacy = job.privacy
@@ -84,24 +106,37 @@ def planned_noise(job: JobConfig, num_records: int, state: JobPrivacyState) -> f
             state.noise_multiplier = privacy.noise_multiplier
         else:
             assert privacy.target_epsilon is not None  # guaranteed by PrivacyConfig
-            batch = job.training.batch_size
-            per_round = job.training.local_epochs * training.steps_per_epoch(num_records, batch)
+            one_round = planned_release(job, num_records, 1.0)
             state.noise_multiplier = calibrate_noise(
                 privacy.target_epsilon,
                 privacy.delta,
-                training.poisson_sample_rate(num_records, batch),
-                job.rounds * per_round,
-                privacy.accountant,
-                prior=other_releases(job),
+                one_round.sample_rate,
+                job.rounds * one_round.steps,
+                accountant,
+                prior=prior,
             )
     return state.noise_multiplier
 
 
-def other_releases(job: JobConfig) -> list[Release]:
+def planned_release(job: JobConfig, num_records: int, sigma: float) -> Release:
+    """The release one full round of the job makes (every planned step)."""
+    batch = job.training.batch_size
+    return Release(
+        noise_multiplier=sigma,
+        sample_rate=training.poisson_sample_rate(num_records, batch),
+        steps=job.training.local_epochs * training.steps_per_epoch(num_records, batch),
+    )
+
+
+def other_releases(job: JobConfig, shares_histogram: bool = True) -> list[Release]:
     """What the job releases besides DP-SGD, which its ε target must also cover."""
-    if job.label_histogram is None:
+    if job.label_histogram is None or not shares_histogram:
         return []
     return [histogram_release(job.label_histogram.noise_multiplier)]
+
+
+def _dp_settings(job: JobConfig, sigma: float) -> training.DpSettings:
+    return training.DpSettings(noise_multiplier=sigma, max_grad_norm=job.privacy.max_grad_norm)
 
 
 class JobAccount:
@@ -118,67 +153,99 @@ class JobAccount:
     ) -> training.DpSettings | None:
         if not job.privacy.enabled:
             return None
-        sigma = planned_noise(job, num_records, self.state)
+        sigma = planned_noise(
+            job, num_records, self.state, job.privacy.accountant, other_releases(job)
+        )
         save_state(self.context, self.state)
-        return training.DpSettings(noise_multiplier=sigma, max_grad_norm=job.privacy.max_grad_norm)
+        return _dp_settings(job, sigma)
+
+    def check_model(self, job: JobConfig, architecture: str) -> None:
+        return None  # a simulated node runs whatever the scenario names
 
     def record(self, release: Release, server_round: int, mechanism: Mechanism = "dpsgd") -> float:
         self.state.history.append(release)
         save_state(self.context, self.state)
         return epsilon(self.state.history, self.delta, self.job.privacy.accountant)
 
+    def histogram_withheld(self, job: JobConfig) -> str | None:
+        return None  # a simulated node has no operator policy; the scenario decides
+
     def noise_secret(self) -> int | None:
         return None
 
-    def shares_label_histogram(self) -> bool:
-        return True  # a simulated node has no operator policy; the scenario decides
-
 
 class LedgerAccount:
-    """Deployment: the dataset's ledger across all jobs, under the node's policy."""
+    """Deployment: the dataset's ledger across all jobs, under the node's policy.
 
-    def __init__(
-        self,
-        context: Context,
-        ledger: PrivacyLedger,
-        dataset: str,
-        policy: NodePolicy,
-    ) -> None:
+    The ledger file is opened per operation (a node answers each message in
+    a fresh process; evaluation never opens it) and closed right after.
+    """
+
+    def __init__(self, context: Context, ledger: Path, dataset: str, policy: NodePolicy) -> None:
         self.context = context
-        self.ledger = ledger
+        self.ledger_path = ledger
         self.dataset = dataset
         self.policy = policy
         self.state = load_state(context)
-        budget = ledger.register_dataset(
-            dataset, policy.epsilon_budget, policy.delta, policy.accountant
-        )
-        self.delta = budget.delta
+        self.delta = policy.delta
+
+    @contextmanager
+    def _ledger(self) -> Iterator[PrivacyLedger]:
+        with PrivacyLedger(self.ledger_path) as ledger:
+            register_budget(ledger, self.dataset, self.policy)
+            yield ledger
 
     def admit(
         self, job: JobConfig, num_records: int, architecture: str
     ) -> training.DpSettings | None:
         try:
-            return admit_under_policy(
-                job, num_records, architecture, self.policy, self.ledger, self.dataset, self.state
-            )
+            with self._ledger() as ledger:
+                return admit_under_policy(
+                    job, num_records, architecture, self.policy, ledger, self.dataset, self.state
+                )
         finally:
             save_state(self.context, self.state)  # the calibrated noise, kept for the job
 
+    def check_model(self, job: JobConfig, architecture: str) -> None:
+        refusal = check_job(job, self.policy) or check_architecture(architecture, self.policy)
+        if refusal is not None:
+            raise NodeRefusedError(refusal)
+
     def record(self, release: Release, server_round: int, mechanism: Mechanism = "dpsgd") -> float:
-        entry = self.ledger.record_release(
-            self.dataset,
-            release,
-            run_id=str(self.context.run_id),
-            server_round=server_round,
-            mechanism=mechanism,
-        )
+        with self._ledger() as ledger:
+            entry = ledger.record_release(
+                self.dataset,
+                release,
+                run_id=str(self.context.run_id),
+                server_round=server_round,
+                mechanism=mechanism,
+            )
         return entry.epsilon
+
+    def histogram_withheld(self, job: JobConfig) -> str | None:
+        return histogram_refusal(job, self.policy)
 
     def noise_secret(self) -> int | None:
         return secrets.randbits(128)
 
-    def shares_label_histogram(self) -> bool:
-        return self.policy.share_label_histogram
+
+def register_budget(ledger: PrivacyLedger, dataset: str, policy: NodePolicy) -> DatasetBudget:
+    """Enter the dataset's budget from the policy (a no-op once there, an error if it changed)."""
+    return ledger.register_dataset(dataset, policy.epsilon_budget, policy.delta, policy.accountant)
+
+
+def histogram_refusal(job: JobConfig, policy: NodePolicy) -> str | None:
+    """Why a node under `policy` withholds the job's label histogram, or None."""
+    if job.label_histogram is None:
+        return "the job asks for no label histogram"
+    if not policy.share_label_histogram:
+        return "the node's policy does not share label histograms"
+    if job.label_histogram.noise_multiplier < policy.min_noise_multiplier:
+        return (
+            f"its noise multiplier {job.label_histogram.noise_multiplier:g} is below the "
+            f"node's minimum of {policy.min_noise_multiplier:g}"
+        )
+    return None
 
 
 def admit_under_policy(
@@ -189,49 +256,32 @@ def admit_under_policy(
     ledger: PrivacyLedger,
     dataset: str,
     state: JobPrivacyState,
-) -> training.DpSettings | None:
+) -> training.DpSettings:
     """Every check a deployed node makes before a round, in order; raises `NodeRefusedError`.
 
-    Static settings first (DP, model, architecture, epochs, clipping, δ, noise
-    floor), then the calibrated noise against the floor, then the round's
-    projected ε against the dataset's remaining budget. `state` receives the
-    job's calibrated noise multiplier. Also used by `consortia node check-job`
-    to answer "would this node accept that job?" without training.
+    Static settings first (DP, model, architecture, epochs, clipping, δ), then
+    the noise (the job's own, or calibrated to its ε with the ledger's
+    accountant and the releases the node will make) against the floor, then
+    the round's projected ε against the dataset's remaining budget. `state`
+    receives the job's noise multiplier. Also used by `consortia node
+    check-job` to answer "would this node accept that job?" without training.
     """
     refusal = check_job(job, policy) or check_architecture(architecture, policy)
-    if refusal is None and job.privacy.enabled:
-        sigma = planned_noise(job, num_records, state)
+    if refusal is None:
+        prior = other_releases(job, histogram_refusal(job, policy) is None)
+        sigma = planned_noise(job, num_records, state, policy.accountant, prior)
         refusal = check_noise(sigma, policy) or _budget_refusal(
-            job, num_records, sigma, policy, ledger, dataset
+            planned_release(job, num_records, sigma), policy, ledger, dataset
         )
     if refusal is not None:
         raise NodeRefusedError(refusal)
-    if not job.privacy.enabled:
-        return None
     assert state.noise_multiplier is not None
-    return training.DpSettings(
-        noise_multiplier=state.noise_multiplier, max_grad_norm=job.privacy.max_grad_norm
-    )
-
-
-def planned_release(job: JobConfig, num_records: int, sigma: float) -> Release:
-    """The release one full round of the job makes (every planned step)."""
-    batch = job.training.batch_size
-    return Release(
-        noise_multiplier=sigma,
-        sample_rate=training.poisson_sample_rate(num_records, batch),
-        steps=job.training.local_epochs * training.steps_per_epoch(num_records, batch),
-    )
+    return _dp_settings(job, state.noise_multiplier)
 
 
 def _budget_refusal(
-    job: JobConfig,
-    num_records: int,
-    sigma: float,
-    policy: NodePolicy,
-    ledger: PrivacyLedger,
-    dataset: str,
+    release: Release, policy: NodePolicy, ledger: PrivacyLedger, dataset: str
 ) -> Refusal | None:
     spent = ledger.spent(dataset)
-    projected = ledger.projected_epsilon(dataset, planned_release(job, num_records, sigma))
+    projected = ledger.projected_epsilon(dataset, release)
     return check_budget(spent, projected, policy, dataset)

@@ -10,7 +10,7 @@ value Opacus' `RDPAccountant` returns for the same history (tested).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from functools import lru_cache
 from typing import Literal
 
@@ -148,7 +148,25 @@ def _unreachable(
 
 
 def opacus_epsilon(history: list[Release], delta: float, accountant: AccountantName) -> float:
-    """The same ε through Opacus' own accountant objects (reference for tests and audits)."""
+    """The same ε through Opacus' own accountant objects (reference for tests and audits).
+
+    Releases of one (σ, q) are merged first (`merge_pairs`): composition is
+    commutative, and without it Opacus recomputes an RDP curve or a PRV for
+    every release of a long history (seconds a round in a PRV simulation).
+    """
+    merged = merge_pairs(history)
+    if not merged:
+        return 0.0
     reference = RDPAccountant() if accountant == "rdp" else PRVAccountant()
-    reference.history = [(r.noise_multiplier, r.sample_rate, r.steps) for r in history]
+    reference.history = [(r.noise_multiplier, r.sample_rate, r.steps) for r in merged]
     return float(reference.get_epsilon(delta=delta))
+
+
+def merge_pairs(history: Iterable[Release]) -> list[Release]:
+    """One release per (σ, q) with the summed steps, in first-use order; zero-step ones dropped."""
+    steps: dict[tuple[float, float], int] = {}
+    for release in history:
+        if release.steps:
+            key = (release.noise_multiplier, release.sample_rate)
+            steps[key] = steps.get(key, 0) + release.steps
+    return [Release(noise_multiplier=s, sample_rate=q, steps=n) for (s, q), n in steps.items()]

@@ -102,7 +102,10 @@ def _train(node_toml: Path, job: JobConfig, run_id: int) -> Message:
 
 
 def _releases_of(node_toml: Path, run_id: int) -> list[object]:
+    """The run's releases of the dataset (none if the node never opened its budget)."""
     with PrivacyLedger(ledger_path(node_toml.parent / "state")) as ledger:
+        if DATASET not in [budget.name for budget in ledger.datasets()]:
+            return []
         ledger.verify(DATASET)
         return [e for e in ledger.history(DATASET) if e.run_id == str(run_id)]
 
@@ -234,3 +237,52 @@ def test_check_job_previews_the_decision(
     assert refused.returncode == 1 and "budget-exhausted" in refused.stdout
     with PrivacyLedger(ledger_path(node_toml.parent / "state")) as ledger:
         assert ledger.history(DATASET) == []  # a preview spends nothing
+
+
+def test_a_job_without_dp_is_always_refused(deployed_node: Node) -> None:
+    # One non-private round would leave the dataset's ε unbounded from then on.
+    node_toml = deployed_node()
+    job = _job(privacy={"enabled": False})
+    _assert_refused(node_toml, _train(node_toml, job, run_id=19), 19, "dp-required")
+
+
+def test_no_histogram_and_no_evaluation_for_a_job_the_node_refuses(deployed_node: Node) -> None:
+    node_toml = deployed_node(policy='models = ["logreg"]\nshare_label_histogram = true\n')
+    job = _job(model={"name": "mlp"}, label_histogram={"noise_multiplier": 20.0})
+    identity = _query(node_toml, job, run_id=20).content[p.NODE_KEY]
+    assert p.NODE_LABEL_HISTOGRAM not in identity
+    assert "model-not-allowed" in str(identity[p.NODE_HISTOGRAM_WITHHELD])
+    assert _releases_of(node_toml, 20) == []
+    registration = DatasetRegistry(node_toml.parent / "state").get(DATASET)
+    model = build_model(job.model, registration.feature_shape, registration.num_classes, 0)
+    config = ConfigRecord({p.TASK_KEY: p.TaskSpec(job=job).encode(), p.ROUND_KEY: 1})
+    request = Message(
+        RecordDict({p.ARRAYS_KEY: model_to_arrays(model), p.CONFIG_KEY: config}),
+        dst_node_id=7,
+        message_type=MessageType.EVALUATE,
+    )
+    reply = app(request, _context(node_toml, 20))
+    assert p.read_refusal(reply.content) is not None
+    assert p.METRICS_KEY not in reply.content  # no loss or accuracy of a refused model
+
+
+def test_calibration_uses_the_ledger_accountant_not_the_jobs(deployed_node: Node) -> None:
+    # The job asks for PRV; the ledger states ε with RDP. Calibrating with the
+    # job's accountant would overshoot the target as the ledger counts it.
+    node_toml = deployed_node()
+    target = 0.8
+    job = _job(
+        rounds=3,
+        privacy={
+            "target_epsilon": target,
+            "delta": 1e-5,
+            "max_grad_norm": 1.0,
+            "accountant": "prv",
+        },
+    )
+    for _ in range(3):
+        reply = _train(node_toml, job, run_id=21)
+        assert p.read_refusal(reply.content) is None
+    with PrivacyLedger(ledger_path(node_toml.parent / "state")) as ledger:
+        assert ledger.budget(DATASET).accountant == "rdp"
+        assert 0.7 < ledger.spent(DATASET) <= target
