@@ -38,8 +38,7 @@ class LabelSkew(BaseModel):
                 out.append(f"  {name}: withheld ({node.withheld})")
                 continue
             mix = " ".join(f"{v:.2f}" for v in node.proportions)
-            distance = "n/a" if node.total_variation is None else f"{node.total_variation:.3f}"
-            out.append(f"  {name}: classes [{mix}]  distance to pooled {distance}")
+            out.append(f"  {name}: classes [{mix}]  distance to pooled {node.total_variation:.3f}")
         return out
 
 
@@ -58,12 +57,12 @@ def label_skew(roster: Roster, noise_multiplier: float) -> LabelSkew:
             nodes[node.name] = NodeLabels(withheld=reason)
             continue
         mix = _proportions(counts[node.name])
-        distance = (
-            None if pooled is None or mix is None else 0.5 * float(np.abs(mix - pooled).sum())
-        )
+        if mix is None or pooled is None:  # pooled exists whenever one node's mix does
+            nodes[node.name] = NodeLabels(withheld="every noisy count was ≤ 0 (noise > counts)")
+            continue
         nodes[node.name] = NodeLabels(
-            proportions=None if mix is None else tuple(float(v) for v in mix),
-            total_variation=distance,
+            proportions=tuple(float(v) for v in mix),
+            total_variation=0.5 * float(np.abs(mix - pooled).sum()),
         )
     return LabelSkew(
         noise_multiplier=noise_multiplier,

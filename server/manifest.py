@@ -84,25 +84,18 @@ def _git_commit() -> str | None:
     """The commit of consortia's source tree, when it runs from a git checkout."""
     source_dir = Path(__file__).resolve().parent
     try:
-        result = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=source_dir,
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=False,
-        )
+        commit = _git(source_dir, "rev-parse", "HEAD")
+        dirty = _git(source_dir, "status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.SubprocessError):
         return None
-    if result.returncode != 0:
+    if commit is None:
         return None
-    commit = result.stdout.strip()
-    dirty = subprocess.run(
-        ["git", "status", "--porcelain", "--untracked-files=no"],
-        cwd=source_dir,
-        capture_output=True,
-        text=True,
-        timeout=5,
-        check=False,
+    return commit + ("-dirty" if dirty else "")
+
+
+def _git(folder: Path, *args: str) -> str | None:
+    """git's stripped output, or None if it fails (not a checkout, no git)."""
+    result = subprocess.run(
+        ["git", *args], cwd=folder, capture_output=True, text=True, timeout=5, check=False
     )
-    return commit + ("-dirty" if dirty.stdout.strip() else "")
+    return result.stdout.strip() if result.returncode == 0 else None

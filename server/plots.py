@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import matplotlib
@@ -9,6 +10,7 @@ import matplotlib
 matplotlib.use("Agg")  # headless: coordinators and CI have no display
 import matplotlib.pyplot as plt
 
+from consortia.common.atomic import write_bytes_atomic
 from consortia.server.run_log import RoundRecord
 
 
@@ -43,7 +45,10 @@ def _epsilon(plots_dir: Path, rounds: list[RoundRecord], delta: float | None) ->
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
+    """Render in memory, then write atomically: a crash never leaves half a PNG."""
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
+    write_bytes_atomic(path, buffer.getvalue())
     return path

@@ -40,6 +40,14 @@ def mnist_dir() -> Iterator[Path]:
     yield MNIST_DIR
 
 
+@pytest.fixture
+def task_identity() -> None:
+    """Messages are created inside a Flower task; stand in for the coordinator's one."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+
+
 CliRunner = Callable[..., subprocess.CompletedProcess[str]]
 
 

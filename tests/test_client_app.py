@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from consortia.client.app import app
 from consortia.client.privacy_state import load_state
@@ -20,10 +19,7 @@ from consortia.common.weights import model_to_arrays
 ROUNDS = 3
 
 
-@pytest.fixture(autouse=True)
-def _task_identity() -> None:
-    """Messages are created inside a Flower task; stand in for the coordinator's one."""
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 @pytest.fixture(scope="module")

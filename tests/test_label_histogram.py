@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from flwr.app import Context, MessageType, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 from test_client_app import _message
 
 from consortia.client.app import app
@@ -27,9 +26,7 @@ from consortia.server.roster import NodeEntry, Roster
 SIGMA = 20.0
 
 
-@pytest.fixture(autouse=True)
-def _task_identity() -> None:
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def test_noise_is_centred_on_the_counts_with_std_sigma() -> None:
@@ -89,7 +86,7 @@ def _entry(
     name: str, histogram: tuple[float, ...] | None, withheld: str | None = None
 ) -> NodeEntry:
     return NodeEntry(
-        node_id=hash(name) % 1000,
+        node_id=ord(name[0]),
         name=name,
         data_fingerprint="0" * 64,
         feature_shape=(4,),
@@ -114,3 +111,10 @@ def test_skew_is_post_processing_of_the_noisy_counts() -> None:
     assert skew.nodes["b"].total_variation == pytest.approx(0.3)
     assert skew.nodes["c"].withheld == "policy says no" and skew.nodes["c"].proportions is None
     assert any("c: withheld (policy says no)" in line for line in skew.lines())
+
+
+def test_a_histogram_whose_noisy_counts_all_clip_to_zero_is_reported_as_such() -> None:
+    roster = Roster(nodes=(_entry("a", (30.0, 10.0)), _entry("b", (-3.0, -8.0))))
+    skew = label_skew(roster, SIGMA)
+    assert skew.nodes["b"].proportions is None and "≤ 0" in str(skew.nodes["b"].withheld)
+    assert skew.nodes["a"].total_variation == pytest.approx(0.0)

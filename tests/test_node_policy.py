@@ -18,7 +18,6 @@ import pytest
 from conftest import CliRunner
 from federation import add_site, write_job
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 from sklearn.datasets import load_breast_cancer
 
 from consortia.client.app import app
@@ -36,10 +35,7 @@ MIN_NOISE = 0.8  # the node's floor; each refused job stays far within the other
 Node = Callable[..., Path]
 
 
-@pytest.fixture(autouse=True)
-def _task_identity() -> None:
-    """Messages are created inside a Flower task; stand in for the coordinator's one."""
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
-from flwr.supercore.task_identity import TaskIdentity
 
 from consortia.common import protocol as p
 from consortia.common.config import FedAdamConfig, JobConfig
@@ -27,9 +26,7 @@ NAMES = ["alpha", "bravo", "charlie", "delta"]
 IDS = [9001, 17, 4242, 5]  # Flower's ids are random: deliberately not in name order
 
 
-@pytest.fixture(autouse=True)
-def _task_identity() -> None:
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def _global() -> ArrayRecord:
