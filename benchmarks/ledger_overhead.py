@@ -43,17 +43,15 @@ a temporary folder (`--dir` to choose), for each history size of
   the Context, ε spent, projected ε of the round) + `LedgerAccount.record`
   (`record_release`: one transaction, committed with fsync) on an open ledger
   whose RDP curve is cached: a long-lived node process.
-* `ledger, per message`: what the deployed handler does today, in a fresh
-  process: open the ledger (connection, pragmas, SQLite's `quick_check`,
-  which reads the whole file, schema check), `LedgerAccount(...)`
-  (register the dataset again: a no-op write transaction), admit with an
-  *empty* RDP-curve cache (Opacus' `compute_rdp` of the round's (σ, q)),
-  record, close. The in-process curve cache is cleared before each call
-  and refilled after it, outside the timer, so the curve comes from the
-  ledger file's `step_curves` table, as in a new process. (Without that
-  table, Opacus' `compute_rdp` for q < 1 cost ~0.5 s a message on
-  `hillcrest`.) Closing a
-  WAL database as its last connection checkpoints it (more fsyncs).
+* `ledger, per message`: what the deployed handler does in a fresh
+  process: `LedgerAccount.admit` and then `.record`, each of which opens the
+  ledger (connection, pragmas, SQLite's `quick_check`, which reads the whole
+  file, schema check, the dataset's budget: a no-op write), works and closes
+  it. The in-process RDP-curve cache is cleared before each call and
+  refilled after it, outside the timer, so the curve comes from the ledger
+  file's `step_curves` table, as in a new process. (Without that table,
+  Opacus' `compute_rdp` for q < 1 cost ~0.5 s a message on `hillcrest`.)
+  Closing a WAL database as its last connection checkpoints it (more fsyncs).
 
 Also, for attribution: a one-row SQLite commit with `synchronous=FULL` and
 with `synchronous=OFF` (their difference is the fsync) and a raw `os.fsync`
