@@ -60,8 +60,12 @@ def simulate(
     loaded = load_scenario(scenario, {"rounds": rounds, "seed": seed})
     config = loaded.config
     out_dir = out if out is not None else default_run_dir(Path("runs"), config.name)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConsortiaError(f"{out_dir}: is a file, not a folder; choose another --out")
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ConsortiaError(f"{out_dir}: folder exists and is not empty; choose another --out")
+    if any(parent.exists() and not parent.is_dir() for parent in out_dir.parents):
+        raise ConsortiaError(f"{out_dir}: a parent of --out is a file; choose another --out")
     console.print(
         f"[bold]{config.name}[/]: {config.simulation.nodes} nodes, {config.rounds} rounds, "
         f"{_privacy_line(config)}"

@@ -14,6 +14,7 @@ from pydantic import Field
 from consortia.client.policy import NodePolicy
 from consortia.common.config import StrictModel
 from consortia.common.config_io import read_toml, validate_model
+from consortia.common.errors import ConfigError
 
 NODE_CONFIG_KEY = "consortia-node-config"  # Flower node_config key: path of node.toml
 
@@ -45,9 +46,16 @@ def load_node_config(path: Path) -> NodeConfig:
     """Read and validate node.toml; relative paths are taken from its folder."""
     config = validate_model(NodeConfig, read_toml(path), str(path))
     base = path.resolve().parent
-    updates: dict[str, object] = {"state_dir": (base / config.state_dir).resolve()}
-    if config.superlink.root_certificates is not None:
+    state_dir = (base / config.state_dir.expanduser()).resolve()
+    if state_dir.exists() and not state_dir.is_dir():
+        raise ConfigError(
+            f"{path}: state_dir = {str(config.state_dir)!r} is a file ({state_dir}); "
+            "point it at a folder (it is created if missing)"
+        )
+    updates: dict[str, object] = {"state_dir": state_dir}
+    certificates = config.superlink.root_certificates
+    if certificates is not None:
         updates["superlink"] = config.superlink.model_copy(
-            update={"root_certificates": (base / config.superlink.root_certificates).resolve()}
+            update={"root_certificates": (base / certificates.expanduser()).resolve()}
         )
     return config.model_copy(update=updates)

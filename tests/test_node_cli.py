@@ -140,3 +140,13 @@ def test_malformed_node_toml_names_the_file_and_key(
     for fragment in fragments:
         assert fragment in message
     assert not (tmp_path / "state").exists()
+
+
+def test_state_dir_that_is_a_file_is_one_clear_error(
+    tmp_path: Path, consortia_cli: CliRunner
+) -> None:
+    (tmp_path / "state").write_text("not a folder")
+    node_toml = _write_node_toml(tmp_path)
+    listed = consortia_cli("node", "data", "list", "--node", str(node_toml), cwd=tmp_path)
+    assert listed.returncode == 2 and "is a file" in listed.stderr
+    assert "Traceback" not in listed.stderr

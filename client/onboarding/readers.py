@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -294,7 +295,7 @@ def _read_parquet(source: ParquetSource, names: tuple[str, ...]) -> RawTable:
     data = _read_bytes(path)
     try:
         frame = pd.read_parquet(io.BytesIO(data), engine="pyarrow")
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # untrusted bytes: pyarrow raises many types on corrupt files
         raise fail(
             Problem(display, f"not a readable Parquet file ({exc}); export it again")
         ) from None
@@ -358,6 +359,10 @@ def _read_npz(source: NpzSource) -> RawArrays:
                 continue
             try:
                 arrays[key] = archive[key]
+            except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+                problem = f"member is damaged ({exc}); save the file again"
+                log.add(Problem(display, problem, column=key))
+                continue
             except ValueError:
                 log.add(
                     Problem(

@@ -26,6 +26,10 @@ TABLE_FORMATS = ("csv", "parquet")
 # ----------------------------------------------------------------------- sources
 
 
+# More classes than any dataset has: a class count inferred above it is a typo in a label.
+MAX_CLASSES = 100_000
+
+
 class _TableSource(StrictModel):
     """Settings shared by the table formats."""
 
@@ -197,7 +201,7 @@ class DatasetSpec(StrictModel):
     source: Source
     columns: tuple[ColumnSpec, ...] = ()
     label_mapping: dict[str, int] | None = None
-    num_classes: int | None = Field(default=None, ge=2, le=100_000)
+    num_classes: int | None = Field(default=None, ge=2, le=MAX_CLASSES)
     missing: Literal["drop", "impute"] = "drop"
     standardize: bool = False
     split: SplitSpec = SplitSpec()
@@ -291,7 +295,7 @@ class DatasetSpec(StrictModel):
         if label is not None and label.categories:
             return len(label.categories)
         if label is not None and label.max is not None:
-            return int(label.max) + 1
+            return min(int(label.max) + 1, MAX_CLASSES)
         return None
 
     def source_files(self) -> tuple[Path, ...]:

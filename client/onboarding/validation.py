@@ -23,7 +23,7 @@ import pandas as pd
 
 from consortia.client.onboarding.problems import MAX_SHOWN, Problem, ProblemLog
 from consortia.client.onboarding.readers import RawArrays, RawTable, read_source
-from consortia.client.onboarding.schema import ColumnSpec, DatasetSpec
+from consortia.client.onboarding.schema import MAX_CLASSES, ColumnSpec, DatasetSpec
 
 CHECK_FAILED = "data check failed"
 
@@ -388,7 +388,9 @@ def _num_classes(spec: DatasetSpec, ids: np.ndarray) -> int:
     if declared is not None:
         return declared
     valid = ids[ids >= 0]
-    return int(valid.max()) + 1 if len(valid) else 0
+    # Capped: a mistyped label (e.g. 3000000) must fail the "beyond num_classes"
+    # check with a message, not size every per-class array after it.
+    return min(int(valid.max()) + 1, MAX_CLASSES) if len(valid) else 0
 
 
 # ---------------------------------------------------------------------- arrays
