@@ -12,7 +12,7 @@ import functools
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from logging import WARNING
+from logging import INFO, WARNING
 from pathlib import Path
 
 import numpy as np
@@ -223,6 +223,14 @@ def train(message: Message, context: Context) -> Message:
     model = build_model(job.model, view.feature_shape, view.num_classes, job.seed)
     # Policy and budget first: a refused round loads no weights and trains nothing.
     dp = view.account.admit(job, len(view.train), architecture_hash(model))
+    log(
+        INFO,
+        "run %s round %d: admitted (noise multiplier %s), training on %s",
+        message.metadata.run_id,
+        server_round,
+        "none" if dp is None else f"{dp.noise_multiplier:.4g}",
+        view.name,
+    )
     device = resolve_device(job.training.device)
     if device.type == "cpu":
         # One thread per virtual node: Ray runs one node per core, and a fixed

@@ -156,24 +156,6 @@ def descendants(pids: Iterable[int]) -> set[int]:
     return found
 
 
-def cmdline(pid: int) -> str:
-    try:
-        return (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        return ""
-
-
-def has_open(pid: int, path: Path) -> bool:
-    """Whether process `pid` holds `path` open."""
-    target = str(path.resolve())
-    with contextlib.suppress(OSError):
-        for fd in (Path("/proc") / str(pid) / "fd").iterdir():
-            with contextlib.suppress(OSError):
-                if str(fd.readlink()) == target:
-                    return True
-    return False
-
-
 def kill_tree(process: subprocess.Popen[bytes]) -> None:
     """SIGKILL `process`, its process group, and everything it started (detached ones too).
 
