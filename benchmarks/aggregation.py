@@ -79,7 +79,13 @@ def build_round(replies: int, seed: int) -> tuple[ConsortiaStrategy, list[Messag
     node_ids = rng.choice(2**62, size=replies, replace=False).tolist()
     roster = Roster(
         nodes=tuple(
-            NodeEntry(node_id=int(nid), name=f"node-{i:03d}", data_fingerprint="")
+            NodeEntry(
+                node_id=int(nid),
+                name=f"node-{i:03d}",
+                data_fingerprint="",
+                feature_shape=(1000,),
+                num_classes=500,
+            )
             for i, nid in enumerate(node_ids)
         )
     )

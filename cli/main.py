@@ -16,7 +16,12 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from consortia.cli.audit import audit_app
+from consortia.cli.coordinator import coordinator_app
+from consortia.cli.job import job_app
+from consortia.cli.models import models_app
 from consortia.cli.node import node_app
+from consortia.cli.provision import provision_app
 from consortia.common.errors import ConsortiaError
 
 app = typer.Typer(
@@ -27,6 +32,11 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(node_app, name="node")
+app.add_typer(models_app, name="models")
+app.add_typer(coordinator_app, name="coordinator")
+app.add_typer(job_app, name="job")
+app.add_typer(provision_app, name="provision")
+app.add_typer(audit_app, name="audit")
 console = Console()
 err_console = Console(stderr=True)
 
@@ -51,21 +61,30 @@ def simulate(
     seed: Annotated[
         int | None, typer.Option("--seed", min=0, help="Override the scenario's seed.")
     ] = None,
+    resume: Annotated[
+        Path | None,
+        typer.Option(
+            "--resume",
+            help="Continue this run folder after its last complete round "
+            "(the scenario defaults to the run's own).",
+        ),
+    ] = None,
 ) -> None:
     """Run a private federated simulation on this machine (Flower simulation engine, Ray)."""
     from consortia.common.config_io import load_scenario
     from consortia.server.run_dirs import default_run_dir
 
-    # Validate before importing torch, Flower and Ray: a typo should fail in a blink.
-    loaded = load_scenario(scenario, {"rounds": rounds, "seed": seed})
+    overrides = {"rounds": rounds, "seed": seed}
+    if resume is not None:
+        from consortia.cli.resume import resumed_scenario
+
+        loaded, out_dir = resumed_scenario(console, resume, scenario, out, overrides)
+    else:
+        # Validate before importing torch, Flower and Ray: a typo should fail in a blink.
+        loaded = load_scenario(scenario, overrides)
+        out_dir = out if out is not None else default_run_dir(Path("runs"), loaded.config.name)
+        _check_new_run_dir(out_dir)
     config = loaded.config
-    out_dir = out if out is not None else default_run_dir(Path("runs"), config.name)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ConsortiaError(f"{out_dir}: is a file, not a folder; choose another --out")
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise ConsortiaError(f"{out_dir}: folder exists and is not empty; choose another --out")
-    if any(parent.exists() and not parent.is_dir() for parent in out_dir.parents):
-        raise ConsortiaError(f"{out_dir}: a parent of --out is a file; choose another --out")
     console.print(
         f"[bold]{config.name}[/]: {config.simulation.nodes} nodes, {config.rounds} rounds, "
         f"{_privacy_line(config)}"
@@ -75,10 +94,19 @@ def simulate(
 
     listener = ProgressListener(console)
     try:
-        summary = run_simulated(loaded, out_dir, listener)
+        summary = run_simulated(loaded, out_dir, listener, resume=resume)
     finally:
         listener.stop()
     _print_summary(summary, config)
+
+
+def _check_new_run_dir(out_dir: Path) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConsortiaError(f"{out_dir}: is a file, not a folder; choose another --out")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise ConsortiaError(f"{out_dir}: folder exists and is not empty; choose another --out")
+    if any(parent.exists() and not parent.is_dir() for parent in out_dir.parents):
+        raise ConsortiaError(f"{out_dir}: a parent of --out is a file; choose another --out")
 
 
 def _privacy_line(config: object) -> str:

@@ -5,13 +5,13 @@ consortia node data check NAME --node node.toml
 consortia node data list --node node.toml
 consortia node ledger show --node node.toml
 consortia node check-job job.toml --node node.toml
+consortia node keys init --node node.toml
+consortia node keys show --node node.toml
 consortia node start --node node.toml
 """
 
 from __future__ import annotations
 
-import os
-import shutil
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -26,8 +26,12 @@ from consortia.common.errors import ConfigError
 node_app = typer.Typer(help="Run and administer an on-prem node.", no_args_is_help=True)
 data_app = typer.Typer(help="Register and check the node's datasets.", no_args_is_help=True)
 ledger_app = typer.Typer(help="The node's privacy ledger.", no_args_is_help=True)
+keys_app = typer.Typer(
+    help="The node's key pair, which authenticates it to the coordinator.", no_args_is_help=True
+)
 node_app.add_typer(data_app, name="data")
 node_app.add_typer(ledger_app, name="ledger")
+node_app.add_typer(keys_app, name="keys")
 console = Console()
 
 NodeOption = Annotated[Path, typer.Option("--node", help="The node's node.toml.")]
@@ -47,9 +51,11 @@ def data_add(
     replace: Annotated[bool, typer.Option(help="Replace an existing registration.")] = False,
 ) -> None:
     """Validate a local dataset against its schema and register it (nothing leaves the node)."""
+    from consortia.client.node_audit import node_audit_log
     from consortia.client.onboarding.registry import DatasetRegistry
 
-    registry = DatasetRegistry(_node(node).state_dir)
+    node_config = _node(node)
+    registry = DatasetRegistry(node_config.state_dir, audit=node_audit_log(node_config))
     registration = registry.add(name, config, replace=replace)
     registry.quality(name).render(console)
     console.print(
@@ -138,17 +144,97 @@ def check_job(
     console.print("[green]this node would take part[/]")
 
 
-def _guard_against_shipped_code() -> None:
-    """Make every process of the SuperNode refuse imports from Flower's app-bundle folder."""
-    from importlib import resources
+@keys_app.command("init")
+def keys_init(
+    node: NodeOption,
+    force: Annotated[
+        bool, typer.Option(help="Replace an existing key; the coordinator must enroll the new one.")
+    ] = False,
+) -> None:
+    """Create the node's key pair; print the public key to send to the coordinator.
 
-    from flwr.supercore.utils import get_flwr_home
+    The private key (`[superlink] auth_private_key`, default
+    <state_dir>/keys/node.key, mode 0600) never leaves this machine.
+    """
+    from consortia.common.node_keys import write_node_keys
 
-    guard = resources.files("consortia.client") / "codeguard"
-    os.environ["CONSORTIA_REFUSE_CODE_UNDER"] = str(get_flwr_home() / "apps")
-    os.environ["PYTHONPATH"] = os.pathsep.join(
-        [str(guard), *filter(None, [os.environ.get("PYTHONPATH")])]
+    config = _node(node)
+    private_key = _auth_private_key(config)
+    keys = write_node_keys(private_key, force, comment=f"consortia-node-{config.name}")
+    console.print(f"wrote {escape(str(keys.private_key))} (private key, 0600: never share it)")
+    console.print(f"wrote {escape(str(keys.public_key))} (public key)")
+    _print_public_key(keys.public)
+    console.print(
+        "Send the public key line to the coordinator and read them the fingerprint over "
+        "the phone (or another channel): they must see the same one before enrolling it."
     )
+
+
+@keys_app.command("show")
+def keys_show(node: NodeOption) -> None:
+    """Print the node's public key and its fingerprint (derived from the private key)."""
+    from consortia.common.node_keys import (
+        load_node_private_key,
+        loose_mode,
+        parse_node_public_key,
+        public_key_path,
+    )
+
+    config = _node(node)
+    private_key = _auth_private_key(config)
+    public = load_node_private_key(private_key)
+    pub_path = public_key_path(private_key)
+    if pub_path.is_file():
+        stored = parse_node_public_key(pub_path.read_text(encoding="utf-8"), str(pub_path))
+        if stored.fingerprint != public.fingerprint:
+            raise ConfigError(
+                f"{pub_path}: does not match the private key {private_key} (fingerprints "
+                f"{stored.fingerprint} and {public.fingerprint}); the private key is what "
+                f"the node uses: delete {pub_path.name} and run `consortia node keys show` again"
+            )
+        public = stored  # with its comment
+    console.print(f"private key: {escape(str(private_key))}")
+    _print_public_key(public)
+    mode = loose_mode(private_key)
+    if mode is not None:
+        console.print(
+            f"[yellow]warning:[/] {escape(str(private_key))} is readable by other users "
+            f"(mode {mode:04o}); chmod 600 it"
+        )
+
+
+def _auth_private_key(config) -> Path:  # type: ignore[no-untyped-def]  # NodeConfig
+    from consortia.client.node_config import DEFAULT_AUTH_PRIVATE_KEY
+
+    key = config.superlink.auth_private_key
+    return key if key is not None else config.state_dir / DEFAULT_AUTH_PRIVATE_KEY
+
+
+def _print_public_key(public) -> None:  # type: ignore[no-untyped-def]  # NodePublicKey
+    console.print("public key (send this line to the coordinator):")
+    typer.echo(public.line)  # plain: one unwrapped line to copy whole, no markup or emoji codes
+    typer.echo(f"fingerprint: {public.fingerprint}")
+
+
+def _checked_auth_key(config, node: Path) -> Path:  # type: ignore[no-untyped-def]  # NodeConfig
+    """The node's private key, checked the way flower-supernode will read it."""
+    from consortia.common.node_keys import load_node_private_key, loose_mode
+
+    key = _auth_private_key(config)
+    if not key.exists():
+        raise ConfigError(
+            f"{key}: no node key. The coordinator admits only nodes whose public key it "
+            f"enrolled: run `consortia node keys init --node {node}`, send the public key "
+            "it prints to the coordinator and compare the fingerprint with them"
+        )
+    load_node_private_key(key)
+    mode = loose_mode(key)
+    if mode is not None:
+        console.print(
+            f"[yellow]warning:[/] {escape(str(key))} is readable by other users "
+            f"(mode {mode:04o}); chmod 600 it"
+        )
+    return key
 
 
 def _load_job(path: Path):  # type: ignore[no-untyped-def]  # JobConfig, imported lazily
@@ -158,27 +244,26 @@ def _load_job(path: Path):  # type: ignore[no-untyped-def]  # JobConfig, importe
 
 
 @node_app.command("start")
-def start(node: NodeOption) -> None:
-    """Start the Flower SuperNode serving consortia's installed ClientApp for this node."""
-    from consortia.client.node_config import NODE_CONFIG_KEY
+def start(
+    node: NodeOption,
+    stock: Annotated[
+        bool,
+        typer.Option(
+            "--stock",
+            help="Benchmarking and debugging only: run Flower's own node path (a SuperExec "
+            "starting one flwr-clientapp process per message, 3 s idle sleeps) instead of "
+            "consortia's long-lived ClientApp worker.",
+        ),
+    ] = False,
+) -> None:
+    """Start the node: Flower's SuperNode with consortia's ClientApp worker beside it."""
+    from consortia.client.supernode_service import node_commands, supervise
 
     config = _node(node)
-    executable = shutil.which("flower-supernode")
-    if executable is None:
-        raise ConfigError("flower-supernode is not on PATH; install consortia in this environment")
     link = config.superlink
-    args = [executable, "--superlink", link.address]
-    if link.insecure:
-        args.append("--insecure")
-    elif link.root_certificates is not None:
-        args += ["--root-certificates", str(link.root_certificates)]
-    args += ["--node-config", f'{NODE_CONFIG_KEY}="{node.resolve()}"']
-    args += ["--port", str(config.runtime_port)]
-    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    # Run only the code this machine installed: never `uv sync` a coordinator's app ...
-    os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
-    # ... and never import Python files from the app bundle it sends (codeguard).
-    _guard_against_shipped_code()
+    key = None if link.insecure else _checked_auth_key(config, node)
+    commands = node_commands(config, node, key, stock=stock)
     console.print(f"node {config.name}: connecting to {link.address}", highlight=False)
     sys.stdout.flush()
-    os.execv(executable, args)
+    # Runs only installed code (codeguard, no `uv sync`) and audits the connection.
+    raise typer.Exit(supervise(config, commands))

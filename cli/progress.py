@@ -34,6 +34,9 @@ class ProgressListener:
         self.progress.start()
         self.task_id = self.progress.add_task("rounds", total=total_rounds, status="starting")
 
+    def on_round_started(self, server_round: int) -> None:
+        """Nothing to draw: the bar advances when a round is done."""
+
     def on_round(self, record: RoundRecord) -> None:
         if self.task_id is None:
             return

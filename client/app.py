@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import zlib
 from collections.abc import Callable
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 
@@ -26,11 +27,13 @@ from consortia.client.admission import served_dataset
 from consortia.client.device import resolve_device
 from consortia.client.label_histogram import release_label_histogram
 from consortia.client.ledger import BudgetExceededError, LedgerError, ledger_path
+from consortia.client.node_audit import node_audit_log
 from consortia.client.node_config import NODE_CONFIG_KEY, load_node_config
 from consortia.client.onboarding.registry import DatasetRegistry
 from consortia.client.spend import JobAccount, LedgerAccount, NodeRefusedError, PrivacyAccount
 from consortia.common import protocol as p
 from consortia.common.arrays import LabeledArrays
+from consortia.common.audit import AuditError
 from consortia.common.config import JobConfig
 from consortia.common.errors import (
     ConsortiaError,
@@ -105,7 +108,14 @@ def _deployed_view(job: JobConfig, node_toml: Path, context: Context) -> _NodeVi
         num_classes=data.num_classes,
         fingerprint=registration.fingerprint,
         job=job,
-        account=LedgerAccount(context, ledger_path(node.state_dir), dataset, node.policy),
+        account=LedgerAccount(
+            context,
+            ledger_path(node.state_dir),
+            dataset,
+            node.policy,
+            audit=node_audit_log(node),
+            job=job.name,
+        ),
     )
 
 
@@ -125,9 +135,10 @@ def _round_seed(job_seed: int, node_name: str, server_round: int, secret: int | 
     """The seed of a round's Poisson sampling and DP noise.
 
     Simulation (`secret` None): derived from (job seed, node, round) alone, so
-    a run is reproducible. Deployment: mixed with fresh entropy the node
-    never shares; the coordinator knows the job seed and the node's name and
-    must not be able to regenerate, and subtract, the node's noise.
+    a run is reproducible. Deployment: mixed with a secret the coordinator
+    cannot compute (HMAC of the question under the node's noise key, see
+    client/noise_key.py); it knows the job seed and the node's name and must
+    not be able to regenerate, and subtract, the node's noise.
     """
     words = [job_seed, zlib.crc32(node_name.encode()), server_round]
     if secret is None:
@@ -135,6 +146,17 @@ def _round_seed(job_seed: int, node_name: str, server_round: int, secret: int | 
     # 63 bits: a 32-bit seed could be searched; torch takes up to 64 and training adds 1.
     sequence = np.random.SeedSequence([*words, secret])
     return int(sequence.generate_state(1, dtype=np.uint64)[0]) >> 1
+
+
+def _question(view: _NodeView, *parts: bytes) -> list[bytes]:
+    """What a release depends on, for its noise seed: the job, the data, and `parts`."""
+    job = view.job.model_dump_json().encode()
+    return [job, view.fingerprint.encode(), *parts]
+
+
+def _array_bytes(arrays: ArrayRecord) -> list[bytes]:
+    """The received model exactly: every array's name and serialised bytes, in order."""
+    return [part for key, array in arrays.items() for part in (key.encode(), bytes(array.data))]
 
 
 Handler = Callable[[Message, Context], Message]
@@ -145,14 +167,14 @@ def _answer_refusals(handler: Handler) -> Handler:
 
     A refusal is the policy working, not a fault: the reply holds only the
     machine-readable code and the reason (no traceback, no data), and the node
-    did no training.
+    did no training. A deployed node also records it in its audit log.
     """
 
     @functools.wraps(handler)
     def answer(message: Message, context: Context) -> Message:
         try:
             return handler(message, context)
-        except (NodeRefusedError, PrivacyError, DataError, LedgerError) as exc:
+        except (NodeRefusedError, PrivacyError, DataError, LedgerError, AuditError) as exc:
             code, reason = _refusal_of(exc)
             log(
                 WARNING,
@@ -162,9 +184,38 @@ def _answer_refusals(handler: Handler) -> Handler:
                 code,
                 reason,
             )
+            _audit_refusal(message, context, code, reason)
             return Message(p.refusal_record(code, reason), reply_to=message)
 
     return answer
+
+
+def _audit_refusal(message: Message, context: Context, code: str, reason: str) -> None:
+    """`node.refusal` in a deployed node's audit log; a log that fails costs a warning only.
+
+    The refusal reply goes out either way: it carries no update, and an
+    unusable audit log is itself a reason the node refuses (`audit-unusable`).
+    """
+    if NODE_CONFIG_KEY not in context.node_config:
+        return  # a simulated node keeps no audit log
+    details: dict[str, str | int] = {
+        "code": code,
+        "reason": reason,
+        "message_type": message.metadata.message_type,
+        "run_id": str(context.run_id),  # as the ledger labels releases
+    }
+    config = message.content.config_records.get(p.CONFIG_KEY)
+    if config is not None:
+        server_round = config.get(p.ROUND_KEY)
+        if isinstance(server_round, int):
+            details["round"] = server_round
+        with contextlib.suppress(ConsortiaError):  # a malformed task: recorded without a job
+            details["job"] = p.TaskSpec.decode(config.get(p.TASK_KEY)).job.name
+    try:
+        node = load_node_config(Path(str(context.node_config[NODE_CONFIG_KEY])))
+        node_audit_log(node).append("node.refusal", **details)
+    except ConsortiaError as exc:
+        log(WARNING, "the refusal was not recorded in the audit log: %s", exc.message)
 
 
 def _refusal_of(exc: ConsortiaError) -> tuple[str, str]:
@@ -172,7 +223,8 @@ def _refusal_of(exc: ConsortiaError) -> tuple[str, str]:
 
     Besides policy refusals: a budget spent by another job between admission
     and recording, an ε target the node cannot reach, a data file changed
-    since registration, a ledger that cannot be used. Each leaves no update.
+    since registration, a ledger or an audit log that cannot be used. Each
+    leaves no update.
     """
     if isinstance(exc, NodeRefusedError):
         return exc.refusal.code, exc.refusal.reason
@@ -182,6 +234,8 @@ def _refusal_of(exc: ConsortiaError) -> tuple[str, str]:
         return "privacy-target-unreachable", exc.message
     if isinstance(exc, DataError):
         return "data-unusable", exc.message
+    if isinstance(exc, AuditError):
+        return "audit-unusable", exc.message
     return "ledger-unusable", exc.message
 
 
@@ -209,7 +263,8 @@ def _label_histogram(view: _NodeView, sigma: float) -> dict[str, list[float] | s
             withheld = f"the node would not take part in this job: {exc.message}"
     if withheld is not None:
         return {p.NODE_HISTOGRAM_WITHHELD: withheld}
-    seed = _round_seed(job.seed, view.name, 0, view.account.noise_secret())
+    secret = view.account.noise_secret(_question(view, b"label-histogram"))
+    seed = _round_seed(job.seed, view.name, 0, secret)
     return release_label_histogram(view.train, view.num_classes, sigma, view.account, seed)
 
 
@@ -236,14 +291,18 @@ def train(message: Message, context: Context) -> Message:
         # One thread per virtual node: Ray runs one node per core, and a fixed
         # thread count keeps float reductions (and so the model bytes) stable.
         torch.set_num_threads(1)
-    load_arrays(model, message.content[p.ARRAYS_KEY])
+    global_model = message.content[p.ARRAYS_KEY]
+    load_arrays(model, global_model)
+    secret = view.account.noise_secret(
+        _question(view, b"train", str(server_round).encode(), *_array_bytes(global_model))
+    )
     mu = float(message.content[p.CONFIG_KEY].get(p.PROXIMAL_MU_KEY, 0.0))
     result = training.train_locally(
         model,
         view.train,
         job.training,
         dp,
-        seed=_round_seed(job.seed, view.name, server_round, view.account.noise_secret()),
+        seed=_round_seed(job.seed, view.name, server_round, secret),
         device=device,
         proximal_mu=mu,
     )

@@ -15,8 +15,10 @@ from consortia.client.policy import NodePolicy
 from consortia.common.config import StrictModel
 from consortia.common.config_io import read_toml, validate_model
 from consortia.common.errors import ConfigError
+from consortia.common.flower_waits import DEFAULT_POLL_INTERVAL_S
 
 NODE_CONFIG_KEY = "consortia-node-config"  # Flower node_config key: path of node.toml
+DEFAULT_AUTH_PRIVATE_KEY = Path("keys") / "node.key"  # under state_dir
 
 
 class SuperLinkConfig(StrictModel):
@@ -25,6 +27,11 @@ class SuperLinkConfig(StrictModel):
     address: str = Field(default="127.0.0.1:9091", description="host:port of the SuperLink")
     insecure: bool = Field(default=False, description="plain HTTP: local development only")
     root_certificates: Path | None = None
+    auth_private_key: Path | None = Field(
+        default=None,
+        description="the node's private key (OpenSSH format) that authenticates it to the "
+        "SuperLink; default <state_dir>/keys/node.key",
+    )
 
 
 class NodeConfig(StrictModel):
@@ -40,6 +47,14 @@ class NodeConfig(StrictModel):
     runtime_port: int = Field(
         default=9094, ge=1, le=65535, description="local port of the SuperNode's runtime API"
     )
+    poll_interval_s: float = Field(
+        default=DEFAULT_POLL_INTERVAL_S,
+        ge=0.01,
+        le=3.0,
+        description="longest idle wait of the SuperNode (its pulls from the SuperLink) and of "
+        "the ClientApp worker; Flower's own is 3 s. The cost: one authenticated pull request "
+        "to the coordinator per interval while idle",
+    )
 
 
 def load_node_config(path: Path) -> NodeConfig:
@@ -52,10 +67,14 @@ def load_node_config(path: Path) -> NodeConfig:
             f"{path}: state_dir = {str(config.state_dir)!r} is a file ({state_dir}); "
             "point it at a folder (it is created if missing)"
         )
-    updates: dict[str, object] = {"state_dir": state_dir}
-    certificates = config.superlink.root_certificates
-    if certificates is not None:
-        updates["superlink"] = config.superlink.model_copy(
-            update={"root_certificates": (base / certificates.expanduser()).resolve()}
-        )
-    return config.model_copy(update=updates)
+    link = config.superlink
+    link_updates: dict[str, object] = {
+        "auth_private_key": (base / link.auth_private_key.expanduser()).resolve()
+        if link.auth_private_key is not None
+        else state_dir / DEFAULT_AUTH_PRIVATE_KEY
+    }
+    if link.root_certificates is not None:
+        link_updates["root_certificates"] = (base / link.root_certificates.expanduser()).resolve()
+    return config.model_copy(
+        update={"state_dir": state_dir, "superlink": link.model_copy(update=link_updates)}
+    )

@@ -6,15 +6,16 @@ Two accounts, one contract (`PrivacyAccount`):
 - `LedgerAccount` (deployment): the node's durable SQLite ledger, composed
   over every release of the dataset across jobs, guarded by the node's
   policy; a round that would break the policy or the budget is refused
-  before any training.
+  before any training. Each recorded release is also written to the node's
+  audit log (`privacy.spend`) before the update leaves: the ledger stays
+  the source of truth for ε, the audit entry is the record of the event.
 Both calibrate the noise once per job (kept in the Context) so that the
 job's ε after all planned rounds stays within its target.
 """
 
 from __future__ import annotations
 
-import secrets
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol
@@ -23,6 +24,7 @@ from flwr.app import Context
 
 from consortia.client import training
 from consortia.client.ledger import DatasetBudget, Mechanism, PrivacyLedger
+from consortia.client.noise_key import derive_secret, noise_key
 from consortia.client.policy import (
     NodePolicy,
     Refusal,
@@ -32,6 +34,7 @@ from consortia.client.policy import (
     check_noise,
 )
 from consortia.client.privacy_state import JobPrivacyState, load_state, save_state
+from consortia.common.audit import AuditLog
 from consortia.common.config import JobConfig
 from consortia.common.errors import ConsortiaError
 from consortia.common.privacy import (
@@ -80,8 +83,11 @@ class PrivacyAccount(Protocol):
         """Why the node's policy withholds the job's label histogram; None if it may share it."""
         ...
 
-    def noise_secret(self) -> int | None:
-        """Entropy mixed into the round's noise seed; None keeps simulations reproducible."""
+    def noise_secret(self, material: Iterable[bytes]) -> int | None:
+        """Secret mixed into the noise seed of a release that depends on `material`.
+
+        None keeps simulations reproducible from the job seed alone.
+        """
         ...
 
 
@@ -170,7 +176,7 @@ class JobAccount:
     def histogram_withheld(self, job: JobConfig) -> str | None:
         return None  # a simulated node has no operator policy; the scenario decides
 
-    def noise_secret(self) -> int | None:
+    def noise_secret(self, material: Iterable[bytes]) -> int | None:
         return None
 
 
@@ -179,15 +185,28 @@ class LedgerAccount:
 
     The ledger file is opened per operation (a node answers each message in
     a fresh process; evaluation never opens it) and closed right after.
+    With `audit`, each recorded release is appended there as `privacy.spend`
+    (labelled with `job`, the job's name) before `record` returns.
     """
 
-    def __init__(self, context: Context, ledger: Path, dataset: str, policy: NodePolicy) -> None:
+    def __init__(
+        self,
+        context: Context,
+        ledger: Path,
+        dataset: str,
+        policy: NodePolicy,
+        *,
+        audit: AuditLog | None = None,
+        job: str | None = None,
+    ) -> None:
         self.context = context
         self.ledger_path = ledger
         self.dataset = dataset
         self.policy = policy
         self.state = load_state(context)
         self.delta = policy.delta
+        self.audit = audit
+        self.job = job
 
     @contextmanager
     def _ledger(self) -> Iterator[PrivacyLedger]:
@@ -220,13 +239,33 @@ class LedgerAccount:
                 server_round=server_round,
                 mechanism=mechanism,
             )
+        if self.audit is not None:
+            # After the ledger (which over-counts rather than under-counts), before the
+            # update leaves: an AuditError here stops the update, like a ledger error.
+            self.audit.append(
+                "privacy.spend",
+                dataset=entry.dataset,
+                job=self.job,
+                run_id=entry.run_id,
+                round=entry.server_round,
+                mechanism=entry.mechanism,
+                noise_multiplier=entry.noise_multiplier,
+                sample_rate=entry.sample_rate,
+                steps=entry.steps,
+                epsilon_after=entry.epsilon,
+                delta=entry.delta,
+                accountant=entry.accountant,
+                ledger_seq=entry.seq,
+            )
         return entry.epsilon
 
     def histogram_withheld(self, job: JobConfig) -> str | None:
         return histogram_refusal(job, self.policy)
 
-    def noise_secret(self) -> int | None:
-        return secrets.randbits(128)
+    def noise_secret(self, material: Iterable[bytes]) -> int | None:
+        # Keyed by the node's noise key (client/noise_key.py): unpredictable to the
+        # coordinator, identical for an identical question, independent otherwise.
+        return derive_secret(noise_key(self.ledger_path.parent), [self.dataset.encode(), *material])
 
 
 def register_budget(ledger: PrivacyLedger, dataset: str, policy: NodePolicy) -> DatasetBudget:

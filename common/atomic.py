@@ -13,11 +13,19 @@ from pathlib import Path
 from typing import Any
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` atomically and durably."""
+def write_bytes_atomic(path: Path, data: bytes, mode: int | None = None) -> None:
+    """Write `data` to `path` atomically and durably.
+
+    `mode` (e.g. 0o600 for a private key, 0o644 for a certificate) is set on
+    the temporary file before any byte is written, so the content is never
+    readable with looser permissions, not even for an instant. Without it the
+    file keeps `mkstemp`'s 0600.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        if mode is not None:
+            os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()

@@ -143,19 +143,120 @@ class FedProxConfig(FedAvgConfig):
     proximal_mu: float = Field(default=0.01, ge=0)
 
 
-class FedAdamConfig(FedAvgConfig):
+class _FedOptConfig(FedAvgConfig):
+    """Settings shared by Flower's server-side adaptive optimisers (FedOpt family).
+
+    The node's learning rate (Flower's `eta_l`) is `training.learning_rate`.
+    """
+
+    beta_1: float = Field(default=0.9, ge=0, lt=1)
+    beta_2: float = Field(default=0.99, ge=0, lt=1)
+    tau: float = Field(default=1e-3, gt=0, description="adaptivity: added to the √v denominator")
+
+
+class FedAdamConfig(_FedOptConfig):
     """Server-side Adam on the averaged update (Reddi et al., 2021)."""
 
     name: Literal["fedadam"] = "fedadam"  # type: ignore[assignment]
     eta: float = Field(default=0.05, gt=0, description="server learning rate")
-    beta_1: float = Field(default=0.9, ge=0, lt=1)
-    beta_2: float = Field(default=0.99, ge=0, lt=1)
-    tau: float = Field(default=1e-3, gt=0)
+
+
+class FedYogiConfig(_FedOptConfig):
+    """Server-side Yogi on the averaged update (Reddi et al., 2021): Adam with additive v."""
+
+    name: Literal["fedyogi"] = "fedyogi"  # type: ignore[assignment]
+    eta: float = Field(default=0.01, gt=0, description="server learning rate")
+
+
+class FedTrimmedAvgConfig(FedAvgConfig):
+    """Coordinate-wise trimmed mean (Yin et al., 2018): drops each coordinate's extremes.
+
+    `beta` of the updates is cut from each end of every coordinate (int(beta·n)
+    updates per end), so up to that many arbitrary updates cannot drag the mean
+    outside the range of the honest ones.
+    """
+
+    name: Literal["trimmed_mean"] = "trimmed_mean"  # type: ignore[assignment]
+    beta: float = Field(
+        default=0.2, gt=0, lt=0.5, description="fraction of updates trimmed from each end"
+    )
+
+
+class FedMedianConfig(FedAvgConfig):
+    """Coordinate-wise median (Yin et al., 2018): robust while fewer than half are Byzantine."""
+
+    name: Literal["median"] = "median"  # type: ignore[assignment]
+
+
+class KrumConfig(FedAvgConfig):
+    """Krum (Blanchard et al., 2017): the one update closest to its n − f − 2 neighbours.
+
+    Its guarantee needs n > 2f + 2 updates in a round, f = `num_malicious_nodes`.
+    """
+
+    name: Literal["krum"] = "krum"  # type: ignore[assignment]
+    num_malicious_nodes: int = Field(default=1, ge=0, description="f: Byzantine nodes tolerated")
+
+    def fewest_nodes(self) -> int:
+        """The smallest round Krum's guarantee holds for: n > 2f + 2."""
+        return 2 * self.num_malicious_nodes + 3
+
+
+class MultiKrumConfig(KrumConfig):
+    """Multi-Krum: the mean of the `num_nodes_to_select` updates with the best Krum scores."""
+
+    name: Literal["multikrum"] = "multikrum"  # type: ignore[assignment]
+    num_nodes_to_select: int = Field(default=2, ge=1, description="m: updates averaged")
+
+    def fewest_nodes(self) -> int:
+        """n > 2f + 2 for the scores, and m ≤ n − f so that only honest-scored updates are kept."""
+        return max(super().fewest_nodes(), self.num_nodes_to_select + self.num_malicious_nodes)
 
 
 StrategyConfig = Annotated[
-    FedAvgConfig | FedProxConfig | FedAdamConfig, Field(discriminator="name")
+    FedAvgConfig
+    | FedProxConfig
+    | FedAdamConfig
+    | FedYogiConfig
+    | FedTrimmedAvgConfig
+    | FedMedianConfig
+    | KrumConfig
+    | MultiKrumConfig,
+    Field(discriminator="name"),
 ]
+
+
+class UpdateChecksConfig(StrictModel):
+    """The `[update_checks]` block: what a node's update must satisfy to be aggregated.
+
+    Every update is checked before aggregation (array names, shapes, dtypes,
+    finite values, and the L2 norm of local − global against a bound); a
+    failing one is dropped with a reason, and the round goes on while at
+    least `min_updates` remain. With DP (or the Adam optimiser) the norm bound
+    is derived per reply from the job's training and privacy settings and
+    the node's reported steps and noise (`consortia.server.update_checks`),
+    times `norm_slack`; `max_update_norm` replaces it with a fixed bound.
+    """
+
+    max_update_norm: float | None = Field(
+        default=None,
+        gt=0,
+        description="fixed bound on ‖local − global‖₂ over all arrays; replaces the derived one",
+    )
+    norm_slack: float = Field(
+        default=1.5, ge=1, description="factor on the derived bound (unused with max_update_norm)"
+    )
+    min_updates: int = Field(
+        default=1, ge=1, description="fewest accepted updates a round needs, or the run stops"
+    )
+    min_node_records: int = Field(
+        default=1,
+        ge=1,
+        description=(
+            "fewest training records any node is known to hold: tightens the derived bound "
+            "for nodes whose data fits in one batch (their expected batch is their record count)"
+        ),
+    )
 
 
 # ------------------------------------------------------------------------- job
@@ -180,9 +281,52 @@ class JobConfig(StrictModel):
     training: TrainingConfig = TrainingConfig()
     privacy: PrivacyConfig = PrivacyConfig(target_epsilon=1.0)
     strategy: StrategyConfig = FedAvgConfig()
+    update_checks: UpdateChecksConfig = UpdateChecksConfig()
     label_histogram: LabelHistogramConfig | None = Field(
         default=None, description="DP label histograms from the nodes, to report label skew"
     )
+
+    @model_validator(mode="after")
+    def _strategy_fits_cohort(self) -> JobConfig:
+        if self.clients_per_round is not None:
+            check_cohort(self, self.clients_per_round, "clients_per_round")
+        return self
+
+
+def check_cohort(job: JobConfig, cohort: int, source: str) -> None:
+    """Raise ValueError if a round of `cohort` updates cannot satisfy the job's aggregation.
+
+    Checked where the cohort size is known (`clients_per_round`, or a
+    scenario's node count). At run time fewer updates may survive screening:
+    `update_checks.min_updates` decides whether such a round still aggregates.
+    """
+    checks = job.update_checks
+    if checks.min_updates > cohort:
+        raise ValueError(
+            f"update_checks.min_updates ({checks.min_updates}) exceeds the {cohort} nodes "
+            f"per round ({source}): every round would fail"
+        )
+    strategy = job.strategy
+    if isinstance(strategy, FedTrimmedAvgConfig) and int(strategy.beta * cohort) < 1:
+        raise ValueError(
+            f"strategy 'trimmed_mean' with beta = {strategy.beta} trims int({strategy.beta} × "
+            f"{cohort}) = 0 updates from each end of a round of {cohort} nodes ({source}): "
+            f"that is the plain mean; raise beta to at least {1 / cohort:.3g}"
+        )
+    if isinstance(strategy, KrumConfig) and cohort < strategy.fewest_nodes():
+        f = strategy.num_malicious_nodes
+        need = f"more than 2·{f} + 2 = {2 * f + 2} updates per round"
+        if isinstance(strategy, MultiKrumConfig):
+            need += (
+                f" and at least num_nodes_to_select + num_malicious_nodes = "
+                f"{strategy.num_nodes_to_select + f}"
+            )
+        raise ValueError(
+            f"strategy '{strategy.name}' with num_malicious_nodes = {f} needs {need}, "
+            f"but a round has {cohort} nodes ({source}); lower num_malicious_nodes"
+            + (" or num_nodes_to_select" if isinstance(strategy, MultiKrumConfig) else "")
+            + " or add nodes"
+        )
 
 
 # ------------------------------------------------------------------ simulation
@@ -260,6 +404,8 @@ class ScenarioConfig(JobConfig):
                 f"'clients_per_round' ({self.clients_per_round}) exceeds the "
                 f"{self.simulation.nodes} simulated nodes"
             )
+        if self.clients_per_round is None:
+            check_cohort(self, self.simulation.nodes, "simulation.nodes")
         return self
 
     def job(self) -> JobConfig:

@@ -112,11 +112,21 @@ class LoadedScenario(LoadedConfig):
 
 def load_job(path: Path) -> LoadedConfig:
     """Load a deployment job file (no `[simulation]` block: the nodes bring the data)."""
+    return load_job_text(_read_text(path), str(path))
+
+
+def read_job(path: Path) -> tuple[str, LoadedConfig]:
+    """A job file's exact text and its validated config (the text is what travels)."""
     text = _read_text(path)
-    config = validate_model(JobConfig, _parse(text, str(path)), str(path))
+    return text, load_job_text(text, str(path))
+
+
+def load_job_text(text: str, source: str) -> LoadedConfig:
+    """Validate a job's TOML text; `source` names it in messages and in the manifest."""
+    config = validate_model(JobConfig, _parse(text, source), source)
     return LoadedConfig(
         config=config,
-        source=str(path),
+        source=source,
         source_sha256=hashlib.sha256(text.encode("utf-8")).hexdigest(),
     )
 

@@ -12,13 +12,27 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from flwr.app import Context
+from flwr.app import Context, UserConfig
 from flwr.serverapp import Grid, ServerApp
 
-from consortia.common.config_io import load_job, load_scenario
+from consortia.common.config import ScenarioConfig
+from consortia.common.config_io import LoadedConfig, load_job, load_job_text, load_scenario
+from consortia.common.errors import ConsortiaError, FederationError
+from consortia.server.coordinator.jobs import (
+    JOB_SOURCE_KEY,
+    JOB_TOML_KEY,
+    OUT_DIR_KEY,
+    RESUME_KEY,
+    keep_job_text,
+)
+from consortia.server.coordinator.service import audit_log, coordinator_from_environment
 from consortia.server.federation import run_federation
 from consortia.server.label_skew import LabelSkew
+from consortia.server.manifest import config_sha256
+from consortia.server.resume import newest_checkpoint
+from consortia.server.resume import run_config as run_config_of
 from consortia.server.roster import Roster
+from consortia.server.run_audit import AuditedListener
 from consortia.server.run_dirs import default_run_dir
 from consortia.server.run_log import RoundRecord
 
@@ -34,6 +48,9 @@ class LogListener:
         for line in skew.lines() if skew is not None else []:
             _log.warning("consortia: %s", line)
 
+    def on_round_started(self, server_round: int) -> None:
+        _log.info("consortia: round %d started", server_round)
+
     def on_round(self, record: RoundRecord) -> None:
         _log.warning(
             "consortia: round %d accuracy=%s max ε=%.3f",
@@ -47,15 +64,73 @@ class LogListener:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Run the job (`job` = path of a job TOML) or the scenario named in the run config."""
-    job_path = context.run_config.get("job")
-    scenario_ref = context.run_config.get("scenario")
-    loaded = (
-        load_job(Path(str(job_path)))
-        if job_path
-        else load_scenario(str(scenario_ref) if scenario_ref else None)
-    )
-    base = Path(str(context.run_config.get("out-dir", "runs")))
-    out_dir = default_run_dir(base, loaded.config.name)
-    summary = run_federation(grid, loaded, out_dir, LogListener())
+    """Run the job carried in the run config, or the scenario it names.
+
+    `job-toml` (the job's text, put there by `consortia job submit`) or `job`
+    (a path, for `flwr run .`) give a deployment job; otherwise `scenario`
+    names a simulation scenario. Under `consortia coordinator start` the run
+    is written to the coordinator's runs folder as `run-<Flower run id>`.
+    """
+    resume_ref = context.run_config.get(RESUME_KEY)
+    resume = Path(str(resume_ref)) if resume_ref else None
+    loaded = _loaded_config(context.run_config, resume)
+    out_dir = resume if resume is not None else _run_dir(context, loaded.config.name)
+    if resume is not None:
+        if isinstance(loaded.config, ScenarioConfig):
+            # Its virtual nodes' privacy history died with the interrupted process;
+            # `consortia simulate --resume` gives it back (server/simulated_privacy.py).
+            raise FederationError(
+                f"{resume}: a simulation resumes with `consortia simulate --resume {resume}`"
+            )
+        _log.warning("consortia: resuming %s", resume.resolve())
+    elif context.run_config.get(JOB_TOML_KEY):
+        keep_job_text(out_dir, str(context.run_config[JOB_TOML_KEY]))
+    audited = _audited(context.run_id, loaded, resume)
+    listener = LogListener() if audited is None else audited
+    try:
+        summary = run_federation(grid, loaded, out_dir, listener, resume=resume)
+    except ConsortiaError as exc:
+        if audited is not None:
+            audited.failed(exc.message)
+        raise
+    if audited is not None:
+        audited.finished(summary)
     _log.warning("consortia: run written to %s", summary.out_dir.resolve())
+
+
+def _audited(run_id: int, loaded: LoadedConfig, resume: Path | None) -> AuditedListener | None:
+    """Under the coordinator service, a listener that also writes the coordinator's audit log."""
+    service = coordinator_from_environment()
+    if service is None:
+        return None
+    return AuditedListener(
+        LogListener(),
+        audit_log(service),
+        run_id,
+        loaded.config.name,
+        config_sha256(loaded.config),
+        resumed_after=0 if resume is None else newest_checkpoint(resume)[0].doc.round,
+    )
+
+
+def _loaded_config(run_config: UserConfig, resume: Path | None) -> LoadedConfig:
+    """The job to run. Resuming (`resume` = a run folder), a job given must be the run's
+    own (checked against its checkpoint); without one, the run's own config is used."""
+    job_text = run_config.get(JOB_TOML_KEY)
+    if job_text:
+        return load_job_text(str(job_text), str(run_config.get(JOB_SOURCE_KEY) or "job.toml"))
+    job_path = run_config.get("job")
+    if job_path:
+        return load_job(Path(str(job_path)))
+    if resume is not None:
+        return run_config_of(resume)
+    scenario_ref = run_config.get("scenario")
+    return load_scenario(str(scenario_ref) if scenario_ref else None)
+
+
+def _run_dir(context: Context, name: str) -> Path:
+    service = coordinator_from_environment()
+    if service is not None:
+        return service.runs_dir / f"run-{context.run_id}"
+    base = Path(str(context.run_config.get(OUT_DIR_KEY) or "runs"))
+    return default_run_dir(base, name)

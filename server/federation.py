@@ -1,12 +1,15 @@
 """One federated run, top-down: roster -> strategy -> rounds -> outputs.
 
-This is the body of consortia's ServerApp. It leaves the round loop to
-Flower's `Strategy.start` and hooks in after each round through its
-`evaluate_fn` (which Flower calls before round 1 and after every round).
+This is the body of consortia's ServerApp. The rounds run in consortia's
+own loop (round_loop.py) over Flower's strategy methods, so that a run can
+start at any round: after every round the coordinator writes one checkpoint
+(round_checkpoint.py), and `resume` continues a run folder from its newest
+complete one (resume.py).
 """
 
 from __future__ import annotations
 
+import hashlib
 import random
 import time
 from dataclasses import dataclass
@@ -15,32 +18,44 @@ from typing import Protocol
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 
 from consortia.common import protocol as p
 from consortia.common.arrays import LabeledArrays
-from consortia.common.config import JobConfig, ScenarioConfig
+from consortia.common.config import JobConfig, ScenarioConfig, SimulationConfig
 from consortia.common.config_io import LoadedConfig
 from consortia.common.errors import FederationError
 from consortia.common.evaluation import evaluate_model
 from consortia.common.models import architecture_hash, build_model
+from consortia.common.privacy import Release, histogram_release
 from consortia.common.simulated_data import centralized_test_data
 from consortia.common.weights import load_arrays, model_to_arrays
-from consortia.server.checkpoints import file_sha256
+from consortia.server.checkpoints import file_sha256, model_file_bytes
 from consortia.server.cohort import Cohort
 from consortia.server.label_skew import LabelSkew
-from consortia.server.manifest import build_manifest
+from consortia.server.manifest import Manifest, build_manifest, config_sha256
+from consortia.server.resume import load_resume_point
+from consortia.server.rng_state import capture_rng, restore_rng
 from consortia.server.roster import Roster, discover
-from consortia.server.run_log import RoundRecord, RunLog
+from consortia.server.round_checkpoint import CheckpointDoc, RoundCheckpoint
+from consortia.server.round_loop import Purpose, run_rounds
+from consortia.server.run_log import NodeFailure, RoundRecord, RunLog
 from consortia.server.run_outputs import FinalMetrics, RunOutputs
-from consortia.server.strategies import build_strategy
+from consortia.server.strategies import ConsortiaStrategy, build_strategy
+from consortia.server.strategy_state import capture_strategy_state, restore_strategy_state
 
 
 class RoundListener(Protocol):
-    """Receives progress: the CLI draws a progress bar, `flwr run` logs."""
+    """Receives progress: the CLI draws a progress bar, `flwr run` logs.
+
+    A resumed run replays the checkpointed rounds through `on_round` right
+    after `on_start`, so progress starts where the run stands.
+    """
 
     def on_start(self, total_rounds: int, roster: Roster, skew: LabelSkew | None) -> None: ...
+
+    def on_round_started(self, server_round: int) -> None: ...
 
     def on_round(self, record: RoundRecord) -> None: ...
 
@@ -55,9 +70,17 @@ class RunSummary:
 
 
 def run_federation(
-    grid: Grid, loaded: LoadedConfig, out_dir: Path, listener: RoundListener
+    grid: Grid,
+    loaded: LoadedConfig,
+    out_dir: Path,
+    listener: RoundListener,
+    resume: Path | None = None,
 ) -> RunSummary:
-    """Run the job (or simulated scenario) over the nodes reachable through `grid`."""
+    """Run the job (or simulated scenario) over the nodes reachable through `grid`.
+
+    With `resume` (a run folder), continue that run after its newest complete
+    checkpoint instead, writing into the same folder (`out_dir` is ignored).
+    """
     config = loaded.config
     simulation = config.simulation if isinstance(config, ScenarioConfig) else None
     job = config.job() if isinstance(config, ScenarioConfig) else config
@@ -66,23 +89,16 @@ def run_federation(
             "evaluation = 'centralized' needs a coordinator test set, which only simulations "
             "have; use 'federated' or 'none' for a deployed job"
         )
+    point = load_resume_point(resume, config) if resume is not None else None
+    out_dir = resume if resume is not None else out_dir
     _seed_everything(config.seed)
     task = p.TaskSpec(job=job, simulation=simulation).encode()
     expected = simulation.nodes if simulation is not None else config.min_nodes
-    roster = discover(grid, ConfigRecord({p.TASK_KEY: task}), expected, config.round_timeout_s)
+    query = ConfigRecord({p.TASK_KEY: _query_task(job, simulation, resumed=point is not None)})
+    roster = discover(grid, query, expected, config.round_timeout_s)
     feature_shape, num_classes = roster.data_shape()
     model = build_model(config.model, feature_shape, num_classes, config.seed)
     outputs = RunOutputs(out_dir)
-    manifest = build_manifest(
-        out_dir.name,
-        config,
-        loaded.source,
-        loaded.source_sha256,
-        roster,
-        architecture_hash(model),
-    )
-    outputs.write_manifest(manifest)
-    listener.on_start(config.rounds, roster, manifest.label_skew)
     run_log = RunLog(roster)
     strategy = build_strategy(job)
     strategy.attach(
@@ -90,59 +106,162 @@ def run_federation(
         run_log,
         federated_evaluation=config.evaluation == "federated",
     )
-    observer = _RoundObserver(config, model, run_log, outputs, listener)
-    strategy.start(
+    if point is None:
+        manifest = build_manifest(
+            out_dir.name,
+            config,
+            loaded.source,
+            loaded.source_sha256,
+            roster,
+            architecture_hash(model),
+        )
+        run = _RunFacts(
+            config, manifest, outputs.write_manifest(manifest), feature_shape, num_classes
+        )
+        run_log.record_releases(_histogram_releases(roster, job))
+        arrays = model_to_arrays(model)
+        last_model = None
+    else:
+        point.check_federation(roster, feature_shape, num_classes, architecture_hash(model))
+        doc = point.checkpoint.doc
+        run = _RunFacts(config, doc.manifest, doc.manifest_sha256, feature_shape, num_classes)
+        last_model = outputs.restore(point.checkpoint)
+        run_log.restore(doc.epsilon, doc.releases)
+        arrays = point.checkpoint.arrays()
+        restore_strategy_state(strategy, point.checkpoint.strategy, doc.model_keys)
+    listener.on_start(config.rounds, roster, run.manifest.label_skew)
+    for record in outputs.metrics.rounds:
+        listener.on_round(record)
+    observer = _RoundObserver(run, model, strategy, run_log, outputs, listener, last_model)
+    if point is not None:
+        restore_rng(point.checkpoint.rng)  # last: the generators continue where round k left them
+    run_rounds(
+        strategy,
         grid,
-        model_to_arrays(model),
-        num_rounds=config.rounds,
-        timeout=config.round_timeout_s,
+        arrays,
+        first_round=1 if point is None else point.next_round,
+        last_round=config.rounds,
+        timeout_s=config.round_timeout_s,
         train_config=ConfigRecord({p.TASK_KEY: task}),
         evaluate_config=ConfigRecord({p.TASK_KEY: task}),
-        evaluate_fn=observer,
+        observer=observer,
     )
     final = observer.final()
     outputs.finish(final, config.privacy.delta if config.privacy.enabled else None)
     return RunSummary(out_dir=out_dir, final=final, rounds=outputs.metrics.rounds)
 
 
+def _query_task(job: JobConfig, simulation: SimulationConfig | None, resumed: bool) -> str:
+    """The roster query's task. A resumed run does not ask for label histograms again:
+    the manifest holds them, and a second release would spend the nodes' privacy twice."""
+    if resumed and job.label_histogram is not None:
+        job = job.model_copy(update={"label_histogram": None})
+    return p.TaskSpec(job=job, simulation=simulation).encode()
+
+
+def _histogram_releases(roster: Roster, job: JobConfig) -> dict[str, Release]:
+    """The Gaussian release each node that shared its label histogram made (and recorded)."""
+    if job.label_histogram is None:
+        return {}
+    release = histogram_release(job.label_histogram.noise_multiplier)
+    return {node.name: release for node in roster.nodes if node.label_histogram is not None}
+
+
+@dataclass(frozen=True)
+class _RunFacts:
+    """What every checkpoint of the run repeats."""
+
+    config: JobConfig
+    manifest: Manifest
+    manifest_sha256: str
+    feature_shape: tuple[int, ...]
+    num_classes: int
+
+
 class _RoundObserver:
-    """Flower's per-round `evaluate_fn`: central evaluation, checkpoint, record, notify."""
+    """After each round: central evaluation, record, checkpoint, notify (round_loop's observer)."""
 
     def __init__(
         self,
-        config: JobConfig,
+        run: _RunFacts,
         model: torch.nn.Module,
+        strategy: ConsortiaStrategy,
         run_log: RunLog,
         outputs: RunOutputs,
         listener: RoundListener,
+        last_model: Path | None,
     ) -> None:
-        self.config = config
+        self.run = run
+        self.config = run.config
         self.model = model
+        self.strategy = strategy
         self.run_log = run_log
         self.outputs = outputs
         self.listener = listener
+        self.config_sha256 = config_sha256(run.config)
         self.test_data: LabeledArrays | None = (
-            centralized_test_data(config.simulation, config.seed)
-            if isinstance(config, ScenarioConfig) and config.evaluation == "centralized"
+            centralized_test_data(run.config.simulation, run.config.seed)
+            if isinstance(run.config, ScenarioConfig) and run.config.evaluation == "centralized"
             else None
         )
-        self.last_checkpoint: Path | None = None
+        self.last_model = last_model
         self._round_started = time.perf_counter()
 
-    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+    def before_round(self, server_round: int) -> None:
+        self._round_started = time.perf_counter()
+        self.listener.on_round_started(server_round)
+
+    def on_replies(
+        self, server_round: int, purpose: Purpose, sent_to: list[int], replies: list[Message]
+    ) -> None:
+        """Note each node's DP release (train) and every node that did not answer in time."""
+        roster = self.strategy.cohort.roster
+        answered = {reply.metadata.src_node_id for reply in replies}
+        silent = [
+            NodeFailure(
+                node=roster.name_of(node_id),
+                reason=f"no {purpose} reply within {self.config.round_timeout_s:g} s",
+            )
+            for node_id in sent_to
+            if node_id not in answered
+        ]
+        if silent:
+            self.run_log.record_failures(server_round, sorted(silent, key=lambda f: f.node))
+        if purpose == "train":
+            self.run_log.record_releases(_reported_releases(replies, roster))
+
+    def after_round(self, server_round: int, arrays: ArrayRecord) -> None:
         metrics = self._evaluate(arrays)
-        if server_round == 0:
-            self._round_started = time.perf_counter()
-            return metrics
         if metrics is not None:
             self.run_log.record_evaluation(
                 server_round, float(metrics[p.EVAL_LOSS]), float(metrics[p.EVAL_ACCURACY])
             )
         record = self.run_log.close(server_round, time.perf_counter() - self._round_started)
-        self.last_checkpoint = self.outputs.add_round(record, arrays)
+        model = {key: array.numpy() for key, array in arrays.items()}
+        model_bytes = model_file_bytes(model)
+        rng = capture_rng()
+        checkpoint = RoundCheckpoint(
+            doc=CheckpointDoc(
+                round=server_round,
+                rounds_planned=self.config.rounds,
+                config_sha256=self.config_sha256,
+                manifest_sha256=self.run.manifest_sha256,
+                manifest=self.run.manifest,
+                model_keys=list(model),
+                model_sha256=hashlib.sha256(model_bytes).hexdigest(),
+                feature_shape=self.run.feature_shape,
+                num_classes=self.run.num_classes,
+                epsilon=dict(self.run_log.epsilon),
+                releases=self.run_log.releases,
+                records=[*self.outputs.metrics.rounds, record],
+                rng=rng.scalars,
+            ),
+            model=model,
+            strategy=capture_strategy_state(self.strategy),
+            rng=rng,
+        )
+        self.last_model = self.outputs.add_round(record, checkpoint, model_bytes)
         self.listener.on_round(record)
-        self._round_started = time.perf_counter()
-        return metrics
 
     def _evaluate(self, arrays: ArrayRecord) -> MetricRecord | None:
         if self.test_data is None:
@@ -153,7 +272,7 @@ class _RoundObserver:
 
     def final(self) -> FinalMetrics:
         last = self.outputs.metrics.rounds[-1]
-        assert self.last_checkpoint is not None  # at least one round ran
+        assert self.last_model is not None  # at least one round ran
         epsilon = dict(self.run_log.epsilon)
         return FinalMetrics(
             accuracy=last.accuracy,
@@ -161,9 +280,28 @@ class _RoundObserver:
             epsilon_max=max(epsilon.values(), default=0.0),
             epsilon=epsilon,
             delta=self.config.privacy.delta if self.config.privacy.enabled else None,
-            model=str(self.last_checkpoint.relative_to(self.outputs.root)),
-            model_sha256=file_sha256(self.last_checkpoint),
+            model=str(self.last_model.relative_to(self.outputs.root)),
+            model_sha256=file_sha256(self.last_model),
         )
+
+
+def _reported_releases(replies: list[Message], roster: Roster) -> dict[str, Release]:
+    """The DP release each train reply states (noise multiplier, sample rate, steps)."""
+    releases = {}
+    for reply in replies:
+        if reply.has_error():
+            continue
+        metrics = reply.content.get(p.METRICS_KEY)
+        if not isinstance(metrics, MetricRecord):
+            continue
+        sigma, rate, steps = (metrics.get(k) for k in (p.NOISE_MULTIPLIER, p.SAMPLE_RATE, p.STEPS))
+        if not (isinstance(sigma, float) and isinstance(rate, float) and isinstance(steps, int)):
+            continue  # a node that trained without DP released nothing to account for
+        if sigma > 0 and 0 < rate <= 1 and steps >= 0:
+            releases[roster.name_of(reply.metadata.src_node_id)] = Release(
+                noise_multiplier=sigma, sample_rate=rate, steps=steps
+            )
+    return releases
 
 
 def _seed_everything(seed: int) -> None:

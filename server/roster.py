@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict
 
 from consortia.common import protocol as p
 from consortia.common.errors import FederationError
+from consortia.server.exchange import exchange
 
 _POLL_S = 0.2
 
@@ -72,7 +73,7 @@ def discover(grid: Grid, task: ConfigRecord, expected: int, timeout_s: float) ->
         Message(RecordDict({p.CONFIG_KEY: task}), dst_node_id=nid, message_type=MessageType.QUERY)
         for nid in node_ids
     ]
-    replies = list(grid.send_and_receive(messages, timeout=timeout_s))
+    replies = exchange(grid, messages, timeout_s)
     return _roster_from(replies, expected)
 
 

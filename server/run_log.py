@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
+from consortia.common.privacy import Release
 from consortia.server.roster import Roster
 
 
@@ -38,11 +39,26 @@ class RunLog:
 
     ε is tracked per node as "spent so far": a node not sampled in a round
     keeps the ε of its last release, since its accountant did not move.
+    `releases` lists the DP releases each node reported (noise multiplier,
+    sample rate, steps), in order: checkpoints keep them, and a resumed
+    simulation gives them back to its virtual nodes, whose privacy history
+    lived in the interrupted process.
     """
 
     def __init__(self, roster: Roster) -> None:
         self.epsilon: dict[str, float] = dict.fromkeys(roster.names, 0.0)
+        self.releases: dict[str, list[Release]] = {name: [] for name in roster.names}
         self._current: dict[int, RoundRecord] = {}
+
+    def restore(self, epsilon: dict[str, float], releases: dict[str, list[Release]]) -> None:
+        """Continue from a checkpoint's ε and releases (a resumed run)."""
+        self.epsilon = dict(epsilon)
+        self.releases = {name: list(history) for name, history in releases.items()}
+
+    def record_releases(self, releases: dict[str, Release]) -> None:
+        """Append what each node released in this round (only nodes that trained with DP)."""
+        for name, release in releases.items():
+            self.releases.setdefault(name, []).append(release)
 
     def current(self, server_round: int) -> RoundRecord:
         return self._current.setdefault(server_round, RoundRecord(round=server_round))

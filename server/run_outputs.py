@@ -1,21 +1,33 @@
-"""The run directory: metrics.json, manifest.json, model/ checkpoints, plots/.
+"""The run directory: manifest.json, checkpoints/, model/, metrics.json, plots/.
 
-metrics.json is rewritten (atomically) after every round, so an interrupted
-run still leaves a consistent record of the rounds it finished.
+After every round, in this order: the round checkpoint (everything needed
+to resume), the round's model file, then metrics.json. Each is written
+atomically, so a run killed at any moment leaves complete files only, and
+the newest checkpoint is never behind metrics.json: a resumed run rebuilds
+metrics.json from its checkpoint (`restore`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from flwr.app import ArrayRecord
 from pydantic import BaseModel, Field
 
 from consortia.common.atomic import write_json_atomic
-from consortia.server.checkpoints import save_checkpoint
+from consortia.common.errors import FederationError
+from consortia.server.checkpoints import file_sha256, model_file_bytes, model_path, write_model_file
 from consortia.server.manifest import Manifest
 from consortia.server.plots import write_plots
+from consortia.server.round_checkpoint import (
+    RoundCheckpoint,
+    checkpoint_dir,
+    checkpoint_files,
+    write_checkpoint,
+)
 from consortia.server.run_log import RoundRecord
+
+MANIFEST_FILE = "manifest.json"
+METRICS_FILE = "metrics.json"
 
 
 class FinalMetrics(BaseModel):
@@ -47,15 +59,57 @@ class RunOutputs:
         self.metrics = MetricsFile()
         root.mkdir(parents=True, exist_ok=True)
 
-    def write_manifest(self, manifest: Manifest) -> None:
-        write_json_atomic(self.root / "manifest.json", manifest.model_dump(mode="json"))
+    def write_manifest(self, manifest: Manifest) -> str:
+        """Write manifest.json; return the sha256 of the file (checkpoints name it)."""
+        path = self.root / MANIFEST_FILE
+        write_json_atomic(path, manifest.model_dump(mode="json"))
+        return file_sha256(path)
 
-    def add_round(self, record: RoundRecord, arrays: ArrayRecord) -> Path:
-        """Checkpoint the round's global model and append the round to metrics.json."""
-        path = save_checkpoint(self.model_dir, record.round, arrays)
+    def add_round(self, record: RoundRecord, checkpoint: RoundCheckpoint, model: bytes) -> Path:
+        """Checkpoint the round, write its model file (`model`: its bytes), append to metrics.json.
+
+        Returns the model file's path.
+        """
+        write_checkpoint(self.root, checkpoint)
+        path = write_model_file(self.model_dir, record.round, model)
         self.metrics.rounds.append(record)
         self._write_metrics()
         return path
+
+    def restore(self, checkpoint: RoundCheckpoint) -> Path:
+        """Make the folder what it was right after the checkpoint's round; return its model file.
+
+        Files of later rounds (an interrupted round's leftovers, or rounds
+        past an older checkpoint asked for) are removed, the round's model
+        file and manifest.json are rewritten from the checkpoint if missing
+        or different, and metrics.json is rebuilt from its records.
+        """
+        doc = checkpoint.doc
+        for server_round, path in checkpoint_files(self.root):
+            if server_round > doc.round:
+                path.unlink()
+        for folder in (checkpoint_dir(self.root), self.model_dir, self.root):
+            for leftover in folder.glob(".*.tmp") if folder.is_dir() else []:
+                leftover.unlink()  # a write that was killed before its rename
+        for path in self.model_dir.glob("round-*.safetensors") if self.model_dir.is_dir() else []:
+            digits = path.name.removeprefix("round-").removesuffix(".safetensors")
+            if digits.isdigit() and int(digits) > doc.round:
+                path.unlink()
+        manifest = self.root / MANIFEST_FILE
+        intact = manifest.is_file() and file_sha256(manifest) == doc.manifest_sha256
+        if not intact and self.write_manifest(doc.manifest) != doc.manifest_sha256:
+            raise FederationError(
+                f"{manifest}: rewritten from the checkpoint but its sha256 differs from "
+                "the one recorded; the checkpoint's manifest is inconsistent"
+            )
+        model = model_path(self.model_dir, doc.round)
+        if not model.is_file() or file_sha256(model) != doc.model_sha256:
+            write_model_file(self.model_dir, doc.round, model_file_bytes(checkpoint.model))
+        if file_sha256(model) != doc.model_sha256:
+            raise FederationError(f"{model}: the checkpoint's model does not match its sha256")
+        self.metrics = MetricsFile(rounds=list(doc.records))
+        self._write_metrics()
+        return model
 
     def finish(self, final: FinalMetrics, delta: float | None) -> None:
         self.metrics.final = final
@@ -63,4 +117,4 @@ class RunOutputs:
         write_plots(self.plots_dir, self.metrics.rounds, delta)
 
     def _write_metrics(self) -> None:
-        write_json_atomic(self.root / "metrics.json", self.metrics.model_dump(mode="json"))
+        write_json_atomic(self.root / METRICS_FILE, self.metrics.model_dump(mode="json"))

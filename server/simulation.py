@@ -19,28 +19,39 @@ from consortia.common.errors import FederationError
 from consortia.common.models import build_model
 from consortia.common.simulated_data import source_of
 from consortia.server.federation import RoundListener, RunSummary, run_federation
+from consortia.server.resume import load_resume_point
+from consortia.server.simulated_privacy import resumed_client_app
 
 
-def simulate(loaded: LoadedScenario, out_dir: Path, listener: RoundListener) -> RunSummary:
+def simulate(
+    loaded: LoadedScenario, out_dir: Path, listener: RoundListener, resume: Path | None = None
+) -> RunSummary:
     """Run `loaded` with one virtual SuperNode per simulated node; return its summary.
 
     The ServerApp runs in this process (so the listener can draw progress);
-    the ClientApps run in Ray actors, one CPU each by default.
+    the ClientApps run in Ray actors, one CPU each by default. With `resume`
+    (a run folder), the run continues after its newest complete checkpoint,
+    and the virtual nodes get back the privacy history they had then.
     """
     _preflight(loaded)
+    app = client_app
+    if resume is not None:
+        # Fails here, before Ray starts, on a finished run or a changed job.
+        point = load_resume_point(resume, loaded.config)
+        app = resumed_client_app(point.checkpoint.doc.releases)
     summaries: list[RunSummary] = []
     server_app = ServerApp()
 
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
-        summaries.append(run_federation(grid, loaded, out_dir, listener))
+        summaries.append(run_federation(grid, loaded, out_dir, listener, resume=resume))
 
     simulation = loaded.config.simulation
     _quiet_flower()
     try:
         run_simulation(
             server_app=server_app,
-            client_app=client_app,
+            client_app=app,
             num_supernodes=simulation.nodes,
             backend_config=backend_config(simulation.backend),
         )

@@ -1,15 +1,27 @@
 """Flower's strategies with consortia's coordinator duties added.
 
-`ConsortiaStrategy` sits between Flower's FedAvg and its subclasses (FedProx,
-FedAdam), so their own logic runs unchanged while consortia replaces four
-duties: deterministic cohort sampling by node name, screening of replies
-(errors, malformed or non-finite updates are dropped with a reason), a fixed
-aggregation order, and zero-copy weighted averaging.
+`ConsortiaStrategy` sits between Flower's FedAvg and its subclasses, so their
+own logic runs unchanged while consortia replaces four duties: deterministic
+cohort sampling by node name, screening of replies (errors, malformed,
+non-finite or over-norm updates are dropped with a reason, see
+update_checks.py), a fixed aggregation order, and zero-copy weighted
+averaging.
+
+Two ways of mixing Flower in:
+- FedProx, FedAdam, FedYogi come *before* `ConsortiaStrategy` in the class
+  order: their `aggregate_train` wraps consortia's (screen, average) and
+  post-processes the average (the server optimiser step).
+- The robust aggregators (trimmed mean, median, Krum, Multi-Krum) come
+  *after* it: consortia's `aggregate_train` screens, and its `_combine` step
+  hands only the accepted updates, in node-name order, to Flower's
+  aggregation in place of the average.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 from flwr.app import (
@@ -22,27 +34,68 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
+from flwr.serverapp.strategy import (
+    FedAdam,
+    FedAvg,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    FedYogi,
+    Krum,
+    MultiKrum,
+)
+from flwr.serverapp.strategy.multikrum import select_multikrum
 
 from consortia.common import protocol as p
-from consortia.common.config import FedAdamConfig, FedProxConfig, JobConfig
+from consortia.common.config import (
+    FedAdamConfig,
+    FedMedianConfig,
+    FedProxConfig,
+    FedTrimmedAvgConfig,
+    FedYogiConfig,
+    JobConfig,
+    KrumConfig,
+    MultiKrumConfig,
+)
 from consortia.common.errors import FederationError
 from consortia.server.aggregation import array_view, weighted_average
 from consortia.server.cohort import Cohort
 from consortia.server.run_log import NodeFailure, RunLog
+from consortia.server.update_checks import (
+    NON_FINITE,
+    ReferenceModel,
+    UpdateChecks,
+    all_finite,
+)
+
+Accepted = list[tuple[str, Message]]  # (node name, reply), in node-name order
+
+
+@dataclass
+class Combination:
+    """What `_combine` made of the accepted updates."""
+
+    arrays: ArrayRecord
+    used: Accepted  # the replies whose updates went in (Krum: the selected ones)
+    notes: list[NodeFailure] = field(default_factory=list)  # accepted but left out, and why
 
 
 class ConsortiaStrategy(FedAvg):
-    """FedAvg with deterministic cohorts, screened replies and fast averaging.
+    """FedAvg with deterministic cohorts, checked updates and fast averaging.
 
     Call `attach` before `start`: the cohort and run log exist only once the
-    roster is known.
+    roster is known. `build_strategy` sets `update_checks` from the job.
     """
 
     cohort: Cohort
     run_log: RunLog
     federated_evaluation: bool = True
+    update_checks: UpdateChecks = UpdateChecks()
+    # Whether NaN/∞ in one update always reaches the aggregate, so that one check of the
+    # (small) result can replace a scan of every reply; robust aggregators drop outliers.
+    aggregate_shows_non_finite: ClassVar[bool] = True
     _expected: dict[str, tuple[tuple[int, ...], str]]
+    _reference: ReferenceModel
 
     def attach(self, cohort: Cohort, run_log: RunLog, federated_evaluation: bool) -> None:
         self.cohort = cohort
@@ -56,6 +109,7 @@ class ConsortiaStrategy(FedAvg):
     ) -> Iterable[Message]:
         """Send the global model to this round's cohort (seeded, by node name)."""
         self._expected = {key: (tuple(a.shape), a.dtype) for key, a in arrays.items()}
+        self._reference = ReferenceModel.of(arrays)
         node_ids = self.cohort.sample(server_round, "train")
         return self._messages(server_round, arrays, config, node_ids, MessageType.TRAIN)
 
@@ -84,57 +138,97 @@ class ConsortiaStrategy(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Average the accepted updates in node-name order; fail if none is usable."""
+        """Aggregate the updates that pass every check, in node-name order.
+
+        Every dropped reply, and why, goes to `run_log.record_train` (the
+        round's metrics); the run stops if fewer than
+        `update_checks.min_updates` updates remain.
+        """
         replies = list(replies)
         accepted, failures = self._screen(replies, with_arrays=True)
-        arrays = None
-        if accepted:
-            arrays, accepted, dropped = self._average_finite(accepted)
-            failures = sorted(failures + dropped, key=lambda f: f.node)
-        contents = [reply.content for _, reply in accepted]
+        accepted, rejected = self._check_updates(accepted)
+        failures += rejected
+        combination = None
+        if len(accepted) >= self.update_checks.min_updates:
+            combination, accepted, dropped = self._combine_finite(server_round, accepted)
+            failures += dropped
+        used = combination.used if combination is not None else []
+        notes = combination.notes if combination is not None else []
+        contents = [reply.content for _, reply in used]
         metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key) if contents else None
         self.run_log.record_train(
             server_round,
-            participants=[name for name, _ in accepted],
+            participants=[name for name, _ in used],
             epsilons=self._reported_epsilons(replies),
             train_loss=_metric(metrics, p.TRAIN_LOSS),
-            failures=failures,
+            failures=sorted(failures + notes, key=lambda f: f.node),
         )
-        if arrays is None:
-            raise FederationError(
-                f"round {server_round}: no node returned a usable update ("
-                + "; ".join(map(str, failures))
-                + ")"
+        if combination is None:
+            raise FederationError(self._too_few(server_round, accepted, failures))
+        return combination.arrays, metrics
+
+    def _too_few(self, server_round: int, accepted: Accepted, failures: list[NodeFailure]) -> str:
+        """Why the round cannot aggregate: the usable count and every rejected node's reason."""
+        reasons = "; ".join(map(str, sorted(failures, key=lambda f: f.node)))
+        if not accepted:
+            return f"round {server_round}: no node returned a usable update ({reasons})"
+        names = ", ".join(name for name, _ in accepted)
+        return (
+            f"round {server_round}: only {len(accepted)} usable update(s) ({names}), fewer than "
+            f"update_checks.min_updates = {self.update_checks.min_updates} ({reasons})"
+        )
+
+    def _check_updates(self, accepted: Accepted) -> tuple[Accepted, list[NodeFailure]]:
+        """Per-reply value checks (norm bound, finiteness) on screened replies."""
+        scan = not self.aggregate_shows_non_finite
+        kept: Accepted = []
+        rejected: list[NodeFailure] = []
+        for name, reply in accepted:
+            problem = self.update_checks.problem(
+                reply.content[p.ARRAYS_KEY],
+                reply.content[p.METRICS_KEY],
+                self._reference,
+                scan=scan,
             )
-        return arrays, metrics
+            if problem is None:
+                kept.append((name, reply))
+            else:
+                rejected.append(NodeFailure(node=name, reason=problem))
+        return kept, rejected
 
-    def _average_finite(
-        self, accepted: list[tuple[str, Message]]
-    ) -> tuple[ArrayRecord | None, list[tuple[str, Message]], list[NodeFailure]]:
-        """Average, then check the average for NaN/inf instead of every reply.
+    def _combine_finite(
+        self, server_round: int, accepted: Accepted
+    ) -> tuple[Combination | None, Accepted, list[NodeFailure]]:
+        """Combine, then check the result for NaN/inf instead of every reply.
 
-        With positive weights a NaN or ∞ in any reply always reaches the
-        average, so one check of the (small) result replaces a pass over all
-        replies; only when it fails are the replies scanned to drop the
-        culprits, and the rest averaged again in the same order.
+        When no reply was scanned (no norm bound, and an aggregate that every
+        NaN or ∞ reaches), one check of the (small) result replaces a pass over
+        all replies; only when it fails are the replies scanned to drop the
+        culprits, and the rest combined again in the same order. Returns the
+        combination (None if too few updates are left), the accepted replies
+        and the dropped ones.
         """
-        arrays = self._average(accepted)
-        if _all_finite(arrays):
-            return arrays, accepted, []
-        kept = [(n, r) for n, r in accepted if _all_finite(r.content[p.ARRAYS_KEY])]
+        combination = self._combine(server_round, accepted)
+        if all_finite(combination.arrays):
+            return combination, accepted, []
+        if self.update_checks.bounds_norm or not self.aggregate_shows_non_finite:
+            raise FederationError("the aggregate of finite updates overflowed float range")
+        kept = [(n, r) for n, r in accepted if all_finite(r.content[p.ARRAYS_KEY])]
         dropped = [
-            NodeFailure(node=name, reason="update holds NaN or infinite values")
-            for name, reply in accepted
-            if (name, reply) not in kept
+            NodeFailure(node=n, reason=NON_FINITE) for n, r in accepted if (n, r) not in kept
         ]
-        if not kept:
-            return None, [], dropped
-        arrays = self._average(kept)
-        if not _all_finite(arrays):
-            raise FederationError("the weighted average of finite updates overflowed float range")
-        return arrays, kept, dropped
+        if len(kept) < self.update_checks.min_updates:
+            return None, kept, dropped
+        combination = self._combine(server_round, kept)
+        if not all_finite(combination.arrays):
+            raise FederationError("the aggregate of finite updates overflowed float range")
+        return combination, kept, dropped
 
-    def _average(self, accepted: list[tuple[str, Message]]) -> ArrayRecord:
+    def _combine(self, server_round: int, accepted: Accepted) -> Combination:
+        """FedAvg: the weighted average of the accepted updates (subclasses replace it)."""
+        return Combination(arrays=self._average(accepted), used=accepted)
+
+    def _average(self, accepted: Accepted) -> ArrayRecord:
         contents = [reply.content for _, reply in accepted]
         return weighted_average(
             [c[p.ARRAYS_KEY] for c in contents],
@@ -171,9 +265,9 @@ class ConsortiaStrategy(FedAvg):
 
     def _screen(
         self, replies: Iterable[Message], with_arrays: bool
-    ) -> tuple[list[tuple[str, Message]], list[NodeFailure]]:
+    ) -> tuple[Accepted, list[NodeFailure]]:
         """Split replies into usable ones (sorted by node name) and failures with reasons."""
-        accepted: list[tuple[str, Message]] = []
+        accepted: Accepted = []
         failures: list[NodeFailure] = []
         for reply in replies:
             name = self.cohort.roster.name_of(reply.metadata.src_node_id)
@@ -204,15 +298,15 @@ class ConsortiaStrategy(FedAvg):
         arrays = reply.content.get(p.ARRAYS_KEY)
         if not isinstance(arrays, ArrayRecord):
             return f"reply lacks the '{p.ARRAYS_KEY}' record"
-        return _update_problem(arrays, self._expected)
+        return _layout_problem(arrays, self._expected)
 
 
-def _update_problem(
+def _layout_problem(
     arrays: ArrayRecord, expected: dict[str, tuple[tuple[int, ...], str]]
 ) -> str | None:
     """Names, shapes and dtypes of an update against the global model.
 
-    Finiteness is checked on the average instead (`_average_finite`).
+    Values (finiteness, norm) are checked next, by `UpdateChecks`.
     """
     if set(arrays) != set(expected):
         return f"update arrays {sorted(arrays)} differ from the model's {sorted(expected)}"
@@ -225,10 +319,6 @@ def _update_problem(
     return None
 
 
-def _all_finite(arrays: ArrayRecord) -> bool:
-    return all(np.isfinite(array_view(array)).all() for array in arrays.values())
-
-
 def _metric(metrics: MetricRecord | None, key: str) -> float | None:
     if metrics is None or key not in metrics:
         return None
@@ -236,33 +326,156 @@ def _metric(metrics: MetricRecord | None, key: str) -> float | None:
     return float(value) if isinstance(value, int | float) else None
 
 
-class ConsortiaFedProx(FedProx, ConsortiaStrategy):
-    """Flower's FedProx (sends `proximal-mu`) on consortia's coordinator duties."""
+def _in_model_dtypes(
+    arrays: ArrayRecord, expected: dict[str, tuple[tuple[int, ...], str]]
+) -> ArrayRecord:
+    """`arrays` cast back to the global model's dtypes (a no-op for arrays already in them).
+
+    Flower's server optimisers mix float32 arrays with float64 moments and
+    return float64; nodes would then receive (and return) a model of another type.
+    """
+    return ArrayRecord(
+        {
+            key: Array(array_view(arrays[key]).astype(dtype, copy=False))
+            for key, (_, dtype) in expected.items()
+        }
+    )
 
 
-class ConsortiaFedAdam(FedAdam, ConsortiaStrategy):
-    """Flower's FedAdam (server-side Adam) on consortia's coordinator duties."""
+# ------------------------------------------------- Flower's FedAvg variants
+
+
+class _InModelDtypes:
+    """Mixin placed before a Flower server optimiser: casts its result to the model's dtypes."""
+
+    _expected: dict[str, tuple[tuple[int, ...], str]]
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Flower's Adam step, cast back to the model's dtypes.
-
-        FedAdam's update mixes float32 arrays with float64 moments and returns
-        float64; nodes would then receive (and return) a model of another type.
-        """
-        arrays, metrics = super().aggregate_train(server_round, replies)
+        arrays, metrics = super().aggregate_train(server_round, replies)  # type: ignore[misc]
         if arrays is None:
             return arrays, metrics
-        cast = {
-            key: Array(array_view(arrays[key]).astype(dtype, copy=False))
-            for key, (_, dtype) in self._expected.items()
+        return _in_model_dtypes(arrays, self._expected), metrics
+
+
+class ConsortiaFedProx(FedProx, ConsortiaStrategy):
+    """Flower's FedProx (sends `proximal-mu`) on consortia's coordinator duties."""
+
+
+class ConsortiaFedAdam(_InModelDtypes, FedAdam, ConsortiaStrategy):
+    """Flower's FedAdam (server-side Adam on the average), cast back to the model's dtypes."""
+
+
+class ConsortiaFedYogi(_InModelDtypes, FedYogi, ConsortiaStrategy):
+    """Flower's FedYogi (server-side Yogi on the average), cast back to the model's dtypes."""
+
+
+# ------------------------------------------------------- robust aggregation
+
+
+class _RobustStrategy(ConsortiaStrategy):
+    """Consortia's screening first; then a Flower robust aggregator in place of the average.
+
+    Subclasses list the Flower class *after* this one, so consortia's
+    `configure_train` / `aggregate_train` run and Flower's class supplies its
+    constructor and aggregation, reached as `super(ConsortiaStrategy, self)`.
+    A robust aggregate can hide a NaN in one update, so every reply is
+    scanned before it is combined.
+    """
+
+    aggregate_shows_non_finite: ClassVar[bool] = False
+
+    def _combine(self, server_round: int, accepted: Accepted) -> Combination:
+        """Flower's own `aggregate_train` over views of the accepted replies.
+
+        Views, because Flower's median and trimmed mean pop the arrays out of
+        the messages they aggregate; each view holds the update's arrays (not
+        copied) and only the weight metric, the one record Flower reads.
+        """
+        views = [self._flower_view(reply) for _, reply in accepted]
+        flower = super(ConsortiaStrategy, self)
+        arrays, _ = flower.aggregate_train(server_round, views)
+        if arrays is None:  # pragma: no cover - Flower returns None only for no replies
+            raise FederationError(f"round {server_round}: {type(self).__name__} aggregated nothing")
+        return Combination(arrays=_in_model_dtypes(arrays, self._expected), used=accepted)
+
+    def _flower_view(self, reply: Message) -> Message:
+        content = reply.content
+        weight = content[p.METRICS_KEY][self.weighted_by_key]
+        return Message(
+            content=RecordDict(
+                {
+                    self.arrayrecord_key: ArrayRecord(dict(content[p.ARRAYS_KEY].items())),
+                    p.METRICS_KEY: MetricRecord({self.weighted_by_key: weight}),
+                }
+            ),
+            metadata=reply.metadata,
+        )
+
+
+class ConsortiaTrimmedMean(_RobustStrategy, FedTrimmedAvg):
+    """Flower's FedTrimmedAvg (coordinate-wise trimmed mean) over the checked updates."""
+
+
+class ConsortiaMedian(_RobustStrategy, FedMedian):
+    """Flower's FedMedian (coordinate-wise median) over the checked updates."""
+
+
+class ConsortiaMultiKrum(_RobustStrategy, MultiKrum):
+    """Flower's Multi-Krum selection over the checked updates, then their weighted average.
+
+    Flower's `select_multikrum` picks the updates (as its MultiKrum does); the
+    selected ones are averaged with consortia's zero-copy average, which is
+    the same weighted mean. Calling the selection directly tells which nodes
+    were picked: they are the round's participants, and every other accepted
+    node gets a note "not selected by Krum" in the round's failures.
+    """
+
+    def _combine(self, server_round: int, accepted: Accepted) -> Combination:
+        contents = [
+            RecordDict({p.ARRAYS_KEY: reply.content[p.ARRAYS_KEY]}) for _, reply in accepted
+        ]
+        chosen = {
+            id(content)
+            for content in select_multikrum(
+                contents,
+                num_malicious_nodes=self.num_malicious_nodes,
+                num_nodes_to_select=self.num_nodes_to_select,
+            )
         }
-        return ArrayRecord(cast), metrics
+        used = [item for item, c in zip(accepted, contents, strict=True) if id(c) in chosen]
+        label = "Krum" if self.num_nodes_to_select == 1 else "Multi-Krum"
+        picked = ", ".join(name for name, _ in used)
+        notes = [
+            NodeFailure(
+                node=name,
+                reason=(
+                    f"not selected by {label} (f = {self.num_malicious_nodes}): its update is "
+                    f"farther from its nearest neighbours than the selected {picked}"
+                ),
+            )
+            for (name, _), c in zip(accepted, contents, strict=True)
+            if id(c) not in chosen
+        ]
+        return Combination(arrays=self._average(used), used=used, notes=notes)
+
+
+class ConsortiaKrum(ConsortiaMultiKrum, Krum):
+    """Flower's Krum: Multi-Krum that keeps the single best-scored update."""
+
+
+# ---------------------------------------------------------------- factory
 
 
 def build_strategy(job: JobConfig) -> ConsortiaStrategy:
     """The strategy named in the job, configured from its `[strategy]` block."""
+    strategy = _flower_strategy(job)
+    strategy.update_checks = UpdateChecks(job)
+    return strategy
+
+
+def _flower_strategy(job: JobConfig) -> ConsortiaStrategy:
     common = {
         "weighted_by_key": p.WEIGHT,
         "arrayrecord_key": p.ARRAYS_KEY,
@@ -271,8 +484,11 @@ def build_strategy(job: JobConfig) -> ConsortiaStrategy:
     config = job.strategy
     if isinstance(config, FedProxConfig):
         return ConsortiaFedProx(proximal_mu=config.proximal_mu, **common)
-    if isinstance(config, FedAdamConfig):
-        return ConsortiaFedAdam(
+    if isinstance(config, FedAdamConfig | FedYogiConfig):
+        server_optimiser = (
+            ConsortiaFedAdam if isinstance(config, FedAdamConfig) else ConsortiaFedYogi
+        )
+        return server_optimiser(
             eta=config.eta,
             eta_l=job.training.learning_rate,
             beta_1=config.beta_1,
@@ -280,4 +496,16 @@ def build_strategy(job: JobConfig) -> ConsortiaStrategy:
             tau=config.tau,
             **common,
         )
+    if isinstance(config, FedTrimmedAvgConfig):
+        return ConsortiaTrimmedMean(beta=config.beta, **common)
+    if isinstance(config, FedMedianConfig):
+        return ConsortiaMedian(**common)
+    if isinstance(config, MultiKrumConfig):
+        return ConsortiaMultiKrum(
+            num_malicious_nodes=config.num_malicious_nodes,
+            num_nodes_to_select=config.num_nodes_to_select,
+            **common,
+        )
+    if isinstance(config, KrumConfig):
+        return ConsortiaKrum(num_malicious_nodes=config.num_malicious_nodes, **common)
     return ConsortiaStrategy(**common)

@@ -83,15 +83,29 @@ def write_job(
 
 
 def write_node_toml(
-    site: Path, name: str, superlink_port: int, budget: float, policy: str = ""
+    site: Path,
+    name: str,
+    superlink_port: int,
+    budget: float,
+    policy: str = "",
+    root_certificates: Path | None = None,
 ) -> Path:
-    """node.toml of a node serving 'cancer' from `site/state`; `policy` adds [policy] lines."""
+    """node.toml of a node serving 'cancer' from `site/state`; `policy` adds [policy] lines.
+
+    With `root_certificates` the node speaks TLS (trusting that CA) and signs
+    its requests with its key; without, plain HTTP.
+    """
     node_toml = site / "node.toml"
+    link = (
+        "insecure = true"
+        if root_certificates is None
+        else f'root_certificates = "{root_certificates}"'
+    )
     node_toml.write_text(
         f'name = "{name}"\nstate_dir = "state"\nserve = ["cancer"]\n'
         f"runtime_port = {free_port()}\n\n"
         f"[policy]\nepsilon_budget = {budget}\ndelta = 1e-5\n{policy}\n"
-        f'[superlink]\naddress = "127.0.0.1:{superlink_port}"\ninsecure = true\n'
+        f'[superlink]\naddress = "127.0.0.1:{superlink_port}"\n{link}\n'
     )
     return node_toml
 
@@ -107,6 +121,7 @@ def add_site(
     budget: float,
     cli: CliRunner | None = None,
     policy: str = "",
+    root_certificates: Path | None = None,
 ) -> Path:
     """One hospital: its CSV export, node.toml, and dataset 'cancer' registered; returns node.toml.
 
@@ -114,7 +129,7 @@ def add_site(
     operator would); without, through `DatasetRegistry` in-process.
     """
     spec = write_dataset(site / "data", rows, labels, feature_names)
-    node_toml = write_node_toml(site, name, superlink_port, budget, policy)
+    node_toml = write_node_toml(site, name, superlink_port, budget, policy, root_certificates)
     if cli is None:
         DatasetRegistry(site / "state").add("cancer", spec)
         return node_toml

@@ -144,3 +144,65 @@ def test_cli_missing_idx_folder_is_a_clear_error(tmp_path: Path, consortia_cli: 
     result = consortia_cli("simulate", str(path), cwd=tmp_path)
     assert result.returncode == 2
     assert "/nonexistent/mnist: no such folder" in result.stderr
+
+
+# ------------------------------------------------- strategies and update checks
+
+
+def test_every_strategy_name_loads_with_its_settings(tmp_path: Path) -> None:
+    blocks = {
+        "fedyogi": "eta = 0.02\nbeta_1 = 0.8",
+        "trimmed_mean": "beta = 0.2",
+        "median": "",
+        "krum": "num_malicious_nodes = 1",
+        "multikrum": "num_malicious_nodes = 1\nnum_nodes_to_select = 3",
+    }
+    for name, settings in blocks.items():
+        text = (
+            f'[strategy]\nname = "{name}"\n{settings}\n'
+            "[update_checks]\nmax_update_norm = 5.0\nmin_updates = 4\n"
+            "[simulation]\nnodes = 6\n"
+        )
+        config = load_scenario(_write(tmp_path, text)).config
+        assert config.strategy.name == name
+        assert config.update_checks.max_update_norm == 5.0
+        assert config.update_checks.min_updates == 4
+        assert config.job().update_checks == config.update_checks  # travels with the job
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            '[strategy]\nname = "krum"\nnum_malicious_nodes = 2\n[simulation]\nnodes = 6\n',
+            r"strategy 'krum' with num_malicious_nodes = 2 needs more than 2·2 \+ 2 = 6 updates "
+            r"per round, but a round has 6 nodes \(simulation.nodes\)",
+        ),
+        (
+            'clients_per_round = 5\n[strategy]\nname = "multikrum"\nnum_malicious_nodes = 1\n'
+            "num_nodes_to_select = 5\n[simulation]\nnodes = 8\n",
+            r"at least num_nodes_to_select \+ num_malicious_nodes = 6, "
+            r"but a round has 5 nodes \(clients_per_round\)",
+        ),
+        (
+            '[strategy]\nname = "trimmed_mean"\nbeta = 0.5\n',
+            r"strategy.trimmed_mean.beta: Input should be less than 0.5",
+        ),
+        (
+            '[strategy]\nname = "trimmed_mean"\nbeta = 0.1\n[simulation]\nnodes = 5\n',
+            r"trims int\(0.1 × 5\) = 0 updates from each end .* raise beta to at least 0.2",
+        ),
+        (
+            "[update_checks]\nmin_updates = 6\n[simulation]\nnodes = 5\n",
+            r"update_checks.min_updates \(6\) exceeds the 5 nodes per round",
+        ),
+        ("[update_checks]\nnorm_slack = 0.5\n", r"update_checks.norm_slack: Input should be"),
+        ("[update_checks]\nmax_update_norm = 0\n", r"update_checks.max_update_norm: Input should"),
+        ("[update_checks]\nmax_norm = 3.0\n", r"update_checks.max_norm: unknown key"),
+    ],
+)
+def test_strategy_and_update_check_errors_name_the_problem(
+    tmp_path: Path, text: str, expected: str
+) -> None:
+    with pytest.raises(ConfigError, match=expected):
+        load_scenario(_write(tmp_path, text))

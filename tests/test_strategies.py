@@ -1,4 +1,7 @@
-"""The coordinator strategy on real Flower messages: screening, order, ε bookkeeping."""
+"""The coordinator strategy on real Flower messages: screening, order, ε bookkeeping.
+
+Value checks (norm bounds) and the robust aggregators: tests/test_update_checks.py.
+"""
 
 from __future__ import annotations
 
@@ -15,15 +18,22 @@ from flwr.app import (
 )
 
 from consortia.common import protocol as p
-from consortia.common.config import FedAdamConfig, JobConfig
+from consortia.common.config import FedAdamConfig, FedYogiConfig, JobConfig, PrivacyConfig
 from consortia.common.errors import FederationError
 from consortia.server.cohort import Cohort
 from consortia.server.roster import NodeEntry, Roster
 from consortia.server.run_log import RunLog
-from consortia.server.strategies import ConsortiaFedAdam, ConsortiaStrategy, build_strategy
+from consortia.server.strategies import (
+    ConsortiaFedAdam,
+    ConsortiaFedYogi,
+    ConsortiaStrategy,
+    build_strategy,
+)
 
 NAMES = ["alpha", "bravo", "charlie", "delta"]
 IDS = [9001, 17, 4242, 5]  # Flower's ids are random: deliberately not in name order
+# Without DP (and with SGD) no norm bound applies: what is left is screening and finiteness.
+NO_DP = JobConfig(privacy=PrivacyConfig(enabled=False))
 
 
 pytestmark = pytest.mark.usefixtures("task_identity")
@@ -44,7 +54,7 @@ def _strategy(job: JobConfig | None = None) -> tuple[ConsortiaStrategy, RunLog]:
             for n, i in sorted(zip(NAMES, IDS, strict=True))
         )
     )
-    strategy = build_strategy(job or JobConfig())
+    strategy = build_strategy(job or NO_DP)
     run_log = RunLog(roster)
     strategy.attach(Cohort(roster, None, seed=0), run_log, federated_evaluation=True)
     return strategy, run_log
@@ -60,7 +70,16 @@ def _reply(request: Message, value: float, eps: float, **override: object) -> Me
         "b": Array(np.full(2, value, np.float32)),
     }
     arrays.update(override)  # type: ignore[arg-type]
-    metrics = MetricRecord({p.WEIGHT: 1.0, p.EPSILON: eps, p.TRAIN_LOSS: value})
+    metrics = MetricRecord(
+        {
+            p.WEIGHT: 1.0,
+            p.EPSILON: eps,
+            p.TRAIN_LOSS: value,
+            p.STEPS: 100,
+            p.NOISE_MULTIPLIER: 1.0,
+            p.SAMPLE_RATE: 0.1,
+        }
+    )
     return Message(
         RecordDict({p.ARRAYS_KEY: ArrayRecord(arrays), p.METRICS_KEY: metrics}), reply_to=request
     )
@@ -115,12 +134,19 @@ def test_aggregation_order_does_not_depend_on_arrival_order() -> None:
     assert all(forward[k].data == backward[k].data for k in forward)
 
 
-def test_fedadam_keeps_the_model_dtype() -> None:
-    strategy, _ = _strategy(JobConfig(strategy=FedAdamConfig()))
-    assert isinstance(strategy, ConsortiaFedAdam)
+@pytest.mark.parametrize(
+    ("config", "cls"), [(FedAdamConfig(), ConsortiaFedAdam), (FedYogiConfig(), ConsortiaFedYogi)]
+)
+def test_server_optimisers_keep_the_model_dtype(
+    config: FedAdamConfig | FedYogiConfig, cls: type[ConsortiaStrategy]
+) -> None:
+    strategy, _ = _strategy(JobConfig(strategy=config))  # DP: the derived bound applies
+    assert isinstance(strategy, cls)
     requests = _requests(strategy)
     arrays, _ = strategy.aggregate_train(1, [_reply(r, 0.5, 0.1) for r in requests])
     assert arrays is not None and all(arrays[k].dtype == "float32" for k in arrays)
+    # The server step moved the model towards the (positive) average update.
+    assert (arrays["w"].numpy() > 0).all()
 
 
 def test_evaluation_can_be_switched_off() -> None:

@@ -32,6 +32,7 @@ from consortia.client.onboarding.quality import QualityReport
 from consortia.client.onboarding.schema import DatasetSpec, load_spec
 from consortia.client.onboarding.validation import CHECK_FAILED, inspect
 from consortia.common.atomic import fsync_dir, write_bytes_atomic, write_json_atomic
+from consortia.common.audit import AuditError, AuditLog
 from consortia.common.errors import ConfigError, DataError
 
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
@@ -69,11 +70,16 @@ def check_name(name: str) -> str:
 
 
 class DatasetRegistry:
-    """Registered datasets of one node, under `state_dir/datasets/`."""
+    """Registered datasets of one node, under `state_dir/datasets/`.
 
-    def __init__(self, state_dir: Path) -> None:
+    With `audit` (a deployed node's log, `client/node_audit.py`), every
+    registration is recorded there as `data.registered`.
+    """
+
+    def __init__(self, state_dir: Path, audit: AuditLog | None = None) -> None:
         self.state_dir = Path(state_dir)
         self.root = self.state_dir / "datasets"
+        self.audit = audit
 
     def path(self, name: str) -> Path:
         """The folder of dataset `name` (whether or not it exists)."""
@@ -121,8 +127,31 @@ class DatasetRegistry:
         )
         self._refuse_duplicate_content(registration)
         report = QualityReport.from_inspection(inspection, dataset=name)
+        replaced = target.exists()
         self._write(target, registration, report, spec_text, replace=replace)
+        self._audit_registration(registration, replaced)
         return registration
+
+    def _audit_registration(self, registration: Registration, replaced: bool) -> None:
+        """After the registration is in place: the log records what happened, not an intent."""
+        if self.audit is None:
+            return
+        try:
+            self.audit.append(
+                "data.registered",
+                dataset=registration.name,
+                fingerprint=registration.fingerprint,
+                records=registration.records,
+                train_records=registration.train_records,
+                test_records=registration.test_records,
+                num_classes=registration.num_classes,
+                replaced=replaced,
+            )
+        except AuditError as exc:
+            raise AuditError(
+                f"dataset '{registration.name}' was registered, but the audit log could not "
+                f"record it: {exc.message}"
+            ) from None
 
     def _refuse_duplicate_content(self, registration: Registration) -> None:
         """The same records under a second name would get a second, fresh privacy budget."""

@@ -1,0 +1,289 @@
+"""`consortia node start`: flower-supernode and consortia's ClientApp worker, supervised.
+
+The service runs Flower's SuperNode, through `consortia.client.supernode_launcher`
+(its idle sleeps capped at `poll_interval_s`) with `--isolation process`,
+and beside it `consortia.client.clientapp_worker`, the one long-lived
+process that runs the ClientApp for every message (see that module for why).
+Both get the codeguard environment (`consortia.common.codeguard`). `--stock`
+(a benchmark and debugging switch) runs Flower's own path instead: a bare
+flower-supernode whose SuperExec starts one `flwr-clientapp` per message.
+
+Both processes' output is passed through unchanged, a line at a time. The
+SuperNode's is also read for the three facts an auditor of the node asks
+about: the node joined the coordinator (Flower logs its node id), the
+coordinator refused the node's key (not enrolled, or removed), or the node
+refused the coordinator (its certificate does not chain to the CA this node
+trusts). Each lands in the node's audit log.
+
+SIGTERM/SIGINT stop both. The node lives as long as its SuperNode: when it
+exits, the worker is stopped; a worker that dies on its own (a crash, the
+OOM killer) is restarted, with a growing pause if it keeps dying.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import IO
+
+from consortia.client.node_audit import node_audit_log
+from consortia.client.node_config import NODE_CONFIG_KEY, NodeConfig
+from consortia.common.audit import AuditLog
+from consortia.common.codeguard import guarded_environment
+from consortia.common.errors import ConfigError
+
+# Flower's own log lines, and what each means for the audit trail.
+_JOINED = "SuperNode ID:"
+_UNTRUSTED = ("CERTIFICATE_VERIFY_FAILED", "certificate verify failed")
+_REFUSED = ("Failed to activate SuperNode", "Invalid SuperNode authentication", "401")
+
+_WORKER_STOP_S = 10.0  # SIGTERM, then SIGKILL after this long
+_RESTART_FIRST_S = 1.0
+_RESTART_MAX_S = 30.0
+_RESTART_HEALTHY_S = 60.0  # a worker that ran this long restarts after the shortest pause
+
+
+@dataclass(frozen=True)
+class NodeCommands:
+    """The processes of a node: the SuperNode, and the worker (None on Flower's stock path)."""
+
+    supernode: list[str]
+    worker: list[str] | None
+
+
+def node_commands(
+    config: NodeConfig,
+    node_toml: Path,
+    auth_private_key: Path | None,
+    *,
+    stock: bool = False,
+) -> NodeCommands:
+    """The command lines `consortia node start` runs for `config`.
+
+    `auth_private_key` is None only for an insecure (plain HTTP) link.
+    """
+    link = config.superlink
+    args = ["--superlink", link.address]
+    if link.insecure:
+        args.append("--insecure")
+    else:
+        if link.root_certificates is not None:
+            args += ["--root-certificates", str(link.root_certificates)]
+        if auth_private_key is not None:
+            args += ["--auth-supernode-private-key", str(auth_private_key)]
+    args += ["--node-config", f'{NODE_CONFIG_KEY}="{node_toml.resolve()}"']
+    args += ["--port", str(config.runtime_port)]
+    if stock:
+        executable = shutil.which("flower-supernode")
+        if executable is None:
+            raise ConfigError(
+                "flower-supernode is not on PATH; install consortia in this environment"
+            )
+        return NodeCommands([executable, *args], None)
+    poll = ["--poll-interval-s", repr(config.poll_interval_s)]
+    supernode = [sys.executable, "-m", "consortia.client.supernode_launcher", *poll, *args]
+    worker = [
+        sys.executable,
+        "-m",
+        "consortia.client.clientapp_worker",
+        "--runtime-api-address",
+        f"127.0.0.1:{config.runtime_port}",
+        *poll,
+    ]
+    return NodeCommands([*supernode, "--isolation", "process"], worker)
+
+
+def supervise(config: NodeConfig, commands: NodeCommands) -> int:
+    """Run the node's processes until the SuperNode exits or the service is stopped.
+
+    Returns the SuperNode's exit code (0 when stopped by a signal).
+    """
+    audit = node_audit_log(config)
+    env = guarded_environment()
+    env["PYTHONUNBUFFERED"] = "1"  # lines reach the node's log as they are written
+    output = _Output()
+    process = subprocess.Popen(
+        commands.supernode,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
+    worker = (
+        None
+        if commands.worker is None
+        else _Worker([*commands.worker, "--parent-pid", str(os.getpid())], env, output)
+    )
+    stopped: dict[str, int] = {}
+
+    def stop(signum: int, _frame: FrameType | None) -> None:
+        stopped["signal"] = signum
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signal.SIGTERM)
+        if worker is not None:
+            worker.stop(wait=False)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    assert process.stdout is not None
+    watcher = ConnectionWatcher(audit, config.superlink.address)
+    reader = threading.Thread(
+        target=watcher.follow, args=(output.echo(process.stdout),), daemon=True
+    )
+    reader.start()
+    if worker is not None:
+        worker.start()
+    code = process.wait()
+    # On Flower's stock path the SuperExec shares the SuperNode's session and pipe: end them.
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    if worker is not None:
+        worker.stop(wait=True)
+    reader.join(timeout=10)
+    watcher.finish(code, stopped.get("signal"))
+    return 0 if stopped else code
+
+
+class _Output:
+    """The node's stdout, shared by the readers of its processes: whole lines, in order."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+
+    def echo(self, stream: Iterable[bytes]) -> Iterable[str]:
+        """Each line of `stream`, passed on to this process's stdout."""
+        for raw in stream:
+            with self._lock:
+                sys.stdout.buffer.write(raw)
+                sys.stdout.flush()
+            yield raw.decode("utf-8", errors="replace")
+
+    def drain(self, stream: IO[bytes]) -> None:
+        for _ in self.echo(stream):
+            pass
+
+    def echo_line(self, line: str) -> None:
+        """A line of the service's own."""
+        with self._lock:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+
+
+class _Worker:
+    """The ClientApp worker process: started, restarted if it dies on its own, stopped."""
+
+    def __init__(self, command: list[str], env: dict[str, str], output: _Output) -> None:
+        self.command = command
+        self.env = env
+        self.output = output
+        self._stopping = threading.Event()
+        self._lock = threading.RLock()  # also taken by the signal handler, on the main thread
+        self._process: subprocess.Popen[bytes] | None = None
+        self._thread = threading.Thread(target=self._run, name="clientapp-worker", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        pause = _RESTART_FIRST_S
+        while True:
+            with self._lock:
+                if self._stopping.is_set():
+                    return
+                process = subprocess.Popen(
+                    self.command,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    env=self.env,
+                    start_new_session=True,
+                )
+                self._process = process
+            started = time.monotonic()
+            assert process.stdout is not None
+            self.output.drain(process.stdout)
+            code = process.wait()
+            if self._stopping.is_set():
+                return
+            pause = _RESTART_FIRST_S if time.monotonic() - started > _RESTART_HEALTHY_S else pause
+            self.output.echo_line(
+                f"consortia node: the ClientApp worker exited (code {code}); "
+                f"restarting it in {pause:g} s\n"
+            )
+            if self._stopping.wait(pause):
+                return
+            pause = min(pause * 2, _RESTART_MAX_S)
+
+    def stop(self, *, wait: bool) -> None:
+        """SIGTERM the worker; with `wait`, until it exits (SIGKILL after a grace period)."""
+        with self._lock:
+            self._stopping.set()
+            process = self._process
+        if process is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signal.SIGTERM)
+        if not wait:
+            return
+        try:
+            process.wait(timeout=_WORKER_STOP_S)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        self._thread.join(timeout=_WORKER_STOP_S)
+
+
+class ConnectionWatcher:
+    """Turns the SuperNode's log lines into node-side audit entries."""
+
+    def __init__(self, audit: AuditLog, coordinator: str) -> None:
+        self.audit = audit
+        self.coordinator = coordinator
+        self.untrusted = False
+        self.refused = False
+        self.joined = False
+
+    def follow(self, lines: Iterable[str]) -> None:
+        for line in lines:
+            self.see(line)
+
+    def see(self, line: str) -> None:
+        if _JOINED in line:
+            node_id = line.split(_JOINED, 1)[1].strip()
+            self.joined = True
+            self.audit.append("node.connected", coordinator=self.coordinator, node_id=node_id)
+        elif not self.untrusted and any(marker in line for marker in _UNTRUSTED):
+            self.untrusted = True
+            self.audit.append(
+                "coordinator.untrusted",
+                coordinator=self.coordinator,
+                reason="its TLS certificate does not chain to this node's root certificates",
+            )
+        elif not self.refused and any(marker in line for marker in _REFUSED):
+            self.refused = True
+            self.audit.append(
+                "node.connection_refused",
+                coordinator=self.coordinator,
+                reason="the coordinator refused this node's key (not enrolled, or removed)",
+            )
+
+    def finish(self, exit_code: int, stop_signal: int | None) -> None:
+        if self.joined and stop_signal is None:
+            # Flower ends a SuperNode "gracefully" when the SuperLink stops accepting its
+            # key mid-session: the coordinator removed it (or shut down).
+            self.audit.append(
+                "node.disconnected",
+                coordinator=self.coordinator,
+                reason="the coordinator ended this node's session (node removed, or shut down)",
+            )
+        self.audit.append("node.stopped", exit_code=exit_code, signal=stop_signal)

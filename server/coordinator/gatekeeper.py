@@ -1,0 +1,203 @@
+"""What the coordinator's SuperLink lets through, and the audit trail of node connections.
+
+Flower 1.41 serves its Fleet API (nodes), Control API (enrollment, job
+submission) and Runtime API (the ServerApp) on one HTTPS port, and the open
+source SuperLink authenticates only the Fleet API (SuperNode keys); anyone
+who can reach the port could otherwise register a key or start a run. The
+gatekeeper is an ASGI middleware installed through Flower's own SuperLink
+extension hook (`flwr.superlink.extensions.get_middleware`): the Fleet API
+and the health probe stay open to the internet (node authentication guards
+the Fleet API), every other path is answered 403 unless the peer address is
+in `admin_networks` (loopback by default, so administration happens on the
+coordinator's machine or through an SSH tunnel).
+
+It also watches the Fleet API's answers: a node that activates is recorded
+as connected, a request the SuperLink refuses with 401 (an unenrolled or
+removed key) as a refused connection, both in the audit log.
+"""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from pathlib import Path
+from typing import Any
+
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+
+from consortia.common.audit import AuditLog
+from consortia.common.node_keys import ssh_fingerprint
+
+Scope = MutableMapping[str, Any]
+ASGIMessage = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[ASGIMessage]]
+Send = Callable[[ASGIMessage], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+FLEET_PREFIX = "/v1/fleet/"
+OPEN_PATHS = ("/health",)
+# Control API calls that change what the federation does, recorded with their outcome.
+AUDITED_CONTROL_CALLS = {
+    "/v1/control/start-run": "job.submitted",
+    "/v1/control/stop-run": "job.stop_requested",
+    "/v1/control/register-node": "control.register_node",
+    "/v1/control/unregister-node": "control.unregister_node",
+}
+_PUBLIC_KEY_HEADER = b"flwr-public-key"
+_REFUSAL_QUIET_S = 60.0  # one audit entry per refused key per minute: nodes retry
+
+
+def key_fingerprint(fleet_key: bytes) -> str:
+    """The `SHA256:…` fingerprint operators compare (`consortia node keys show`) of a PEM key."""
+    try:
+        key = serialization.load_pem_public_key(fleet_key)
+        blob = key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        return "unreadable key"
+    return ssh_fingerprint(base64.b64decode(blob.split()[1]))
+
+
+class Gatekeeper:
+    """ASGI middleware: admin paths only from admin networks; audit node connections."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        admin_networks: tuple[str, ...],
+        audit: AuditLog | None,
+        names: Callable[[], dict[bytes, str]],
+    ) -> None:
+        self.app = app
+        self.networks = [ipaddress.ip_network(n, strict=False) for n in admin_networks]
+        self.audit = audit
+        self.names = names
+        self._last_refusal: dict[str, float] = {}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope.get("path", "")
+        peer = _peer(scope)
+        if path.startswith(FLEET_PREFIX):
+            await self.app(scope, receive, self._watching(scope, send, path, peer))
+            return
+        if path in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        if self._is_admin(peer):
+            event = AUDITED_CONTROL_CALLS.get(path)
+            if event is not None:
+                send = self._watching_admin(send, event, peer)
+            await self.app(scope, receive, send)
+            return
+        self._record("admin.refused", path=path, peer=peer)
+        await _forbidden(send)
+
+    def _is_admin(self, peer: str) -> bool:
+        try:
+            address = ipaddress.ip_address(peer)
+        except ValueError:
+            return False
+        return any(address in network for network in self.networks)
+
+    def _watching(self, scope: Scope, send: Send, path: str, peer: str) -> Send:
+        """Wrap `send` to see the status of a Fleet API answer."""
+        key = _header(scope, _PUBLIC_KEY_HEADER)
+
+        async def watched(message: ASGIMessage) -> None:
+            if message["type"] == "http.response.start":
+                self._fleet_answer(path, int(message["status"]), key, peer)
+            await send(message)
+
+        return watched
+
+    def _watching_admin(self, send: Send, event: str, peer: str) -> Send:
+        """Wrap `send` to record a state-changing Control API call and its outcome."""
+
+        async def watched(message: ASGIMessage) -> None:
+            if message["type"] == "http.response.start":
+                self._record(event, peer=peer, status=int(message["status"]))
+            await send(message)
+
+        return watched
+
+    def _fleet_answer(self, path: str, status: int, key: bytes | None, peer: str) -> None:
+        fingerprint = key_fingerprint(key) if key else None
+        node = self.names().get(key, None) if key else None
+        joining = path.endswith(("/activate-node", "/register-node"))
+        if status in (401, 403) or (joining and status >= 400):
+            last = self._last_refusal.get(fingerprint or peer, 0.0)
+            if time.monotonic() - last < _REFUSAL_QUIET_S:
+                return
+            self._last_refusal[fingerprint or peer] = time.monotonic()
+            self._record(
+                "node.connection_refused",
+                node=node,
+                key_fingerprint=fingerprint,
+                peer=peer,
+                path=path,
+                status=status,
+                reason="key not enrolled (or removed)" if node is None else "authentication failed",
+            )
+        elif status < 300 and path.endswith("/activate-node"):
+            self._record("node.connected", node=node, key_fingerprint=fingerprint, peer=peer)
+
+    def _record(self, event: str, **details: object) -> None:
+        if self.audit is not None:
+            self.audit.append(event, **details)
+
+
+def _peer(scope: Scope) -> str:
+    client = scope.get("client")
+    return str(client[0]) if client else ""
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    for key, value in scope.get("headers", []):
+        if key.lower() == name:
+            try:
+                return base64.b64decode(value, validate=True)
+            except ValueError:
+                return None
+    return None
+
+
+async def _forbidden(send: Send) -> None:
+    body = (
+        b'{"detail":"this address may not use the coordinator\'s Control or Runtime API; '
+        b'see admin_networks in coordinator.toml"}'
+    )
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 403,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+def enrolled_names(nodes_file: Path) -> Callable[[], dict[bytes, str]]:
+    """Map Fleet public-key bytes to enrolled node names, re-read when nodes.json changes."""
+    from consortia.server.coordinator.enrollment import read_enrolled
+
+    cache: dict[str, Any] = {"mtime": None, "names": {}}
+
+    def names() -> dict[bytes, str]:
+        try:
+            mtime = nodes_file.stat().st_mtime_ns
+        except OSError:
+            return {}
+        if mtime != cache["mtime"]:
+            cache["names"] = {n.fleet_key(): n.name for n in read_enrolled(nodes_file).nodes}
+            cache["mtime"] = mtime
+        return dict(cache["names"])
+
+    return names
