@@ -42,10 +42,22 @@ Figures, per round (from the job's `metrics.json` and the nodes' logs):
 Round 1 includes each node's once-per-job noise calibration, so means are
 given over rounds 2.. as well as over all rounds.
 
-Usage (from the repository root; about 2 minutes for the stock run and 1
+Per exchange (rounds 2.., median over nodes and exchanges), from the nodes'
+log lines as they arrived: `coordinator` (from the last reply of the
+previous exchange to this node's next message), `message in` (the SuperNode
+pulls the weights), `node` (stored message to reply ready: ClientApp
+process or worker, and the handler), `reply out` (the SuperNode pushes the
+reply). And the CPU that idle polling costs (`--idle-s` seconds, % of one
+core, the coordinator's and all nodes' process trees): right after the
+nodes connect ("between jobs") and right after the job ("in a job": within
+a minute of a node's last message, when consortia's nodes poll every
+`poll_interval_s`).
+
+Usage (from the repository root; about 5 minutes for the stock run and 2
 for consortia's at 5 rounds on 2 cores)::
 
-    python benchmarks/round_latency.py [--rounds 5] [--local-epochs 20] [--json out.json]
+    python benchmarks/round_latency.py [--rounds 5] [--local-epochs 20] [--idle-s 20]
+                                       [--json out.json]
 """
 
 from __future__ import annotations
@@ -97,7 +109,8 @@ class ModeResult:
     evaluate_s: list[float] = field(default_factory=list)  # slowest node's evaluate message
     accuracy: float | None = None
     phases: dict[str, float] = field(default_factory=dict)  # median seconds, rounds 2..
-    idle_cpu: dict[str, float] = field(default_factory=dict)  # % of one core, no run
+    # % of one core, nodes connected and no message: between jobs, and within a job's minute
+    idle_cpu: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def node_work(self) -> list[float]:
         return [t + e for t, e in zip(self.train_s, self.evaluate_s, strict=True)]
@@ -133,8 +146,13 @@ def run_mode(mode: str, root: Path, rounds: int, local_epochs: int, idle_s: floa
             command = [*CLI, "node", "start", "--node", str(node_toml), *stock]
             readers.append(_spawn_stamped(consortium, command, root / f"{name}.log"))
         _wait_connected(consortium, set(NODES))
+        if mode == "consortia":  # its workers import torch and Flower once, at start: wait
+            for name in NODES:
+                _wait_for(root / f"{name}.log", "consortia worker: serving")
         coordinator, nodes = consortium.processes[0], consortium.processes[1:]
-        idle = _idle_cpu(coordinator, nodes, idle_s) if idle_s > 0 else {}
+        idle: dict[str, dict[str, float]] = {}
+        if idle_s > 0:
+            idle["between jobs"] = _idle_cpu(coordinator, nodes, idle_s)
         job = write_job(
             root / "job.toml",
             1.0,
@@ -149,6 +167,8 @@ def run_mode(mode: str, root: Path, rounds: int, local_epochs: int, idle_s: floa
         if submitted.returncode != 0:
             raise SystemExit(f"{mode}: the job failed\n{submitted.stdout}\n{submitted.stderr}")
         run_id = run_id_of(submitted)
+        if idle_s > 0:  # within a minute of the job's last message: the nodes' job-time polling
+            idle["in a job"] = _idle_cpu(coordinator, nodes, min(idle_s, 40))
     finally:
         consortium.stop()
         for reader in readers:
@@ -257,12 +277,12 @@ def _phases(logs: dict[str, Path], rounds: int) -> dict[str, float]:
 def _idle_cpu(
     coordinator: subprocess.Popen[bytes], nodes: list[subprocess.Popen[bytes]], seconds: float
 ) -> dict[str, float]:
-    """CPU (% of one core) of the coordinator's and the nodes' process trees, connected, no run.
+    """CPU (% of one core) of the coordinator's and the nodes' process trees while no message.
 
     What idle polling costs: each empty pull of a SuperNode is an authenticated
     request the SuperLink serves.
     """
-    time.sleep(5)  # past the connection's own work
+    time.sleep(5)  # past the connection's (or the job's) own work
     trees = {
         "coordinator": {coordinator.pid, *descendants([coordinator.pid])},
         "nodes": {pid for node in nodes for pid in (node.pid, *descendants([node.pid]))},
@@ -284,6 +304,14 @@ def _cpu_seconds(pids: set[int]) -> float:
             continue
         total += int(fields[11]) + int(fields[12])
     return total / os.sysconf("SC_CLK_TCK")
+
+
+def _wait_for(log: Path, text: str, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in log.read_text(errors="replace"):
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{log}: no {text!r} within {timeout:.0f} s")
+        time.sleep(0.5)
 
 
 def _wait_connected(consortium: Consortium, names: set[str], timeout: float = 180) -> None:
@@ -349,11 +377,12 @@ def report(results: dict[str, ModeResult]) -> dict[str, dict[str, float]]:
         print(f"{mode:<10} " + " ".join(f"{phases[name]:>12.2f}" for name in names))
         summary[f"{mode} phases"] = phases
     if results["consortia"].idle_cpu:
-        print("\nidle, nodes connected and no run: CPU, % of one core")
+        print("\nidle (no message): CPU, % of one core")
         for mode in MODES:
-            idle = results[mode].idle_cpu
-            summary[f"{mode} idle cpu %"] = idle
-            print(f"{mode:<10} " + "  ".join(f"{role} {value:.1f}" for role, value in idle.items()))
+            for state, idle in results[mode].idle_cpu.items():
+                summary[f"{mode} idle cpu % {state}"] = idle
+                cells = "  ".join(f"{role} {value:5.1f}" for role, value in idle.items())
+                print(f"{mode:<10} {state:<13} {cells}")
     for label in ("rounds 1..", "rounds 2.."):
         before = summary[f"stock {label}"]["overhead_s"]
         after = summary[f"consortia {label}"]["overhead_s"]

@@ -36,8 +36,9 @@ CPU random generator state. The ClientApp keeps no other state between
 messages (its Context comes from the SuperNode each time).
 
 It polls `AcquireTask` 20 ms after finishing a task, doubling while idle up
-to the node's `poll_interval_s`: no busy loop, and a task is picked up
-within one interval.
+to the node's `poll_interval_s` (no busy loop; a task is picked up within
+one interval), and up to 1 s once no task came for a minute (between jobs,
+when the SuperNode itself only pulls every 3 s).
 
 One wait of Flower's is shortened. The SuperNode creates a task *before* it
 has pulled the message's objects (weights) from the SuperLink, so a worker
@@ -54,6 +55,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import math
 import signal
 import sys
 import threading
@@ -87,6 +89,7 @@ from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, 
 from consortia.client.app import app as consortia_app
 from consortia.common.errors import ConsortiaError
 from consortia.common.flower_waits import (
+    ACTIVE_WINDOW_S,
     DEFAULT_POLL_INTERVAL_S,
     FIRST_RETRY_S,
     shorten_object_pull_backoff,
@@ -94,6 +97,7 @@ from consortia.common.flower_waits import (
 
 CLIENTAPP = "consortia.client.app:app"  # the only ClientApp this worker runs
 FIRST_POLL_S = FIRST_RETRY_S
+IDLE_POLL_S = 1.0  # between jobs (no task for ACTIVE_WINDOW_S); the SuperNode itself waits 3 s
 RUN_CLIENTAPP_MODULE = "flwr.supernode.runtime.run_clientapp"
 _RETRYABLE_STATUS = frozenset({502, 503, 504})
 _TASK_CALL_MAX_S = 60.0  # retrying one Runtime API call of a task, SuperNode restarting
@@ -269,6 +273,7 @@ class Worker:
         """Poll for tasks until SIGTERM/SIGINT (raised here as `_Stop`)."""
         log(INFO, "consortia worker: serving %s via the SuperNode at %s", CLIENTAPP, self.address)
         interval = self.first_poll_s
+        last_task = -math.inf
         unreachable = False
         while True:
             try:
@@ -285,9 +290,11 @@ class Worker:
             if token is not None:
                 with fresh_process_state():
                     self.run_task(token)
+                last_task = time.monotonic()
                 interval = self.first_poll_s
             else:
-                interval = min(interval * 2, self.max_poll_s)
+                active = time.monotonic() - last_task < ACTIVE_WINDOW_S
+                interval = min(interval * 2, self.max_poll_s if active else IDLE_POLL_S)
             time.sleep(interval)
 
     def run_task(self, token: str) -> None:

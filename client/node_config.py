@@ -51,9 +51,10 @@ class NodeConfig(StrictModel):
         default=DEFAULT_POLL_INTERVAL_S,
         ge=0.01,
         le=3.0,
-        description="longest idle wait of the SuperNode (its pulls from the SuperLink) and of "
-        "the ClientApp worker; Flower's own is 3 s. The cost: one authenticated pull request "
-        "to the coordinator per interval while idle",
+        description="while the node takes part in a job (a message in the last minute): the "
+        "wait between its pulls from the SuperLink that bring nothing, and the longest the "
+        "ClientApp worker takes to notice a message. Flower's own wait is 3 s (and stays so "
+        "between jobs); each pull is one authenticated request to the coordinator",
     )
 
 

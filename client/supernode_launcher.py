@@ -4,17 +4,18 @@ Flower 1.41's SuperNode sleeps a fixed 3 s after every pull from the
 SuperLink that brings no message, 0.5 s at a time while the ClientApp
 works, and backs off 1 s when it pulls a message whose weights the
 SuperLink is still receiving; Flower has no setting for any of them. This
-launcher caps the first at `--poll-interval-s` (node.toml `poll_interval_s`),
-the second at 20 ms (it only looks at the SuperNode's own memory) and
-starts the third at 50 ms, backing off to 1 s (see
-`consortia.common.flower_waits`, where each patch and its structure check
-live), then runs Flower's own
+launcher shortens the first to `--poll-interval-s` (node.toml
+`poll_interval_s`) while the node takes part in a job (it handled a message
+within the last minute; between jobs it stays Flower's 3 s), the second to
+20 ms (it only looks at the SuperNode's own memory), and starts the third
+at 50 ms, backing off to 1 s. Each patch and its structure check live in
+`consortia.common.flower_waits`. It then runs Flower's own
 `flower-supernode` entry point with the remaining arguments, as
 `consortia.server.coordinator.superlink` does for the SuperLink.
 
 The cost of a short poll interval is one authenticated pull request from
-the node to the SuperLink per interval while the node is idle (5 a second
-at the default 0.2 s). A Flower whose SuperNode no longer has the structure
+the node to the SuperLink per interval during a job (5 a second at the
+default 0.2 s). A Flower whose SuperNode no longer has the structure
 patched here is refused with a message (exit code 2) rather than run with
 Flower's 3 s back.
 """

@@ -1,7 +1,7 @@
 """`consortia node start`: flower-supernode and consortia's ClientApp worker, supervised.
 
 The service runs Flower's SuperNode, through `consortia.client.supernode_launcher`
-(its idle sleeps capped at `poll_interval_s`) with `--isolation process`,
+(its fixed waits shortened, `poll_interval_s` during a job) with `--isolation process`,
 and beside it `consortia.client.clientapp_worker`, the one long-lived
 process that runs the ClientApp for every message (see that module for why).
 Both get the codeguard environment (`consortia.common.codeguard`). `--stock`

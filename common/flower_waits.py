@@ -5,7 +5,9 @@ deployment each wait lands in every exchange of every round:
 
 - the SuperNode's main loop (`flwr.supernode.start_client_internal`) sleeps
   3 s after every pull from the SuperLink that brings no message, and 0.5 s
-  at a time while it waits for the ClientApp's reply in its own memory;
+  at a time while it waits for the ClientApp's reply in its own memory
+  (`CappedSleep`: the poll interval while the node takes part in a job,
+  20 ms for the local waits);
 - every object pull (`flwr.supercore.inflatable.inflatable_utils.pull_objects`,
   reached through `pull_and_inflate_object_from_tree` by the ClientApp side,
   and directly by the SuperNode and by the ServerApp's `HttpGrid`) backs off
@@ -30,6 +32,7 @@ import ast
 import functools
 import importlib
 import inspect
+import math
 import time
 from collections.abc import Callable
 from types import ModuleType
@@ -49,6 +52,9 @@ REMOTE_RETRY_CAP_S = 1.0
 IDLE_SLEEP_S = 3
 LOCAL_SLEEP_S = 0.5
 LOCAL_WAIT_S = 0.02  # a look at the SuperNode's in-memory state is cheap: 50 a second
+# How long after its last message a node counts as taking part in a job: it polls the
+# coordinator every `poll_interval_s` meanwhile, and as Flower does (3 s) after.
+ACTIVE_WINDOW_S = 60.0
 
 
 class FlowerStructureError(ConsortiaError):
@@ -58,21 +64,46 @@ class FlowerStructureError(ConsortiaError):
 class CappedSleep:
     """Stands in for the `time` module inside Flower's SuperNode loop: shorter sleeps.
 
-    `sleep(s)` sleeps at most `idle_cap_s` for the idle wait between pulls
-    from the SuperLink (s ≥ 3 s), and at most `LOCAL_WAIT_S` for the waits on
-    the SuperNode's own memory (shorter s). Every other attribute is the
-    real `time` module's.
+    `sleep(s)` is called by that loop in two situations, told apart by `s`:
+
+    - s ≥ 3 s: its pull from the SuperLink brought no message. While the
+      node takes part in a job (it handled a message within the last
+      `window_s`), the next pull comes after `active_s` (node.toml
+      `poll_interval_s`): the next message of a round follows the last one
+      within seconds. An idle node (no message for `window_s`) waits
+      Flower's own `s`, so between jobs it costs the coordinator no more
+      requests than a stock node does.
+    - shorter s: it waits on its own memory for the ClientApp's reply, so a
+      message is in hand (this marks the node active); at most
+      `local_cap_s`.
+
+    Every other attribute is the real `time` module's.
     """
 
-    def __init__(self, idle_cap_s: float, local_cap_s: float = LOCAL_WAIT_S) -> None:
-        if not (idle_cap_s > 0 and local_cap_s > 0):
-            raise ValueError(f"caps must be positive, got {idle_cap_s!r}, {local_cap_s!r}")
-        self.idle_cap_s = idle_cap_s
+    def __init__(
+        self,
+        active_s: float,
+        local_cap_s: float = LOCAL_WAIT_S,
+        window_s: float = ACTIVE_WINDOW_S,
+    ) -> None:
+        if not (active_s > 0 and local_cap_s > 0 and window_s >= 0):
+            raise ValueError(f"waits must be positive, got {active_s!r}, {local_cap_s!r}")
+        self.active_s = active_s
         self.local_cap_s = local_cap_s
+        self.window_s = window_s
+        self._last_message = -math.inf
+
+    @property
+    def active(self) -> bool:
+        """Whether the node handled a message within the last `window_s`."""
+        return time.monotonic() - self._last_message < self.window_s
 
     def sleep(self, seconds: float) -> None:
-        cap = self.idle_cap_s if seconds >= IDLE_SLEEP_S else self.local_cap_s
-        time.sleep(min(seconds, cap))
+        if seconds >= IDLE_SLEEP_S:
+            time.sleep(min(seconds, self.active_s) if self.active else seconds)
+        else:
+            self._last_message = time.monotonic()
+            time.sleep(min(seconds, self.local_cap_s))
 
     def __getattr__(self, name: str) -> Any:
         return getattr(time, name)

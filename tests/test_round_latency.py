@@ -135,13 +135,20 @@ def test_a_changed_object_pull_is_refused(tmp_path: Path) -> None:
 # ------------------------------------------------------------------ the launcher's patches
 
 
-def test_capped_sleep_shortens_the_idle_and_the_local_waits() -> None:
-    shim = CappedSleep(0.05, local_cap_s=0.01)
-    started = time.monotonic()
+def test_capped_sleep_is_short_during_a_job_and_flowers_own_between_jobs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    slept: list[float] = []
+    monkeypatch.setattr(flower_waits.time, "sleep", slept.append)  # record, do not wait
+    shim = CappedSleep(0.2, local_cap_s=0.01, window_s=60)
+    shim.sleep(3)  # idle since start: Flower's own wait
+    shim.sleep(0.5)  # waiting for a reply: a message is in hand
+    shim.sleep(3)  # the next pull of the job: short
+    assert slept == [3, 0.01, 0.2]
+    shim._last_message -= 61  # a minute without a message: idle again
     shim.sleep(3)
-    shim.sleep(0.5)
-    assert time.monotonic() - started < 0.5
-    assert shim.monotonic is time.monotonic  # everything but `sleep` is the real module
+    assert slept[-1] == 3
+    assert shim.monotonic is flower_waits.time.monotonic  # all but `sleep` is the real module
     with pytest.raises(ValueError, match="positive"):
         CappedSleep(0)
 
@@ -152,7 +159,7 @@ def test_the_launcher_patches_only_flowers_references(monkeypatch: pytest.Monkey
     monkeypatch.setattr(loop, "pull_objects", loop.pull_objects)
     supernode_launcher.install(0.1)
     supernode_launcher.install(0.1)  # idempotent: the checks accept their own patches
-    assert isinstance(loop.time, CappedSleep) and loop.time.idle_cap_s == 0.1
+    assert isinstance(loop.time, CappedSleep) and loop.time.active_s == 0.1
     assert loop.pull_objects.keywords == {"initial_backoff": 0.05, "backoff_cap": 1.0}
     assert time.sleep is not loop.time.sleep  # the process's own `time` is untouched
     from flwr.supercore.inflatable import inflatable_utils
