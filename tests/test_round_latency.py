@@ -379,3 +379,41 @@ def test_the_worker_answers_a_foreign_bundle_with_an_error_reply_and_goes_on(
     assert spy.calls == 0
     (task,) = runtime_api.state.get_tasks()
     assert task.status.sub_status == SubStatus.FAILED
+
+
+# ------------------------------------------------------------------ the node's command lines
+
+
+def test_node_start_runs_the_launcher_and_the_worker_or_flowers_stock_node(
+    tmp_path: Path,
+) -> None:
+    from consortia.client.node_config import load_node_config
+    from consortia.client.supernode_service import node_commands
+
+    node_toml = tmp_path / "node.toml"
+    node_toml.write_text(
+        'name = "a"\nstate_dir = "state"\nruntime_port = 9555\npoll_interval_s = 0.5\n\n'
+        '[superlink]\naddress = "fl.example.org:9093"\nroot_certificates = "ca.crt"\n'
+    )
+    config = load_node_config(node_toml)
+    key = tmp_path / "state" / "keys" / "node.key"
+    ours = node_commands(config, node_toml, key)
+    assert ours.supernode[1:3] == ["-m", "consortia.client.supernode_launcher"]
+    assert ours.supernode[3:5] == ["--poll-interval-s", "0.5"]
+    assert ours.supernode[-2:] == ["--isolation", "process"]  # no SuperExec, no flwr-clientapp
+    for flag, value in (
+        ("--superlink", "fl.example.org:9093"),
+        ("--root-certificates", str(tmp_path / "ca.crt")),
+        ("--auth-supernode-private-key", str(key)),
+        ("--port", "9555"),
+    ):
+        assert ours.supernode[ours.supernode.index(flag) + 1] == value
+    assert ours.worker is not None
+    assert ours.worker[1:3] == ["-m", "consortia.client.clientapp_worker"]
+    assert ours.worker[ours.worker.index("--runtime-api-address") + 1] == "127.0.0.1:9555"
+
+    stock = node_commands(config, node_toml, key, stock=True)
+    assert stock.worker is None
+    assert Path(stock.supernode[0]).name == "flower-supernode"
+    assert "--isolation" not in stock.supernode
+    assert stock.supernode[1:] == ours.supernode[5:-2]  # the same Flower arguments otherwise
