@@ -277,6 +277,16 @@ def parse_node_public_key(text: str, source: str) -> NodePublicKey:
     )
 
 
+def pem_fingerprint(pem: bytes) -> str | None:
+    """The same `SHA256:` fingerprint for a key in PEM (as Flower sends and stores it)."""
+    try:
+        key = serialization.load_pem_public_key(pem)
+        line = key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        return None
+    return ssh_fingerprint(base64.b64decode(line.split()[1]))
+
+
 def ssh_fingerprint(blob: bytes) -> str:
     """`SHA256:` + unpadded base64 of the key blob's SHA-256, as `ssh-keygen -l` prints it."""
     digest = hashlib.sha256(blob).digest()

@@ -58,23 +58,15 @@ class AuditedListener:
 
     def _record_round(self, record: RoundRecord) -> None:
         for failure in record.failures:
-            if failure.refusal is not None:
-                self.audit.append(
-                    "node.refusal",
-                    run_id=self.run,
-                    round=record.round,
-                    node=failure.node,
-                    code=failure.refusal,
-                    reason=failure.reason,
-                )
-            else:
-                self.audit.append(
-                    "update.rejected",
-                    run_id=self.run,
-                    round=record.round,
-                    node=failure.node,
-                    reason=failure.reason,
-                )
+            refusal = {} if failure.refusal is None else {"code": failure.refusal}
+            self.audit.append(
+                "update.rejected" if failure.refusal is None else "node.refusal",
+                run_id=self.run,
+                round=record.round,
+                node=failure.node,
+                reason=failure.reason,
+                **refusal,
+            )
         self.audit.append(
             "round.aggregated",
             run_id=self.run,

@@ -92,7 +92,7 @@ class Enrollment:
         for node in enrolled.nodes:
             if node.fleet_key() == key:
                 raise FederationError(f"this key is already enrolled as node {node.name!r}")
-        node_id = self._registered_id(control, key) or control.register_node(key, name)
+        node_id = _registered(control).get(key) or control.register_node(key, name)
         node = EnrolledNode(
             name=name,
             public_key=parsed.line,
@@ -111,8 +111,9 @@ class Enrollment:
         if node is None:
             known = ", ".join(n.name for n in enrolled.nodes) or "none"
             raise FederationError(f"no enrolled node named {name!r} (enrolled: {known})")
-        if self._registered_id(control, node.fleet_key()) is not None:
-            control.unregister_node(node.node_id)
+        registered_id = _registered(control).get(node.fleet_key())
+        if registered_id is not None:
+            control.unregister_node(registered_id)
         self._write(EnrolledNodes(nodes=[n for n in enrolled.nodes if n.name != name]))
         self._audit("node.removed", node=name, key_fingerprint=node.fingerprint)
         return node
@@ -120,9 +121,10 @@ class Enrollment:
     def reconcile(self, control: Control) -> list[str]:
         """Register enrolled keys the SuperLink lacks; return the names re-registered."""
         enrolled = self.load()
+        registered = _registered(control)
         restored, nodes = [], []
         for node in enrolled.nodes:
-            node_id = self._registered_id(control, node.fleet_key())
+            node_id = registered.get(node.fleet_key())
             if node_id is None:
                 node_id = control.register_node(node.fleet_key(), node.name)
                 restored.append(node.name)
@@ -132,14 +134,6 @@ class Enrollment:
             self._audit("node.reregistered", nodes=restored)
         return restored
 
-    @staticmethod
-    def _registered_id(control: Control, key: bytes) -> int | None:
-        """Flower's id for `key` if the SuperLink has it registered (and not unregistered)."""
-        for view in control.list_nodes():
-            if view.public_key == key and view.status != "unregistered":
-                return view.node_id
-        return None
-
     def _write(self, nodes: EnrolledNodes) -> None:
         write_json_atomic(self.config.nodes_file, nodes.model_dump(mode="json"))
 
@@ -147,3 +141,12 @@ class Enrollment:
         from consortia.server.coordinator.service import audit_log
 
         audit_log(self.config).append(event, **details)
+
+
+def _registered(control: Control) -> dict[bytes, int]:
+    """Flower's node id per key the SuperLink has registered (and not unregistered), one call."""
+    return {
+        view.public_key: view.node_id
+        for view in control.list_nodes()
+        if view.status != "unregistered"
+    }

@@ -25,11 +25,8 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from pathlib import Path
 from typing import Any
 
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
-
 from consortia.common.audit import AuditLog
-from consortia.common.node_keys import ssh_fingerprint
+from consortia.common.node_keys import pem_fingerprint
 
 Scope = MutableMapping[str, Any]
 ASGIMessage = MutableMapping[str, Any]
@@ -48,16 +45,6 @@ AUDITED_CONTROL_CALLS = {
 }
 _PUBLIC_KEY_HEADER = b"flwr-public-key"
 _REFUSAL_QUIET_S = 60.0  # one audit entry per refused key per minute: nodes retry
-
-
-def key_fingerprint(fleet_key: bytes) -> str:
-    """The `SHA256:…` fingerprint operators compare (`consortia node keys show`) of a PEM key."""
-    try:
-        key = serialization.load_pem_public_key(fleet_key)
-        blob = key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    except (ValueError, TypeError, UnsupportedAlgorithm):
-        return "unreadable key"
-    return ssh_fingerprint(base64.b64decode(blob.split()[1]))
 
 
 class Gatekeeper:
@@ -126,7 +113,7 @@ class Gatekeeper:
         return watched
 
     def _fleet_answer(self, path: str, status: int, key: bytes | None, peer: str) -> None:
-        fingerprint = key_fingerprint(key) if key else None
+        fingerprint = (pem_fingerprint(key) or "unreadable key") if key else None
         node = self.names().get(key, None) if key else None
         joining = path.endswith(("/activate-node", "/register-node"))
         if status in (401, 403) or (joining and status >= 400):
