@@ -69,8 +69,17 @@ def simulate(
             "(the scenario defaults to the run's own).",
         ),
     ] = None,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No progress; print only the run folder.")
+    ] = False,
+    json_lines: Annotated[
+        bool,
+        typer.Option("--json", help="Progress as JSON lines on stdout (start, round..., summary)."),
+    ] = False,
 ) -> None:
     """Run a private federated simulation on this machine (Flower simulation engine, Ray)."""
+    if quiet and json_lines:
+        raise ConsortiaError("--quiet and --json exclude each other; choose one")
     from consortia.common.config_io import load_scenario
     from consortia.server.run_dirs import default_run_dir
 
@@ -78,26 +87,45 @@ def simulate(
     if resume is not None:
         from consortia.cli.resume import resumed_scenario
 
-        loaded, out_dir = resumed_scenario(console, resume, scenario, out, overrides)
+        # Its notes go to stderr when stdout carries JSON lines or only the run folder.
+        notes = err_console if (quiet or json_lines) else console
+        loaded, out_dir = resumed_scenario(notes, resume, scenario, out, overrides)
     else:
         # Validate before importing torch, Flower and Ray: a typo should fail in a blink.
         loaded = load_scenario(scenario, overrides)
         out_dir = out if out is not None else default_run_dir(Path("runs"), loaded.config.name)
         _check_new_run_dir(out_dir)
     config = loaded.config
-    console.print(
-        f"[bold]{config.name}[/]: {config.simulation.nodes} nodes, {config.rounds} rounds, "
-        f"{_privacy_line(config)}"
-    )
-    from consortia.cli.progress import ProgressListener
+    from consortia.cli.progress import JsonLinesListener, ProgressListener, QuietListener
     from consortia.server.simulation import simulate as run_simulated
 
-    listener = ProgressListener(console)
+    listener: ProgressListener | QuietListener | JsonLinesListener
+    if json_lines:
+        listener = JsonLinesListener()
+    elif quiet:
+        listener = QuietListener()
+    else:
+        console.print(
+            f"[bold]{config.name}[/]: {config.simulation.nodes} nodes, {config.rounds} rounds, "
+            f"{_privacy_line(config)}"
+        )
+        listener = ProgressListener(console)
     try:
         summary = run_simulated(loaded, out_dir, listener, resume=resume)
     finally:
         listener.stop()
-    _print_summary(summary, config)
+    if isinstance(listener, JsonLinesListener):
+        listener.emit(
+            "summary",
+            {
+                "out_dir": str(summary.out_dir.resolve()),
+                "final": summary.final.model_dump(mode="json"),
+            },
+        )
+    elif quiet:
+        print(summary.out_dir.resolve())
+    else:
+        _print_summary(summary, config)
 
 
 def _check_new_run_dir(out_dir: Path) -> None:

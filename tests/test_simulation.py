@@ -29,18 +29,22 @@ class _Quiet:
 @pytest.fixture(scope="module")
 def default_runs(
     tmp_path_factory: pytest.TempPathFactory, consortia_cli: CliRunner
-) -> tuple[Path, Path, str]:
-    """The default scenario, shortened to 3 rounds, run twice with the same seed."""
+) -> tuple[Path, Path, str, str]:
+    """The default scenario, shortened to 3 rounds, run twice with the same seed.
+
+    The first run reports for people (progress bar, summary table), the
+    second as JSON lines (`--json`); both write the same files.
+    """
     work = tmp_path_factory.mktemp("default")
     first = consortia_cli("simulate", "--rounds", "3", "--out", "run-a", cwd=work)
     assert first.returncode == 0, first.stderr[-3000:]
-    second = consortia_cli("simulate", "--rounds", "3", "--out", "run-b", cwd=work)
+    second = consortia_cli("simulate", "--rounds", "3", "--out", "run-b", "--json", cwd=work)
     assert second.returncode == 0, second.stderr[-3000:]
-    return work / "run-a", work / "run-b", first.stdout
+    return work / "run-a", work / "run-b", first.stdout, second.stdout
 
 
-def test_default_run_writes_every_artifact(default_runs: tuple[Path, Path, str]) -> None:
-    run, _, stdout = default_runs
+def test_default_run_writes_every_artifact(default_runs: tuple[Path, Path, str, str]) -> None:
+    run, _, stdout, _ = default_runs
     metrics = json.loads((run / "metrics.json").read_text())
     assert [r["round"] for r in metrics["rounds"]] == [1, 2, 3]
     names = {"st-mary", "riverside", "northgate", "lakeview", "hillcrest"}
@@ -60,10 +64,24 @@ def test_default_run_writes_every_artifact(default_runs: tuple[Path, Path, str])
     assert (run / "plots" / "accuracy.png").stat().st_size > 1000
     assert (run / "plots" / "epsilon.png").stat().st_size > 1000
     assert "final accuracy" in stdout and "st-mary" in stdout
+    assert "ETA" in stdout
 
 
-def test_manifest_makes_the_run_reproducible(default_runs: tuple[Path, Path, str]) -> None:
-    run, _, _ = default_runs
+def test_json_lines_report_every_round(default_runs: tuple[Path, Path, str, str]) -> None:
+    """`--json`: stdout is JSON lines only: start, each round as metrics.json has it, summary."""
+    _, run, _, stdout = default_runs
+    events = [json.loads(line) for line in stdout.splitlines()]
+    assert [e["event"] for e in events] == ["start", "round", "round", "round", "summary"]
+    assert events[0]["rounds"] == 3 and len(events[0]["nodes"]) == 5
+    metrics = json.loads((run / "metrics.json").read_text())
+    for event, record in zip(events[1:4], metrics["rounds"], strict=True):
+        assert {k: v for k, v in event.items() if k != "event"} == record
+    assert events[-1]["final"] == metrics["final"]
+    assert events[-1]["out_dir"] == str(run.resolve())
+
+
+def test_manifest_makes_the_run_reproducible(default_runs: tuple[Path, Path, str, str]) -> None:
+    run, _, _, _ = default_runs
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["seed"] == 42
     assert manifest["config"]["rounds"] == 3
@@ -75,8 +93,10 @@ def test_manifest_makes_the_run_reproducible(default_runs: tuple[Path, Path, str
     assert "created_utc" in manifest
 
 
-def test_same_seed_gives_identical_model_bytes(default_runs: tuple[Path, Path, str]) -> None:
-    first, second, _ = default_runs
+def test_same_seed_gives_identical_model_bytes(
+    default_runs: tuple[Path, Path, str, str],
+) -> None:
+    first, second, _, _ = default_runs
     for round_number in (1, 2, 3):
         name = f"model/round-{round_number:03d}.safetensors"
         assert _sha256(first / name) == _sha256(second / name), name
@@ -87,8 +107,9 @@ def test_same_seed_gives_identical_model_bytes(default_runs: tuple[Path, Path, s
 
 def test_full_default_scenario_meets_its_promise(tmp_path: Path, consortia_cli: CliRunner) -> None:
     """The README's claim: the default run reaches ≥ 0.93 accuracy at ε ≤ 1 per node."""
-    result = consortia_cli("simulate", "--out", "full", cwd=tmp_path)
+    result = consortia_cli("simulate", "--out", "full", "--quiet", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout == f"{(tmp_path / 'full').resolve()}\n"  # --quiet: the run folder only
     final = json.loads((tmp_path / "full" / "metrics.json").read_text())["final"]
     assert final["accuracy"] >= 0.93
     assert 0 < final["epsilon_max"] <= 1.0
