@@ -69,6 +69,14 @@ def simulate(
             "(the scenario defaults to the run's own).",
         ),
     ] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            "--data",
+            help="Data folder: overrides [simulation.data] path (IDX folder for 'idx', "
+            "the node files' folder for 'files').",
+        ),
+    ] = None,
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="No progress; print only the run folder.")
     ] = False,
@@ -76,10 +84,29 @@ def simulate(
         bool,
         typer.Option("--json", help="Progress as JSON lines on stdout (start, round..., summary)."),
     ] = False,
+    sweep: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--sweep",
+            metavar="KEY=V1,V2,...",
+            help="Run once per value of this dotted scenario key, e.g. "
+            "privacy.target_epsilon=0.5,1,2 (repeat for a product grid); --out is then the "
+            "sweep folder: a subfolder per run, sweep.json, sweep.csv, report.html.",
+        ),
+    ] = None,
+    seeds: Annotated[
+        int | None,
+        typer.Option(
+            "--seeds", min=1, help="Runs per sweep point, with seeds seed, seed+1, ... (a sweep)."
+        ),
+    ] = None,
 ) -> None:
     """Run a private federated simulation on this machine (Flower simulation engine, Ray)."""
     if quiet and json_lines:
         raise ConsortiaError("--quiet and --json exclude each other; choose one")
+    sweeping = bool(sweep) or seeds is not None
+    if sweeping and (resume is not None or json_lines):
+        raise ConsortiaError("--sweep and --seeds cannot be combined with --resume or --json")
     from consortia.common.config_io import load_scenario
     from consortia.server.run_dirs import default_run_dir
 
@@ -95,7 +122,17 @@ def simulate(
         loaded = load_scenario(scenario, overrides)
         out_dir = out if out is not None else default_run_dir(Path("runs"), loaded.config.name)
         _check_new_run_dir(out_dir)
+    from consortia.common.simulated_data import scenario_with_data
+
+    loaded = scenario_with_data(loaded, data)
     config = loaded.config
+    if sweeping:
+        from consortia.cli.sweep import run_sweep
+
+        run_sweep(Console(quiet=quiet), loaded, out_dir, sweep or [], seeds or 1)
+        if quiet:
+            print(out_dir.resolve())
+        return
     from consortia.cli.progress import JsonLinesListener, ProgressListener, QuietListener
     from consortia.server.simulation import simulate as run_simulated
 

@@ -40,9 +40,14 @@ from consortia.server.rng_state import capture_rng, restore_rng
 from consortia.server.roster import Roster, discover
 from consortia.server.round_checkpoint import CheckpointDoc, RoundCheckpoint
 from consortia.server.round_loop import Purpose, run_rounds
-from consortia.server.run_log import NodeFailure, RoundRecord, RunLog
+from consortia.server.run_log import NodeFailure, RoundRecord, RunLog, kept_shares
 from consortia.server.run_outputs import FinalMetrics, RunOutputs
-from consortia.server.strategies import ConsortiaStrategy, build_strategy
+from consortia.server.strategies import (
+    ConsortiaMedian,
+    ConsortiaStrategy,
+    ConsortiaTrimmedMean,
+    build_strategy,
+)
 from consortia.server.strategy_state import capture_strategy_state, restore_strategy_state
 
 
@@ -99,7 +104,7 @@ def run_federation(
     feature_shape, num_classes = roster.data_shape()
     model = build_model(config.model, feature_shape, num_classes, config.seed)
     outputs = RunOutputs(out_dir)
-    run_log = RunLog(roster)
+    run_log = RunLog(roster, adversaries=_adversaries(simulation, config.seed))
     strategy = build_strategy(job)
     strategy.attach(
         Cohort(roster, config.clients_per_round, config.seed),
@@ -149,6 +154,15 @@ def run_federation(
     final = observer.final()
     outputs.finish(final, config.privacy.delta if config.privacy.enabled else None)
     return RunSummary(out_dir=out_dir, final=final, rounds=outputs.metrics.rounds)
+
+
+def _adversaries(simulation: SimulationConfig | None, seed: int) -> frozenset[str]:
+    """A simulation's Byzantine nodes: metrics.json lists those that sent an update."""
+    if simulation is None:
+        return frozenset()
+    from consortia.simulations.adversaries import adversary_names  # the simulation lab
+
+    return adversary_names(simulation, seed)
 
 
 def _query_task(job: JobConfig, simulation: SimulationConfig | None, resumed: bool) -> str:
@@ -206,6 +220,7 @@ class _RoundObserver:
         )
         self.last_model = last_model
         self._round_started = time.perf_counter()
+        self._updates: dict[str, ArrayRecord] = {}  # this round's, for `_record_kept_shares`
 
     def before_round(self, server_round: int) -> None:
         self._round_started = time.perf_counter()
@@ -229,8 +244,23 @@ class _RoundObserver:
             self.run_log.record_failures(server_round, sorted(silent, key=lambda f: f.node))
         if purpose == "train":
             self.run_log.record_releases(_reported_releases(replies, roster))
+            if isinstance(self.strategy, ConsortiaTrimmedMean | ConsortiaMedian):
+                self._updates = _updates_of(replies, roster)
+
+    def _record_kept_shares(self, server_round: int) -> None:
+        """Trimmed mean / median: how much of each aggregated update counted (run_log.kept_shares).
+
+        Over the round's participants, i.e. the updates the aggregate saw after screening.
+        """
+        participants = self.run_log.current(server_round).participants
+        updates = {name: self._updates[name] for name in participants if name in self._updates}
+        self._updates = {}
+        cut = _coordinate_cut(self.strategy, len(updates))
+        if cut is not None and updates:
+            self.run_log.record_kept_shares(server_round, kept_shares(updates, cut))
 
     def after_round(self, server_round: int, arrays: ArrayRecord) -> None:
+        self._record_kept_shares(server_round)
         metrics = self._evaluate(arrays)
         if metrics is not None:
             self.run_log.record_evaluation(
@@ -302,6 +332,24 @@ def _reported_releases(replies: list[Message], roster: Roster) -> dict[str, Rele
                 noise_multiplier=sigma, sample_rate=rate, steps=steps
             )
     return releases
+
+
+def _updates_of(replies: list[Message], roster: Roster) -> dict[str, ArrayRecord]:
+    """The update in each train reply that has one, by node name (references, not copies)."""
+    updates = {}
+    for reply in replies:
+        if not reply.has_error() and p.ARRAYS_KEY in reply.content.array_records:
+            updates[roster.name_of(reply.metadata.src_node_id)] = reply.content[p.ARRAYS_KEY]
+    return updates
+
+
+def _coordinate_cut(strategy: ConsortiaStrategy, n: int) -> int | None:
+    """Values cut from each end of every coordinate by a trimmed mean or median of n updates."""
+    if isinstance(strategy, ConsortiaTrimmedMean):
+        return int(strategy.beta * n)
+    if isinstance(strategy, ConsortiaMedian):
+        return (n - 1) // 2
+    return None
 
 
 def _seed_everything(seed: int) -> None:

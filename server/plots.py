@@ -1,54 +1,193 @@
-"""Accuracy-per-round and ε-per-round figures of a run (PNG, matplotlib)."""
+"""The figures of a run and of a sweep (PNG, matplotlib).
+
+Every figure is rendered to PNG bytes in memory: `write_plots` stores the
+two standard ones under plots/, and the HTML reports (report.py) embed the
+same bytes as base64, so a report needs no other file and no network.
+"""
 
 from __future__ import annotations
 
 import io
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")  # headless: coordinators and CI have no display
 import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 
 from consortia.common.atomic import write_bytes_atomic
 from consortia.server.run_log import RoundRecord
+
+_DPI = 100
+_MAX_BARS = 40  # nodes in a bar chart of label shares; more get a heat map
 
 
 def write_plots(plots_dir: Path, rounds: list[RoundRecord], delta: float | None) -> list[Path]:
     """Draw the two standard figures; returns the files written."""
     plots_dir.mkdir(parents=True, exist_ok=True)
-    return [_accuracy(plots_dir, rounds), _epsilon(plots_dir, rounds, delta)]
+    figures = {"accuracy.png": accuracy_png(rounds), "epsilon.png": epsilon_png(rounds, delta)}
+    for name, png in figures.items():
+        write_bytes_atomic(plots_dir / name, png)  # a crash never leaves half a PNG
+    return [plots_dir / name for name in figures]
 
 
-def _accuracy(plots_dir: Path, rounds: list[RoundRecord]) -> Path:
+def accuracy_png(rounds: list[RoundRecord]) -> bytes:
     fig, ax = plt.subplots(figsize=(6, 4))
+    _accuracy_axes(ax, rounds)
+    return _png(fig)
+
+
+def accuracy_loss_png(rounds: list[RoundRecord]) -> bytes:
+    """Accuracy and loss side by side: the report's first figure."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    _accuracy_axes(left, rounds)
+    for label, values in (
+        ("evaluation loss", [(r.round, r.loss) for r in rounds]),
+        ("training loss", [(r.round, r.train_loss) for r in rounds]),
+    ):
+        points = [(x, y) for x, y in values if y is not None]
+        if points:
+            xs, ys = zip(*points, strict=True)
+            right.plot(xs, ys, marker="o", label=label)
+    right.set(xlabel="round", ylabel="loss", title="Loss")
+    right.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if right.get_legend_handles_labels()[0]:
+        right.legend(fontsize="small")
+    right.grid(alpha=0.3)
+    return _png(fig)
+
+
+def _accuracy_axes(ax: plt.Axes, rounds: list[RoundRecord]) -> None:
     points = [(r.round, r.accuracy) for r in rounds if r.accuracy is not None]
     if points:
         xs, ys = zip(*points, strict=True)
         ax.plot(xs, ys, marker="o")
     ax.set(xlabel="round", ylabel="accuracy", title="Global model accuracy", ylim=(0, 1))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
-    return _save(fig, plots_dir / "accuracy.png")
 
 
-def _epsilon(plots_dir: Path, rounds: list[RoundRecord], delta: float | None) -> Path:
+def epsilon_png(rounds: list[RoundRecord], delta: float | None) -> bytes:
     fig, ax = plt.subplots(figsize=(6, 4))
     names = sorted({name for r in rounds for name in r.epsilon})
     for name in names:
-        ax.plot([r.round for r in rounds], [r.epsilon.get(name, 0.0) for r in rounds], label=name)
+        ax.plot(
+            [r.round for r in rounds],
+            [r.epsilon.get(name, 0.0) for r in rounds],
+            label=name,
+            marker="." if len(rounds) <= 50 else None,  # a lone round is a point, not a line
+        )
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     title = "Privacy spent per node" + (f" (δ = {delta:g})" if delta else "")
     ax.set(xlabel="round", ylabel="ε so far", title=title)
     if 0 < len(names) <= 12:
         ax.legend(fontsize="small")
     ax.grid(alpha=0.3)
-    return _save(fig, plots_dir / "epsilon.png")
+    return _png(fig)
 
 
-def _save(fig: plt.Figure, path: Path) -> Path:
-    """Render in memory, then write atomically: a crash never leaves half a PNG."""
+def label_mix_png(proportions: Mapping[str, Sequence[float]], title: str) -> bytes:
+    """Label skew at a glance: one bar per node split by class share, or, for more
+    nodes than bars can show, a nodes × classes heat map of the shares."""
+    names = list(proportions)
+    classes = max((len(mix) for mix in proportions.values()), default=0)
+    shares = [
+        [mix[c] if c < len(mix) else 0.0 for c in range(classes)] for mix in proportions.values()
+    ]
+    if len(names) > _MAX_BARS:
+        return _label_heatmap(shares, title)
+    height = 0.9 + max(0.35 * max(len(names), 2), 0.2 * classes)  # room for the legend too
+    fig, ax = plt.subplots(figsize=(8, height))
+    colours = plt.get_cmap("tab10" if classes <= 10 else "tab20")
+    left = [0.0] * len(names)
+    for label in range(classes):
+        column = [row[label] for row in shares]
+        ax.barh(names, column, left=left, color=colours(label % 20), label=f"class {label}")
+        left = [a + b for a, b in zip(left, column, strict=True)]
+    ax.set(xlabel="share of the node's records", xlim=(0, 1), title=title)
+    ax.invert_yaxis()  # first node on top, as in the tables
+    if classes:
+        ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.01, 0.5))
+    return _png(fig)
+
+
+def _label_heatmap(shares: list[list[float]], title: str) -> bytes:
+    fig, ax = plt.subplots(figsize=(8, 5))
+    image = ax.imshow(
+        shares, aspect="auto", interpolation="nearest", vmin=0, vmax=1, cmap="viridis"
+    )
+    ax.set(xlabel="class", ylabel="node (in table order)", title=f"{title} ({len(shares)} nodes)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.colorbar(image, ax=ax, label="share of the node's records")
+    return _png(fig)
+
+
+def counts_png(series: Mapping[str, Sequence[int]], rounds: Sequence[int], title: str) -> bytes:
+    """Grouped bars: how many nodes fell in each category, per round."""
+    fig, ax = plt.subplots(figsize=(8, 3.2))
+    width = 0.8 / max(len(series), 1)
+    for index, (label, counts) in enumerate(series.items()):
+        offset = (index - (len(series) - 1) / 2) * width
+        ax.bar([r + offset for r in rounds], counts, width=width, label=label)
+    ax.set(xlabel="round", ylabel="nodes", title=title)
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if series:
+        ax.legend(fontsize="small")
+    ax.grid(alpha=0.3, axis="y")
+    return _png(fig)
+
+
+@dataclass(frozen=True)
+class CurvePoint:
+    """One grid point of a sweep on the privacy–utility plane (means and stds over seeds)."""
+
+    epsilon: float
+    epsilon_std: float
+    accuracy: float
+    accuracy_std: float
+
+
+def privacy_utility_png(curves: Mapping[str, Sequence[CurvePoint]]) -> bytes:
+    """Accuracy against the ε actually spent, with error bars over seeds; one line per curve."""
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    xs_all = [p.epsilon for points in curves.values() for p in points]
+    for label, points in curves.items():
+        ordered = sorted(points, key=lambda p: p.epsilon)
+        ax.errorbar(
+            [p.epsilon for p in ordered],
+            [p.accuracy for p in ordered],
+            xerr=[p.epsilon_std for p in ordered],
+            yerr=[p.accuracy_std for p in ordered],
+            marker="o",
+            capsize=4,
+            label=label or None,
+        )
+    if xs_all and min(xs_all) > 0 and max(xs_all) / min(xs_all) >= 10:
+        ax.set_xscale("log")
+    ax.set(
+        xlabel="max ε per node (mean over seeds)",
+        ylabel="final accuracy",
+        title="Privacy–utility trade-off",
+    )
+    if any(curves) and len(curves) <= 12:
+        ax.legend(fontsize="small")
+    ax.grid(alpha=0.3, which="both")
+    return _png(fig)
+
+
+def finite(value: float | None) -> float:
+    """A plottable number: None and NaN become 0 (a missing error bar, a run without ε)."""
+    return 0.0 if value is None or math.isnan(value) else value
+
+
+def _png(fig: plt.Figure) -> bytes:
     fig.tight_layout()
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
+    fig.savefig(buffer, format="png", dpi=_DPI)
     plt.close(fig)
-    write_bytes_atomic(path, buffer.getvalue())
-    return path
+    return buffer.getvalue()

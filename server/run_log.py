@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
+import numpy as np
+from flwr.app import ArrayRecord
 from pydantic import BaseModel, Field
 
 from consortia.common.privacy import Release
+from consortia.server.aggregation import array_view
 from consortia.server.roster import Roster
+from consortia.simulations.faults import CRASH, DROPOUT, LATE
+
+# The `RoundRecord` list each simulated fault code is filed under.
+_FAULT_LISTS = {DROPOUT: "dropouts", LATE: "stragglers", CRASH: "crashes"}
+# How strategies.py words the updates Krum / Multi-Krum leave out (tests/test_faults.py pins it).
+_NOT_SELECTED = {"not selected by Krum": "krum", "not selected by Multi-Krum": "multikrum"}
+_NODE_ERROR = "node error:"  # strategies.py: a Flower error reply, a failure rather than a defence
+_CHUNK = 1 << 14  # coordinates per block when ranking updates for `kept_shares`
 
 
 class NodeFailure(BaseModel):
@@ -16,6 +29,8 @@ class NodeFailure(BaseModel):
     refusal: str | None = None  # the node's refusal code when the node declined by policy
 
     def __str__(self) -> str:
+        if self.refusal in _FAULT_LISTS:
+            return f"{self.node}: {self.reason}"  # a simulated fault, not a policy refusal
         if self.refusal is not None:
             return f"{self.node} refused [{self.refusal}]: {self.reason}"
         return f"{self.node}: {self.reason}"
@@ -32,6 +47,26 @@ class RoundRecord(BaseModel):
     failures: list[NodeFailure] = Field(default_factory=list)
     train_loss: float | None = None
     seconds: float | None = None
+    # Simulation lab (all empty otherwise; records written before they existed load as empty).
+    dropouts: list[str] = Field(default_factory=list, description="nodes offline this round")
+    stragglers: list[str] = Field(
+        default_factory=list, description="stragglers that missed the round deadline"
+    )
+    crashes: list[str] = Field(
+        default_factory=list, description="nodes that crashed after recording their spend"
+    )
+    adversaries: list[str] = Field(
+        default_factory=list, description="adversarial nodes whose update reached aggregation"
+    )
+    # Defences, in every run.
+    rejected: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="defence ('update_checks', 'krum', 'multikrum') -> nodes it left out",
+    )
+    kept_share: dict[str, float] = Field(
+        default_factory=dict,
+        description="trimmed mean / median: share of coordinates in which a node's value counted",
+    )
 
 
 class RunLog:
@@ -45,9 +80,10 @@ class RunLog:
     lived in the interrupted process.
     """
 
-    def __init__(self, roster: Roster) -> None:
+    def __init__(self, roster: Roster, adversaries: Iterable[str] = ()) -> None:
         self.epsilon: dict[str, float] = dict.fromkeys(roster.names, 0.0)
         self.releases: dict[str, list[Release]] = {name: [] for name in roster.names}
+        self.adversaries = frozenset(adversaries)  # a simulation's Byzantine nodes, by name
         self._current: dict[int, RoundRecord] = {}
 
     def restore(self, epsilon: dict[str, float], releases: dict[str, list[Release]]) -> None:
@@ -80,6 +116,10 @@ class RunLog:
         record.participants = sorted(participants)
         record.train_loss = train_loss
         record.failures.extend(failures)
+        for failure in failures:
+            defence = _defence_of(failure)
+            if defence is not None:
+                record.rejected.setdefault(defence, []).append(failure.node)
 
     def record_evaluation(
         self, server_round: int, loss: float | None, accuracy: float | None
@@ -90,9 +130,61 @@ class RunLog:
     def record_failures(self, server_round: int, failures: list[NodeFailure]) -> None:
         self.current(server_round).failures.extend(failures)
 
+    def record_kept_shares(self, server_round: int, shares: dict[str, float]) -> None:
+        """How much of each aggregated update a coordinate-wise robust aggregate kept."""
+        self.current(server_round).kept_share = dict(sorted(shares.items()))
+
     def close(self, server_round: int, seconds: float) -> RoundRecord:
         """Finish the round's record and hand it out."""
         record = self._current.pop(server_round, RoundRecord(round=server_round))
         record.epsilon = dict(self.epsilon)
         record.seconds = seconds
+        _file_faults(record)
+        record.rejected = {name: sorted(set(nodes)) for name, nodes in record.rejected.items()}
+        sent_update = set(record.participants).union(*record.rejected.values())
+        record.adversaries = sorted(self.adversaries & sent_update)
         return record
+
+
+def _file_faults(record: RoundRecord) -> None:
+    """List each simulated fault of the round once under its kind (train and evaluate alike)."""
+    for code, field in _FAULT_LISTS.items():
+        nodes = {f.node for f in record.failures if f.refusal == code}
+        setattr(record, field, sorted(nodes))
+
+
+def _defence_of(failure: NodeFailure) -> str | None:
+    """Which defence left a train reply's update out, or None (a refusal, a fault, an error).
+
+    Screening and `[update_checks]` (layout, finiteness, norm bound) word
+    their reasons freely; Krum's notes and node errors have fixed prefixes.
+    """
+    if failure.refusal is not None or failure.reason.startswith(_NODE_ERROR):
+        return None
+    for prefix, defence in _NOT_SELECTED.items():
+        if failure.reason.startswith(prefix):
+            return defence
+    return "update_checks"
+
+
+def kept_shares(updates: dict[str, ArrayRecord], lowercut: int) -> dict[str, float]:
+    """Per node, the share of coordinates in which its value is inside the kept ranks.
+
+    A coordinate-wise trimmed mean over n updates keeps, in every coordinate,
+    the values ranked lowercut..n − lowercut − 1 (a median: the middle one or
+    two); a node whose update is an outlier is cut nearly everywhere. Ties are
+    ranked in node-name order (the aggregate is the same whichever tied value
+    is cut). Cost: one stable sort per coordinate block, like the aggregate's.
+    """
+    names = sorted(updates)
+    n = len(names)
+    kept = np.zeros(n, dtype=np.int64)
+    total = 0
+    for key in updates[names[0]]:
+        views = [array_view(updates[name][key]).reshape(-1) for name in names]
+        total += views[0].size
+        for start in range(0, views[0].size, _CHUNK):
+            block = np.stack([view[start : start + _CHUNK] for view in views])
+            ranks = np.argsort(np.argsort(block, axis=0, kind="stable"), axis=0, kind="stable")
+            kept += ((ranks >= lowercut) & (ranks < n - lowercut)).sum(axis=1)
+    return {name: round(float(kept[i]) / max(total, 1), 4) for i, name in enumerate(names)}

@@ -1,10 +1,12 @@
-"""The run directory: manifest.json, checkpoints/, model/, metrics.json, plots/.
+"""The run directory: manifest.json, checkpoints/, model/, metrics.json, plots/, report.html.
 
 After every round, in this order: the round checkpoint (everything needed
-to resume), the round's model file, then metrics.json. Each is written
-atomically, so a run killed at any moment leaves complete files only, and
-the newest checkpoint is never behind metrics.json: a resumed run rebuilds
-metrics.json from its checkpoint (`restore`).
+to resume), the round's model file, then metrics.json, then report.html
+when rewriting it is cheap (report.py). Each is written atomically, so a
+run killed at any moment leaves complete files only, and the newest
+checkpoint is never behind metrics.json: a resumed run rebuilds
+metrics.json from its checkpoint (`restore`). The end of the run adds the
+plots and always rewrites report.html.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from consortia.common.errors import FederationError
 from consortia.server.checkpoints import file_sha256, model_file_bytes, model_path, write_model_file
 from consortia.server.manifest import Manifest
 from consortia.server.plots import write_plots
+from consortia.server.report import RunReport
 from consortia.server.round_checkpoint import (
     RoundCheckpoint,
     checkpoint_dir,
@@ -57,12 +60,14 @@ class RunOutputs:
         self.model_dir = root / "model"
         self.plots_dir = root / "plots"
         self.metrics = MetricsFile()
+        self.report = RunReport(root)
         root.mkdir(parents=True, exist_ok=True)
 
     def write_manifest(self, manifest: Manifest) -> str:
         """Write manifest.json; return the sha256 of the file (checkpoints name it)."""
         path = self.root / MANIFEST_FILE
         write_json_atomic(path, manifest.model_dump(mode="json"))
+        self.report.set_manifest(manifest)
         return file_sha256(path)
 
     def add_round(self, record: RoundRecord, checkpoint: RoundCheckpoint, model: bytes) -> Path:
@@ -74,6 +79,7 @@ class RunOutputs:
         path = write_model_file(self.model_dir, record.round, model)
         self.metrics.rounds.append(record)
         self._write_metrics()
+        self.report.write_if_cheap(self.metrics)
         return path
 
     def restore(self, checkpoint: RoundCheckpoint) -> Path:
@@ -97,6 +103,7 @@ class RunOutputs:
                 path.unlink()
         manifest = self.root / MANIFEST_FILE
         intact = manifest.is_file() and file_sha256(manifest) == doc.manifest_sha256
+        self.report.set_manifest(doc.manifest)
         if not intact and self.write_manifest(doc.manifest) != doc.manifest_sha256:
             raise FederationError(
                 f"{manifest}: rewritten from the checkpoint but its sha256 differs from "
@@ -115,6 +122,7 @@ class RunOutputs:
         self.metrics.final = final
         self._write_metrics()
         write_plots(self.plots_dir, self.metrics.rounds, delta)
+        self.report.write(self.metrics)
 
     def _write_metrics(self) -> None:
         write_json_atomic(self.root / METRICS_FILE, self.metrics.model_dump(mode="json"))

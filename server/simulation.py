@@ -21,6 +21,7 @@ from consortia.common.simulated_data import source_of
 from consortia.server.federation import RoundListener, RunSummary, run_federation
 from consortia.server.resume import load_resume_point
 from consortia.server.simulated_privacy import resumed_client_app
+from consortia.simulations.lab import lab_client_app
 
 
 def simulate(
@@ -39,6 +40,8 @@ def simulate(
         # Fails here, before Ray starts, on a finished run or a changed job.
         point = load_resume_point(resume, loaded.config)
         app = resumed_client_app(point.checkpoint.doc.releases)
+    # The scenario's faults and adversaries, if any (simulations/lab.py).
+    app = lab_client_app(app, loaded.config.simulation)
     summaries: list[RunSummary] = []
     server_app = ServerApp()
 

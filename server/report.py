@@ -1,0 +1,547 @@
+"""report.html: one self-contained page per run, and one per sweep.
+
+A run folder holds JSON for programs; a person wants one file to open, mail
+or archive. The page carries everything inline (PNG figures as base64 data,
+a few lines of CSS, no script, no external URL), so it renders the same
+offline, years later, in any browser.
+
+A run's report is rewritten at the end of the run and after a round when
+that is cheap (`RunReport.write_if_cheap`): an interrupted run still has a
+report of the rounds it finished.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import html
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from pydantic import BaseModel, Field, ValidationError
+
+from consortia.common.atomic import write_bytes_atomic
+from consortia.common.errors import ConsortiaError
+from consortia.server import plots
+from consortia.server.manifest import Manifest
+from consortia.server.run_log import NodeFailure, RoundRecord
+
+if TYPE_CHECKING:
+    from consortia.server.run_outputs import MetricsFile
+    from consortia.server.sweep import SweepFile
+
+REPORT_FILE = "report.html"
+
+# Rewrite the report after a round only while that costs at most this share of the run's time.
+_REPORT_TIME_SHARE = 0.1
+_FIRST_COST_GUESS_S = 0.5
+_UNFOLDED_ROWS = 40  # longer per-node tables start folded
+
+# RoundRecord's fields that have their own section; any other field (dropouts,
+# adversaries, ... added later) is shown generically under failures.
+_ROUND_FIELDS = frozenset(
+    {"round", "accuracy", "loss", "epsilon", "participants", "failures", "train_loss", "seconds"}
+)
+
+
+# ------------------------------------------------------------------ label mix
+
+
+class LabelMix(BaseModel):
+    """Each node's label distribution, and where the report got it from."""
+
+    source: str
+    proportions: dict[str, tuple[float, ...]] = Field(default_factory=dict)
+    counts: dict[str, tuple[int, ...]] | None = None
+    withheld: dict[str, str] = Field(default_factory=dict)
+
+
+def run_labels(manifest: Manifest) -> LabelMix | None:
+    """The true partition in a simulation; else the nodes' DP label histograms, if any."""
+    return partition_labels(manifest) or histogram_labels(manifest)
+
+
+def partition_labels(manifest: Manifest) -> LabelMix | None:
+    """Count every simulated node's labels (train and test split), as the simulation made them.
+
+    Only a simulation knows this; its coordinator derives the same partition
+    its virtual nodes do, from (scenario, seed). None for a deployed job.
+    """
+    if "simulation" not in manifest.config:  # a job's config validates as a default scenario
+        return None
+    from consortia.common.config import ScenarioConfig
+    from consortia.common.simulated_data import simulated_node_data
+
+    try:
+        config = ScenarioConfig.model_validate(manifest.config)
+        sim = config.simulation
+        data = [simulated_node_data(sim, config.seed, pid) for pid in range(sim.nodes)]
+    except (ValidationError, ConsortiaError):
+        return None  # a scenario this code cannot rebuild: no chart, never a failed run
+    counts = {
+        sim.node_name(pid): tuple(
+            int(c)
+            for c in np.bincount(np.concatenate([d.train.y, d.test.y]), minlength=d.num_classes)
+        )
+        for pid, d in enumerate(data)
+    }
+    return LabelMix(
+        source="the simulated partition (true counts, train and test split)",
+        proportions={name: _shares(c) for name, c in counts.items()},
+        counts=counts,
+    )
+
+
+def histogram_labels(manifest: Manifest) -> LabelMix | None:
+    """What a deployed coordinator knows: the DP-noised label histograms the nodes shared."""
+    skew = manifest.label_skew
+    if skew is None:
+        return None
+    return LabelMix(
+        source=f"the nodes' DP label histograms (Gaussian noise, σ = {skew.noise_multiplier:g})",
+        proportions={n: v.proportions for n, v in skew.nodes.items() if v.proportions is not None},
+        withheld={n: v.withheld or "" for n, v in skew.nodes.items() if v.proportions is None},
+    )
+
+
+def _shares(counts: Sequence[int]) -> tuple[float, ...]:
+    total = sum(counts)
+    return tuple(c / total if total else 0.0 for c in counts)
+
+
+# ------------------------------------------------------------------ run report
+
+
+class RunReport:
+    """Renders and writes one run's report.html; keeps what does not change between rounds."""
+
+    def __init__(self, root: Path) -> None:
+        self.path = root / REPORT_FILE
+        self.manifest: Manifest | None = None
+        self.labels: LabelMix | None = None
+        self._label_png: bytes | None = None
+        # Until a first write measures it, assume a report costs about this much: the
+        # first one after a round then waits until the run has gone on for a few seconds.
+        self._cost_s = _FIRST_COST_GUESS_S
+        self._written_at = time.monotonic()
+
+    def set_manifest(self, manifest: Manifest) -> None:
+        self.manifest = manifest
+        self.labels = run_labels(manifest)
+        self._label_png = None
+
+    def write_if_cheap(self, metrics: MetricsFile) -> bool:
+        """Write unless the last write was so recent that reports would slow the run down."""
+        since = time.monotonic() - self._written_at
+        if self._cost_s > _REPORT_TIME_SHARE * (since + self._cost_s):
+            return False
+        self.write(metrics)
+        return True
+
+    def write(self, metrics: MetricsFile) -> Path:
+        started = time.monotonic()
+        if self.labels is not None and self._label_png is None:
+            self._label_png = plots.label_mix_png(self.labels.proportions, "Labels per node")
+        page = render_run_report(metrics, self.manifest, self.labels, self._label_png)
+        write_bytes_atomic(self.path, page.encode("utf-8"))
+        self._written_at = time.monotonic()
+        self._cost_s = self._written_at - started
+        return self.path
+
+
+def render_run_report(
+    metrics: MetricsFile,
+    manifest: Manifest | None,
+    labels: LabelMix | None,
+    label_png: bytes | None = None,
+) -> str:
+    """The whole page as one string (label_png: the label chart, if already rendered)."""
+    rounds = metrics.rounds
+    title = manifest.run_name if manifest is not None else "run"
+    if labels is not None and label_png is None:
+        label_png = plots.label_mix_png(labels.proportions, "Labels per node")
+    sections = [
+        _run_summary(metrics, manifest),
+        _section(
+            "Accuracy and loss per round",
+            _figure(plots.accuracy_loss_png(rounds), "accuracy and loss per round")
+            if rounds
+            else _note("No round has finished yet."),
+        ),
+        _epsilon_section(metrics, manifest),
+        _labels_section(labels, label_png),
+        _failures_section(rounds),
+        _manifest_section(manifest),
+        _rounds_section(rounds),
+    ]
+    return page(f"Consortia run {title}", sections)
+
+
+def _run_summary(metrics: MetricsFile, manifest: Manifest | None) -> str:
+    planned = manifest.config.get("rounds") if manifest is not None else None
+    done = len(metrics.rounds)
+    if metrics.final is not None:
+        status = f"finished: {done} rounds"
+    else:
+        status = f"not finished (running or interrupted): {done} of {planned or '?'} rounds"
+    rows = [("status", status)]
+    final = metrics.final
+    last = metrics.rounds[-1] if metrics.rounds else None
+    accuracy = final.accuracy if final is not None else last.accuracy if last else None
+    rows.append(("accuracy", _number(accuracy)))
+    epsilon = max(last.epsilon.values(), default=0.0) if last is not None else None
+    delta = _delta(manifest)
+    rows.append(
+        ("max ε per node", _number(epsilon) + (f" at δ = {delta:g}" if delta is not None else ""))
+    )
+    if manifest is not None:
+        rows.append(("scenario", manifest.scenario_source))
+        rows.append(("started (UTC)", manifest.created_utc))
+    rows.append(("report written (UTC)", _now()))
+    return _section("Summary", _key_values(rows))
+
+
+def _epsilon_section(metrics: MetricsFile, manifest: Manifest | None) -> str:
+    rounds = metrics.rounds
+    if not rounds:
+        return _section("Privacy spent (ε) per node", _note("No round has finished yet."))
+    delta = _delta(manifest)
+    last = rounds[-1].epsilon
+    table = _table(
+        ["node", f"ε after round {rounds[-1].round}"],
+        [[name, f"{value:.4f}"] for name, value in sorted(last.items())],
+    )
+    note = (
+        _note("Training without differential privacy: ε is not bounded.")
+        if delta is None
+        else _note(
+            f"ε so far under DP-SGD at δ = {delta:g}; a node keeps its ε in rounds it sits out."
+        )
+    )
+    body = _figure(plots.epsilon_png(rounds, delta), "ε per node per round") + note
+    body += _folded(table, len(last), "nodes")
+    return _section("Privacy spent (ε) per node", body)
+
+
+def _labels_section(labels: LabelMix | None, label_png: bytes | None) -> str:
+    title = "Label distribution per node"
+    if labels is None:
+        return _section(
+            title,
+            _note(
+                "Not known: a deployed coordinator sees no labels unless the job asks the nodes "
+                "for DP label histograms ([label_histogram])."
+            ),
+        )
+    body = _note(f"From {labels.source}.")
+    if label_png is not None and labels.proportions:
+        body += _figure(label_png, "label distribution per node")
+    classes = max((len(v) for v in labels.proportions.values()), default=0)
+    source = labels.counts if labels.counts is not None else labels.proportions
+    cells = (lambda v: str(v)) if labels.counts is not None else (lambda v: f"{v:.3f}")
+    rows = [[name, *(cells(v) for v in values)] for name, values in source.items()]
+    rows += [[name, f"withheld: {reason}"] for name, reason in labels.withheld.items()]
+    table = _table(["node", *(f"class {c}" for c in range(classes))], rows)
+    return _section(title, body + _folded(table, len(rows), "nodes"))
+
+
+def failure_kind(failure: NodeFailure) -> str:
+    """A short category for a failure's reason (the record keeps only free text)."""
+    kind = getattr(failure, "kind", None)  # a later RoundRecord may carry its own category
+    if isinstance(kind, str) and kind:
+        return kind
+    reason = failure.reason
+    if failure.refusal is not None and failure.refusal.startswith("simulated-"):
+        return failure.refusal.replace("-", " ")  # the simulation lab's injected faults
+    if failure.refusal is not None:
+        return "refused"
+    if reason.startswith("no ") and "reply within" in reason:
+        return "no reply (dropout)"
+    if reason.startswith("node error"):
+        return "node error"
+    if reason.startswith("not selected"):
+        return "not selected"
+    return "rejected update"
+
+
+def _failures_section(rounds: list[RoundRecord]) -> str:
+    title = "Failures, dropouts and rejected updates"
+    extras = _extra_fields(rounds)
+    fields = _failure_fields(rounds)
+    rows = [
+        [str(r.round), f.node, failure_kind(f), *(_text(dump.get(k)) for k in fields), f.reason]
+        for r in rounds
+        for f, dump in ((f, f.model_dump()) for f in r.failures)
+    ]
+    extra_rows = [
+        [str(r.round), key, _text(value)] for r in rounds for key, value in _extras_of(r, extras)
+    ]
+    if not rows and not extra_rows:
+        return _section(title, _note("None: every node asked answered, and every update was used."))
+    chart = plots.counts_png(
+        _failure_counts(rounds, extras), [r.round for r in rounds], "Failures per round"
+    )
+    body = _figure(chart, "failures per round")
+    if rows:
+        body += _table(["round", "node", "kind", *fields, "reason"], rows)
+    if extra_rows:
+        body += _table(["round", "field", "value"], extra_rows)
+    return _section(title, body)
+
+
+def _failure_fields(rounds: list[RoundRecord]) -> list[str]:
+    """NodeFailure's fields besides node and reason (refusal, and any added later)."""
+    known = [k for k in NodeFailure.model_fields if k not in {"node", "reason"}]
+    found = {k for r in rounds for f in r.failures for k in f.model_dump()}
+    return known + sorted(found - {"node", "reason", *known})
+
+
+def _failure_counts(rounds: list[RoundRecord], extras: list[str]) -> dict[str, list[int]]:
+    """Per category, its count in each round; extra list/number fields count as their own."""
+    kinds = sorted({failure_kind(f) for r in rounds for f in r.failures})
+    series = {
+        kind: [sum(failure_kind(f) == kind for f in r.failures) for r in rounds] for kind in kinds
+    }
+    for key in extras:
+        counts = [_count(getattr(r, key, None)) for r in rounds]
+        if all(c is not None for c in counts) and any(counts):
+            series[key.replace("_", " ")] = [c or 0 for c in counts]
+    return series
+
+
+def _extra_fields(rounds: list[RoundRecord]) -> list[str]:
+    """RoundRecord fields beyond the ones this report knows, that some round fills in."""
+    found: set[str] = set()
+    for record in rounds:
+        found |= {k for k, v in record.model_dump().items() if k not in _ROUND_FIELDS and v}
+    return sorted(found)
+
+
+def _extras_of(record: RoundRecord, extras: list[str]) -> list[tuple[str, Any]]:
+    dumped = record.model_dump()
+    return [(key, dumped[key]) for key in extras if dumped.get(key)]
+
+
+def _count(value: Any) -> int | None:
+    """How many nodes a field names: a list's length, a {kind: [nodes]} map's total.
+    None for anything else (a {node: share} map is a measure, not a count of nodes)."""
+    if value is None:
+        return 0
+    if isinstance(value, list | tuple | set):
+        return len(value)
+    if isinstance(value, dict) and all(isinstance(v, list | tuple) for v in value.values()):
+        return sum(len(v) for v in value.values())
+    return None
+
+
+def _manifest_section(manifest: Manifest | None) -> str:
+    title = "Manifest"
+    if manifest is None:
+        return _section(title, _note("manifest.json has not been written yet."))
+    packages = manifest.packages
+    rows = [
+        ("run", manifest.run_name),
+        ("scenario / job", manifest.scenario_source),
+        ("source sha256", manifest.scenario_source_sha256),
+        ("config sha256", manifest.config_sha256),
+        ("seed", str(manifest.seed)),
+        ("created (UTC)", manifest.created_utc),
+        ("consortia", packages.get("consortia", "?")),
+        ("git commit", manifest.git_commit or "not a git checkout"),
+        ("packages", ", ".join(f"{k} {v}" for k, v in packages.items() if k != "consortia")),
+        ("python", manifest.python),
+        ("model architecture", manifest.model_architecture),
+    ]
+    fingerprints = _table(
+        ["node", "data fingerprint (sha256)"],
+        [[name, _code(value)] for name, value in sorted(manifest.data_fingerprints.items())],
+        raw=True,
+    )
+    fingerprints = _folded(fingerprints, len(manifest.data_fingerprints), "nodes")
+    return _section(title, _key_values(rows) + "<h3>Data fingerprints</h3>" + fingerprints)
+
+
+def _rounds_section(rounds: list[RoundRecord]) -> str:
+    rows = [
+        [
+            str(r.round),
+            _number(r.accuracy),
+            _number(r.loss),
+            _number(r.train_loss),
+            _number(max(r.epsilon.values(), default=None)),
+            str(len(r.participants)),
+            str(len(r.failures)),
+            _number(r.seconds, "{:.2f}"),
+        ]
+        for r in rounds
+    ]
+    headers = ["round", "accuracy", "loss", "train loss", "max ε", "used", "failures", "seconds"]
+    body = f"<details><summary>{len(rounds)} rounds</summary>{_table(headers, rows)}</details>"
+    return _section("Every round", body)
+
+
+def _delta(manifest: Manifest | None) -> float | None:
+    """The run's δ, or None when it trains without DP (or the manifest is not there yet)."""
+    privacy = manifest.config.get("privacy") if manifest is not None else None
+    if not isinstance(privacy, dict) or not privacy.get("enabled", True):
+        return None
+    delta = privacy.get("delta")
+    return float(delta) if isinstance(delta, int | float) else None
+
+
+# ------------------------------------------------------------------ sweep report
+
+
+def write_sweep_report(folder: Path, sweep: SweepFile, curve_png: bytes) -> Path:
+    """The sweep's report.html: the privacy–utility curve, the table, links to every run."""
+    path = folder / REPORT_FILE
+    write_bytes_atomic(path, render_sweep_report(sweep, curve_png).encode("utf-8"))
+    return path
+
+
+def render_sweep_report(sweep: SweepFile, curve_png: bytes) -> str:
+    keys = [axis.key for axis in sweep.axes]
+    summary = _key_values(
+        [
+            ("scenario", f"{sweep.scenario} ({sweep.source})"),
+            (
+                "grid",
+                "; ".join(f"{a.key} = {', '.join(map(_text, a.values))}" for a in sweep.axes)
+                or "the scenario as it is",
+            ),
+            ("seeds", ", ".join(map(str, sweep.seeds))),
+            (
+                "runs",
+                f"{sum(r.error is None for r in sweep.runs)} finished, "
+                f"{sum(r.error is not None for r in sweep.runs)} failed, "
+                f"{len(sweep.planned) - len(sweep.runs)} to go",
+            ),
+            ("started (UTC)", sweep.created_utc),
+            ("report written (UTC)", _now()),
+        ]
+    )
+    points = _table(
+        [*keys, "runs", "accuracy mean", "± std", "max ε mean", "± std", "wall s / run"],
+        [
+            [
+                *(_text(p.point.get(k)) for k in keys),
+                f"{p.runs_ok}/{len(sweep.seeds)}",
+                _number(p.accuracy_mean),
+                _number(p.accuracy_std),
+                _number(p.epsilon_max_mean),
+                _number(p.epsilon_max_std),
+                _number(p.wall_s_mean, "{:.1f}"),
+            ]
+            for p in sweep.points
+        ],
+    )
+    runs = _table(
+        ["run", "seed", "accuracy", "max ε", "wall s", "result"],
+        [
+            [
+                f'<a href="{html.escape(r.folder)}/{REPORT_FILE}">{html.escape(r.folder)}</a>',
+                str(r.seed),
+                _number(r.accuracy),
+                _number(r.epsilon_max),
+                _number(r.wall_s, "{:.1f}"),
+                html.escape(r.error or "ok"),
+            ]
+            for r in sweep.runs
+        ],
+        raw=True,
+    )
+    sections = [
+        _section("Sweep", summary),
+        _section(
+            "Privacy–utility",
+            _figure(curve_png, "final accuracy against max ε, mean ± std over seeds")
+            + _note("Mean ± sample standard deviation over seeds (none with one seed).")
+            + points,
+        ),
+        _section("Runs", runs),
+    ]
+    return page(f"Consortia sweep {sweep.scenario}", sections)
+
+
+# ------------------------------------------------------------------ HTML pieces
+
+_CSS = """
+body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;padding:0 1em;color:#222}
+h1{font-size:1.5em}
+h2{font-size:1.2em;border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:2em}
+h3{font-size:1em}
+table{border-collapse:collapse;margin:.6em 0;font-size:.9em}
+th,td{border:1px solid #ddd;padding:.25em .6em;text-align:left;vertical-align:top}
+th{background:#f4f4f4}td.num{text-align:right}
+img{max-width:100%;height:auto;display:block;margin:.5em 0}
+code{font-size:.85em;word-break:break-all}.note{color:#555}
+"""
+
+
+def page(title: str, sections: Iterable[str]) -> str:
+    """A complete HTML document with the inline stylesheet."""
+    body = "\n".join(sections)
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head>\n"
+        f"<body><h1>{html.escape(title)}</h1>\n{body}\n</body></html>\n"
+    )
+
+
+def _section(title: str, body: str) -> str:
+    return f"<section><h2>{html.escape(title)}</h2>\n{body}</section>"
+
+
+def _figure(png: bytes, alt: str) -> str:
+    data = base64.b64encode(png).decode("ascii")
+    return f'<img class="chart" alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def _note(text: str) -> str:
+    return f'<p class="note">{html.escape(text)}</p>'
+
+
+def _code(text: str) -> str:
+    return f"<code>{html.escape(text)}</code>"
+
+
+def _key_values(rows: Sequence[tuple[str, str]]) -> str:
+    cells = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows)
+    return f"<table>{cells}</table>"
+
+
+def _folded(table: str, count: int, what: str) -> str:
+    """A long table (a consortium of hundreds of nodes) starts folded, the page stays short."""
+    if count <= _UNFOLDED_ROWS:
+        return table
+    return f"<details><summary>{count} {html.escape(what)}</summary>{table}</details>"
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], raw: bool = False) -> str:
+    """A table; cells are escaped unless `raw` (then the caller escaped them)."""
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    cell = (lambda v: v) if raw else html.escape
+    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _number(value: float | None, pattern: str = "{:.4f}") -> str:
+    return "n/a" if value is None else pattern.format(value)
+
+
+def _text(value: Any) -> str:
+    """A JSON-ish value as short text: lists joined, mappings as key: value."""
+    if isinstance(value, dict):
+        return "; ".join(f"{k}: {_text(v)}" for k, v in value.items())
+    if isinstance(value, list | tuple | set):
+        return ", ".join(_text(v) for v in value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    return "" if value is None else str(value)
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")

@@ -1,0 +1,366 @@
+"""report.html: built from synthetic metrics and manifests (no simulation), checked for its
+content and, in headless Chromium, for charts that actually render."""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from pydantic import Field
+
+from consortia.common.config_io import load_scenario
+from consortia.server.label_skew import LabelSkew, NodeLabels
+from consortia.server.manifest import Manifest
+from consortia.server.report import REPORT_FILE, RunReport, render_run_report
+from consortia.server.run_log import NodeFailure, RoundRecord
+from consortia.server.run_outputs import FinalMetrics, MetricsFile
+from consortia.server.sweep import (
+    PlannedRun,
+    new_sweep,
+    plan_runs,
+    read_result,
+    sweep_spec,
+    with_result,
+    write_sweep,
+)
+
+TINY_SCENARIO = """
+name = "tiny"
+seed = 7
+rounds = 3
+
+[model]
+name = "logreg"
+
+[privacy]
+target_epsilon = 2.0
+
+[simulation]
+nodes = 3
+
+[simulation.data]
+source = "breast_cancer"
+
+[simulation.partition]
+method = "dirichlet"
+alpha = 0.5
+min_records = 20
+"""
+
+BREAST_CANCER_RECORDS = 569
+NODES = ("node-1", "node-2", "node-3")
+FAILURES = {
+    2: [
+        NodeFailure(node="node-2", reason="no train reply within 60 s"),
+        NodeFailure(node="node-3", reason="offline this round", refusal="simulated-dropout"),
+    ],
+    3: [
+        NodeFailure(node="node-1", reason="update norm 41.2 exceeds the bound 3.1"),
+        NodeFailure(node="node-3", reason="privacy budget spent", refusal="budget-exhausted"),
+    ],
+}
+INSTALL_HINT = "apt-get install -y chromium chromium-driver"
+
+
+def tiny_scenario(folder: Path) -> Path:
+    path = folder / "tiny.toml"
+    path.write_text(TINY_SCENARIO)
+    return path
+
+
+def synthetic_manifest(folder: Path, *, simulated: bool = True) -> Manifest:
+    """A manifest as a run writes it; a deployed job's has no `simulation` block."""
+    config = load_scenario(tiny_scenario(folder)).config.model_dump(mode="json")
+    if not simulated:
+        config.pop("simulation")
+    return Manifest(
+        run_name="synthetic-run",
+        created_utc="2025-01-02T03:04:05+00:00",
+        scenario_source="tiny.toml",
+        scenario_source_sha256="ab" * 32,
+        config=config,
+        config_sha256="cd" * 32,
+        seed=7,
+        packages={"consortia": "0.1.0", "flwr": "1.41.0", "torch": "2.13.0"},
+        python="3.11.7",
+        git_commit="0123456789abcdef0123456789abcdef01234567-dirty",
+        data_fingerprints={name: f"{i}f" * 32 for i, name in enumerate(NODES)},
+        model_architecture="ef" * 32,
+    )
+
+
+def synthetic_rounds(count: int = 3, record: type[RoundRecord] = RoundRecord) -> list[RoundRecord]:
+    return [
+        record(
+            round=r,
+            accuracy=0.6 + 0.1 * r,
+            loss=1.0 / r,
+            train_loss=1.1 / r,
+            epsilon={name: 0.5 * r + 0.01 * i for i, name in enumerate(NODES)},
+            participants=[n for n in NODES if all(f.node != n for f in FAILURES.get(r, []))],
+            failures=FAILURES.get(r, []),
+            seconds=1.5,
+        )
+        for r in range(1, count + 1)
+    ]
+
+
+def synthetic_metrics(finished: bool = True) -> MetricsFile:
+    rounds = synthetic_rounds()
+    final = FinalMetrics(
+        accuracy=rounds[-1].accuracy,
+        loss=rounds[-1].loss,
+        epsilon_max=max(rounds[-1].epsilon.values()),
+        epsilon=rounds[-1].epsilon,
+        delta=1e-5,
+        model="model/round-003.safetensors",
+        model_sha256="00" * 32,
+    )
+    return MetricsFile(rounds=rounds, final=final if finished else None)
+
+
+def _write_report(folder: Path, metrics: MetricsFile, manifest: Manifest | None) -> Path:
+    report = RunReport(folder)
+    if manifest is not None:
+        report.set_manifest(manifest)
+    return report.write(metrics)
+
+
+@pytest.fixture(scope="module")
+def run_report(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("run")
+    return _write_report(folder, synthetic_metrics(), synthetic_manifest(folder))
+
+
+def _visible_text(page: str) -> str:
+    return html.unescape(re.sub(r"<[^>]+>", " ", page))
+
+
+# ------------------------------------------------------------------ content
+
+
+def test_report_is_self_contained(run_report: Path) -> None:
+    page = run_report.read_text(encoding="utf-8")
+    assert run_report.name == REPORT_FILE
+    assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
+    # No external resource of any kind: every image is inline PNG data.
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:|//)""", page)
+    assert "@import" not in page and "url(" not in page and "<script" not in page
+    sources = re.findall(r'<img[^>]* src="([^"]+)"', page)
+    assert len(sources) == 4  # accuracy+loss, ε, labels, failures
+    assert all(src.startswith("data:image/png;base64,") for src in sources)
+
+
+def test_report_shows_learning_privacy_and_manifest(run_report: Path) -> None:
+    text = _visible_text(run_report.read_text(encoding="utf-8"))
+    assert "finished: 3 rounds" in text
+    assert "0.9000" in text  # final accuracy
+    assert "1.5200" in text  # node-3's ε after round 3: the largest
+    assert "δ = 1e-05" in text
+    for expected in (
+        "tiny.toml",
+        "ab" * 32,  # source sha256
+        "cd" * 32,  # config sha256
+        "0123456789abcdef0123456789abcdef01234567-dirty",
+        "2025-01-02T03:04:05+00:00",
+        "2f" * 32,  # node-3's data fingerprint
+    ):
+        assert expected in text, expected
+
+
+def test_report_shows_the_true_partition(run_report: Path) -> None:
+    """A simulation's report counts every node's labels: together, the whole dataset."""
+    page = run_report.read_text(encoding="utf-8")
+    assert "the simulated partition (true counts" in page
+    rows = re.findall(r"<tr><td>(node-\d)</td><td>(\d+)</td><td>(\d+)</td></tr>", page)
+    assert [name for name, _, _ in rows] == list(NODES)
+    assert sum(int(a) + int(b) for _, a, b in rows) == BREAST_CANCER_RECORDS
+
+
+def test_report_lists_every_failure_with_its_kind(run_report: Path) -> None:
+    text = _visible_text(run_report.read_text(encoding="utf-8"))
+    for failures in FAILURES.values():
+        for failure in failures:
+            assert failure.reason in text
+    assert "no reply (dropout)" in text and "rejected update" in text
+    assert "refused" in text and "budget-exhausted" in text
+    assert "simulated dropout" in text  # the simulation lab's injected faults, by name
+
+
+def test_report_renders_fields_a_later_round_record_adds(tmp_path: Path) -> None:
+    """Per-round fields the report does not know by name are shown, not dropped."""
+
+    class FutureRound(RoundRecord):
+        quarantined: list[str] = Field(default_factory=list)
+        trust: dict[str, float] = Field(default_factory=dict)
+        blocked: list[str] = Field(default_factory=list)
+
+    rounds = synthetic_rounds(record=FutureRound)
+    rounds[1].quarantined.extend(["node-2", "node-3"])  # type: ignore[attr-defined]
+    rounds[2].trust.update({"node-1": 0.25})  # type: ignore[attr-defined]
+    page = render_run_report(MetricsFile(rounds=rounds), synthetic_manifest(tmp_path), None)
+    text = _visible_text(page)
+    assert "quarantined" in text and "node-2, node-3" in text
+    assert "trust" in text and "node-1: 0.25" in text
+    assert "blocked" not in text  # empty in every round: nothing to show
+
+
+def test_interrupted_run_and_deployed_run(tmp_path: Path) -> None:
+    """No final block: 'not finished'; a deployment knows only the DP label histograms."""
+    manifest = synthetic_manifest(tmp_path, simulated=False)
+    page = render_run_report(synthetic_metrics(finished=False), manifest, None)
+    assert "not finished (running or interrupted): 3 of 3 rounds" in _visible_text(page)
+    assert "Not known" in page
+
+    skew = LabelSkew(
+        noise_multiplier=4.0,
+        pooled=(0.5, 0.5),
+        nodes={
+            "node-1": NodeLabels(proportions=(0.25, 0.75), total_variation=0.25),
+            "node-2": NodeLabels(withheld="policy forbids label histograms"),
+        },
+    )
+    report = RunReport(tmp_path)
+    report.set_manifest(manifest.model_copy(update={"label_skew": skew}))
+    text = _visible_text(report.write(synthetic_metrics()).read_text(encoding="utf-8"))
+    assert "DP label histograms (Gaussian noise, σ = 4)" in text
+    assert "0.250" in text and "0.750" in text
+    assert "withheld: policy forbids label histograms" in text
+
+
+def test_rewrites_after_a_round_only_when_cheap(tmp_path: Path) -> None:
+    report = RunReport(tmp_path)
+    empty = MetricsFile()  # no chart to draw: the throttle is what is tested
+    assert report.write_if_cheap(empty) is False  # the run just started
+    report.write(empty)
+    assert report.write_if_cheap(empty) is False  # written a moment ago
+    report._written_at -= 3600  # an hour later: a report is cheap next to the run
+    assert report.write_if_cheap(empty) is True
+    assert "No round has finished yet" in (tmp_path / REPORT_FILE).read_text()
+
+
+# ------------------------------------------------------------------ Chromium
+
+_CHECK_SCRIPT = """
+<script>
+window.addEventListener("load", () => {
+  const images = Array.from(document.images);
+  const broken = images
+    .filter((i) => !(i.complete && i.naturalWidth > 0 && i.naturalHeight > 0
+                     && i.getBoundingClientRect().width > 0))
+    .map((i) => i.alt || i.src.slice(0, 40));
+  const svgs = Array.from(document.querySelectorAll("svg"));
+  const emptySvgs = svgs.filter((s) => { const b = s.getBBox(); return !(b.width && b.height); });
+  const out = document.createElement("pre");
+  out.id = "chart-check";
+  out.textContent = JSON.stringify(
+    {images: images.length, svgs: svgs.length, broken: broken, empty_svgs: emptySvgs.length});
+  document.body.appendChild(out);
+});
+</script>
+"""
+
+
+def _chromium() -> str:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        found = shutil.which(name)
+        if found:
+            return found
+    pytest.fail(f"headless Chromium is needed to check report.html's charts: {INSTALL_HINT}")
+
+
+def rendered_charts(page: Path, scratch: Path) -> dict[str, object]:
+    """Open a copy of `page` (plus a checking script) in headless Chromium; what it found."""
+    probe = scratch / f"probe-{page.parent.name}-{page.name}"
+    probe.write_text(
+        page.read_text(encoding="utf-8").replace("</body>", _CHECK_SCRIPT + "</body>"),
+        encoding="utf-8",
+    )
+    result = subprocess.run(
+        [
+            _chromium(),
+            "--headless",
+            "--no-sandbox",  # tests run as root in CI containers
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            f"--user-data-dir={scratch / 'chromium-profile'}",
+            "--virtual-time-budget=10000",
+            "--dump-dom",
+            probe.resolve().as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    found = re.search(r'<pre id="chart-check">(.*?)</pre>', result.stdout, re.DOTALL)
+    assert found, (
+        f"Chromium did not run the check (exit {result.returncode}): {result.stderr[-2000:]}"
+    )
+    return json.loads(html.unescape(found.group(1)))
+
+
+def test_run_report_charts_render_in_chromium(run_report: Path, tmp_path: Path) -> None:
+    seen = rendered_charts(run_report, tmp_path)
+    assert seen == {"images": 4, "svgs": 0, "broken": [], "empty_svgs": 0}
+
+
+def test_sweep_report_chart_renders_in_chromium(tmp_path: Path) -> None:
+    sweep_dir = synthetic_sweep(tmp_path)
+    seen = rendered_charts(sweep_dir / REPORT_FILE, tmp_path)
+    assert seen == {"images": 1, "svgs": 0, "broken": [], "empty_svgs": 0}
+
+
+def test_chromium_check_catches_a_broken_chart(run_report: Path, tmp_path: Path) -> None:
+    """The check must be able to fail: a truncated PNG counts as a broken chart."""
+    page = run_report.read_text(encoding="utf-8")
+    start = page.index("data:image/png;base64,") + len("data:image/png;base64,")
+    broken = tmp_path / "broken" / REPORT_FILE
+    broken.parent.mkdir()
+    broken.write_text(page[:start] + "iVBORw0KGgoAAAANSUhEUg" + page[start + 5000 :])
+    seen = rendered_charts(broken, tmp_path)
+    assert seen["images"] == 4 and len(seen["broken"]) == 1  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------ sweeps without Ray
+
+SWEEP_ACCURACY = {(0.5, 7): 0.80, (0.5, 8): 0.84, (2.0, 7): 0.90, (2.0, 8): 0.96}
+
+
+def write_run_metrics(folder: Path, accuracy: float, epsilon: float) -> None:
+    """The metrics.json a finished run leaves (what a sweep reads back)."""
+    folder.mkdir(parents=True)
+    metrics = MetricsFile(
+        rounds=[RoundRecord(round=1, accuracy=accuracy, epsilon={"node-1": epsilon})],
+        final=FinalMetrics(
+            accuracy=accuracy,
+            loss=0.3,
+            epsilon_max=epsilon,
+            epsilon={"node-1": epsilon},
+            delta=1e-5,
+            model="model/round-001.safetensors",
+            model_sha256="00" * 32,
+        ),
+    )
+    (folder / "metrics.json").write_text(metrics.model_dump_json())
+
+
+def synthetic_sweep(folder: Path) -> Path:
+    """A 2 × 2 sweep whose runs are metrics.json files written here (no simulation)."""
+    loaded = load_scenario(tiny_scenario(folder))
+    spec = sweep_spec(["privacy.target_epsilon=0.5,2.0"], 2, loaded.config.seed)
+    runs: list[PlannedRun] = plan_runs(loaded.config, spec)
+    sweep_dir = folder / "sweep"
+    sweep = new_sweep(loaded, spec, runs)
+    for run in runs:
+        target = run.config.privacy.target_epsilon
+        assert target is not None
+        write_run_metrics(sweep_dir / run.folder, SWEEP_ACCURACY[(target, run.seed)], target * 0.9)
+        sweep = with_result(sweep, read_result(sweep_dir, run, wall_s=2.0))
+    write_sweep(sweep_dir, sweep)
+    return sweep_dir
