@@ -211,7 +211,10 @@ def run() -> None:
     try:
         app()
     except ConsortiaError as exc:
-        err_console.print(f"[bold red]error:[/] {escape(exc.message)}", highlight=False)
+        # soft_wrap: the message stays one line (paths intact for copy-paste and grep).
+        err_console.print(
+            f"[bold red]error:[/] {escape(exc.message)}", highlight=False, soft_wrap=True
+        )
         sys.exit(exc.exit_code)
 
 

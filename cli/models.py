@@ -62,7 +62,8 @@ def list_models(
         )
     console.print(table)
     for problem in listing.problems:
-        console.print(f"[yellow]skipped:[/] {escape(problem)}", highlight=False)
+        # soft_wrap: a path is never broken across lines (copy-paste, grep).
+        console.print(f"[yellow]skipped:[/] {escape(problem)}", highlight=False, soft_wrap=True)
 
 
 @models_app.command()
