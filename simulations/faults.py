@@ -183,11 +183,10 @@ def node_fate(faults: FaultsConfig, node: LabNode) -> Fate:
 
 def train_faults(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Dropout before training; crash or a missed deadline after the spend is recorded."""
-    node = lab_node(message, context)
-    faults = node.simulation.faults if node is not None else None
-    if node is None or faults is None:
+    drawn = _drawn_fate(message, context)
+    if drawn is None:
         return call_next(message, context)
-    fate = node_fate(faults, node)
+    node, fate = drawn
     if fate.dropout:
         return _dropout_reply(message, node, "train")
     reply = call_next(message, context)
@@ -210,14 +209,18 @@ def train_faults(message: Message, context: Context, call_next: ClientAppCallabl
 
 def evaluate_faults(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """A node offline for the round misses its evaluation too (the same draw as for training)."""
-    node = lab_node(message, context)
-    faults = node.simulation.faults if node is not None else None
-    if node is None or faults is None:
-        return call_next(message, context)
-    fate = node_fate(faults, node)
-    if fate.dropout:
-        return _dropout_reply(message, node, "evaluate")
+    drawn = _drawn_fate(message, context)
+    if drawn is not None and drawn[1].dropout:
+        return _dropout_reply(message, drawn[0], "evaluate")
     return call_next(message, context)
+
+
+def _drawn_fate(message: Message, context: Context) -> tuple[LabNode, Fate] | None:
+    """The node and its fate this round; None outside the lab or without `[simulation.faults]`."""
+    node = lab_node(message, context)
+    if node is None or node.simulation.faults is None:
+        return None
+    return node, node_fate(node.simulation.faults, node)
 
 
 def _dropout_reply(message: Message, node: LabNode, purpose: str) -> Message:

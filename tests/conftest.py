@@ -67,3 +67,12 @@ def consortia_cli() -> CliRunner:
         )
 
     return run
+
+
+def one_cli_error(result: subprocess.CompletedProcess[str]) -> str:
+    """Exit 2, no traceback, one `error:` message; returns it with line wrapping undone."""
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output
+    assert "Traceback" not in output
+    assert result.stderr.count("error:") == 1, result.stderr
+    return " ".join(result.stderr.split())

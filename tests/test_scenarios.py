@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import CliRunner
+from conftest import CliRunner, one_cli_error
 
 from consortia.common.config import ScenarioConfig
 from consortia.common.config_io import bundled_scenarios, load_scenario
@@ -30,15 +29,6 @@ from consortia.common.simulated_data import (
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCENARIO_FILES = sorted((REPO_ROOT / "simulations").glob("*.toml"))
 NEW_SCENARIOS = ("mnist-10-nodes-dirichlet", "digits-100-nodes", "mnist-1000-nodes")
-
-
-def _one_error(result: subprocess.CompletedProcess[str]) -> str:
-    """Exit 2, no traceback, one `error:` message; returns it with line wrapping undone."""
-    output = result.stdout + result.stderr
-    assert result.returncode == 2, output
-    assert "Traceback" not in output
-    assert result.stderr.count("error:") == 1, result.stderr
-    return " ".join(result.stderr.split())
 
 
 # ------------------------------------------------------------ shipped scenarios
@@ -316,17 +306,17 @@ def test_files_keys_are_checked_on_load(tmp_path: Path, block: str, match: str) 
 
 def test_cli_data_errors_are_one_message(tmp_path: Path, consortia_cli: CliRunner) -> None:
     mnist10 = str(REPO_ROOT / "simulations" / "mnist-10-nodes-dirichlet.toml")
-    message = _one_error(consortia_cli("simulate", mnist10, cwd=tmp_path))
+    message = one_cli_error(consortia_cli("simulate", mnist10, cwd=tmp_path))
     assert "source = 'idx' has no data path: pass `consortia simulate SCENARIO --data" in message
-    message = _one_error(consortia_cli("simulate", "--data", str(tmp_path), cwd=tmp_path))
+    message = one_cli_error(consortia_cli("simulate", "--data", str(tmp_path), cwd=tmp_path))
     assert "bundled 'breast_cancer' data: drop --data" in message
-    message = _one_error(
+    message = one_cli_error(
         consortia_cli("simulate", mnist10, "--data", str(tmp_path / "nope"), cwd=tmp_path)
     )
     assert f"{tmp_path / 'nope'}: no such folder" in message
     bad = _files_scenario(tmp_path / "files")
     bad.write_text(bad.read_text().replace("nodes = 3", "nodes = 2"))
-    message = _one_error(consortia_cli("simulate", str(bad), cwd=tmp_path))
+    message = one_cli_error(consortia_cli("simulate", str(bad), cwd=tmp_path))
     assert "lists 3 files but simulation.nodes is 2" in message
     assert not (tmp_path / "runs").exists()
     help_text = consortia_cli("simulate", "--help", cwd=tmp_path).stdout

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 import statistics
-import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import CliRunner
+from conftest import CliRunner, one_cli_error
 from rich.console import Console
 from test_report import SWEEP_ACCURACY, synthetic_sweep, tiny_scenario, write_run_metrics
 
@@ -52,15 +51,6 @@ source = "breast_cancer"
 [simulation.partition]
 method = "iid"
 """
-
-
-def _one_error(result: subprocess.CompletedProcess[str]) -> str:
-    """Exit 2, no traceback, one `error:` message; returns it with line wrapping undone."""
-    output = result.stdout + result.stderr
-    assert result.returncode == 2, output
-    assert "Traceback" not in output
-    assert result.stderr.count("error:") == 1, result.stderr
-    return " ".join(result.stderr.split())
 
 
 # ------------------------------------------------------------------ the grid
@@ -198,7 +188,7 @@ def test_cli_sweep_errors_are_one_message(
 ) -> None:
     scenario = tiny_scenario(tmp_path)
     result = consortia_cli("simulate", str(scenario), "--out", "sweep", *args, cwd=tmp_path)
-    assert fragment in _one_error(result)
+    assert fragment in one_cli_error(result)
     assert not (tmp_path / "sweep").exists()
 
 
