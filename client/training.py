@@ -161,7 +161,7 @@ def train_locally(
     picks, and the result reports the exact number of noisy steps and the
     sample rate for the accountant.
     """
-    torch.manual_seed(seed)
+    _seed_torch(seed, device)
     generator = torch.Generator().manual_seed(seed)
     model.to(device)
     optimizer = _optimizer(model, training)
@@ -185,6 +185,17 @@ def train_locally(
     return _train_opacus(
         model, loader, optimizer, training, dp, seed, device, after_step, ghost=engine == "ghost"
     )
+
+
+def _seed_torch(seed: int, device: torch.device) -> None:
+    """Seed the generators the model's own layers draw from (dropout, initialisers).
+
+    Not `torch.manual_seed`: on a machine without CUDA it queues a CUDA seeding
+    call with its traceback every time, which cost 8% of a small node's round.
+    """
+    torch.random.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.manual_seed(seed)
 
 
 def _proximal_hook(model: nn.Module, scale: float) -> Callable[[], None] | None:

@@ -21,18 +21,27 @@ from consortia.common.simulated_data import source_of
 from consortia.server.federation import RoundListener, RunSummary, run_federation
 from consortia.server.resume import load_resume_point
 from consortia.server.simulated_privacy import resumed_client_app
+from consortia.server.simulation_state import indexed_link_state
 from consortia.simulations.lab import lab_client_app
 
 
 def simulate(
-    loaded: LoadedScenario, out_dir: Path, listener: RoundListener, resume: Path | None = None
+    loaded: LoadedScenario,
+    out_dir: Path,
+    listener: RoundListener,
+    resume: Path | None = None,
+    ray_address: str | None = None,
 ) -> RunSummary:
     """Run `loaded` with one virtual SuperNode per simulated node; return its summary.
 
     The ServerApp runs in this process (so the listener can draw progress);
     the ClientApps run in Ray actors, one CPU each by default. With `resume`
     (a run folder), the run continues after its newest complete checkpoint,
-    and the virtual nodes get back the privacy history they had then.
+    and the virtual nodes get back the privacy history they had then. With
+    `ray_address` (`--ray-address`), the actors run on that existing Ray
+    cluster instead of a Ray started for the run; where the nodes run is not
+    part of the experiment, so it overrides `[simulation.backend]` without
+    entering the run's configuration hash.
     """
     _preflight(loaded)
     app = client_app
@@ -52,12 +61,13 @@ def simulate(
     simulation = loaded.config.simulation
     _quiet_flower()
     try:
-        run_simulation(
-            server_app=server_app,
-            client_app=app,
-            num_supernodes=simulation.nodes,
-            backend_config=backend_config(simulation.backend),
-        )
+        with indexed_link_state():  # O(1) polls instead of Flower's O(nodes) scan each
+            run_simulation(
+                server_app=server_app,
+                client_app=app,
+                num_supernodes=simulation.nodes,
+                backend_config=backend_config(simulation.backend, ray_address),
+            )
     finally:
         _shutdown_ray()
     if not summaries:
@@ -74,18 +84,25 @@ def _preflight(loaded: LoadedScenario) -> None:
     build_model(config.model, source.feature_shape, source.num_classes, config.seed)
 
 
-def backend_config(backend: BackendConfig) -> dict[str, Any]:
-    """Flower's backend config: resources per virtual node and Ray's start arguments."""
+def backend_config(backend: BackendConfig, ray_address: str | None = None) -> dict[str, Any]:
+    """Flower's backend config: resources per virtual node and Ray's start arguments.
+
+    A GPU, where this machine has one, is shared by four virtual nodes unless
+    `gpus_per_node` says otherwise; on a cluster (`ray_address`) Ray places
+    the actors by these resources, and `gpus_per_node` must be set to use
+    the cluster's GPUs (this machine's CUDA says nothing about them).
+    """
+    address = ray_address or backend.ray_address
     gpus = backend.gpus_per_node
     if gpus is None:
-        gpus = 0.25 if torch.cuda.is_available() else 0.0
+        gpus = 0.25 if torch.cuda.is_available() and not address else 0.0
     init_args: dict[str, Any] = {
         "logging_level": "ERROR",
         "log_to_driver": False,
         "include_dashboard": False,
     }
-    if backend.ray_address:
-        init_args["address"] = backend.ray_address
+    if address:
+        init_args["address"] = address
     else:
         init_args["num_cpus"] = os.cpu_count() or 1
         init_args["num_gpus"] = torch.cuda.device_count()

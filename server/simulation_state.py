@@ -1,0 +1,104 @@
+"""Flower's in-memory LinkState with an index of undelivered messages per node.
+
+Flower's simulation engine polls the LinkState once per virtual node every
+0.1 s (`vce_api.add_messages_to_queue`), and `InMemoryLinkState.get_message_ins`
+answers each poll by scanning *every* stored message, under the state's
+lock. A round of N nodes therefore costs O(N²) message checks in the
+engine's thread: at 1,000 nodes the poller alone kept one of two cores busy
+and blocked the ServerApp and the reply injector on the lock
+(docs/benchmarks.md, "1,000 virtual nodes").
+
+`IndexedInMemoryLinkState` keeps, per destination node, the ids of its
+messages not yet delivered, and answers a poll from that list: the same
+checks (expiry, federation) on the same messages in the same order, for the
+asking node's messages only. Everything else is Flower's class unchanged.
+`indexed_link_state()` installs it for the simulation engine's run only.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from flwr.app import Message
+from flwr.server.superlink.linkstate import InMemoryLinkState, LinkState, LinkStateFactory
+from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME
+from flwr.supercore.date import now
+
+
+class IndexedInMemoryLinkState(InMemoryLinkState):
+    """`InMemoryLinkState` whose `get_message_ins` looks only at the asking node's messages."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        # node id -> ids of its undelivered messages, in arrival order (a dict as ordered set).
+        self._undelivered: dict[int, dict[str, None]] = {}
+
+    def store_message_ins(self, message: Message) -> str | None:
+        with self.lock:
+            message_id = super().store_message_ins(message)
+            if message_id is not None and message_id in self.message_ins_store:
+                node = message.metadata.dst_node_id
+                self._undelivered.setdefault(node, {})[message_id] = None
+            return message_id
+
+    def get_message_ins(
+        self, node_id: int, limit: int | None, *, run_id: int | None = None
+    ) -> list[Message]:
+        """Flower's `get_message_ins`, over the node's own undelivered messages."""
+        if limit is not None and limit < 1:
+            raise AssertionError("`limit` must be >= 1")
+        found: list[Message] = []
+        with self.lock:
+            pending = self._undelivered.get(node_id)
+            if not pending:
+                return found
+            for message_id in list(pending):
+                self._check_stored_messages({message_id})  # expired: deleted here, as Flower does
+                message = self.message_ins_store.get(message_id)
+                if message is None or message.metadata.delivered_at != "":
+                    del pending[message_id]  # deleted or delivered: never pending again
+                    continue
+                if run_id is not None and message.metadata.run_id != run_id:
+                    continue
+                found.append(message)
+                del pending[message_id]
+                if limit and len(found) == limit:
+                    break
+            delivered_at = now().isoformat()
+            for message in found:
+                message.metadata.delivered_at = delivered_at
+        return found
+
+
+class _IndexedLinkStateFactory(LinkStateFactory):
+    """Flower's factory, building the indexed state for the in-memory database."""
+
+    def state(self) -> LinkState:
+        if self.database != FLWR_IN_MEMORY_DB_NAME:
+            return super().state()
+        with self._state_lock:
+            if self.state_instance is None:
+                self.state_instance = IndexedInMemoryLinkState(
+                    self.federation_manager, self.objectstore_factory.store()
+                )
+            return self.state_instance
+
+
+@contextmanager
+def indexed_link_state() -> Iterator[None]:
+    """Within the block, Flower's `run_simulation` builds `IndexedInMemoryLinkState`.
+
+    `run_simulation` names `LinkStateFactory` in its own module; the name is
+    swapped there (nowhere else) and restored on exit.
+    """
+    # `flwr.simulation.run_simulation` is also the name of the function the
+    # package exports, so the module is taken from the import system.
+    flower_simulation = importlib.import_module("flwr.simulation.run_simulation")
+    original = flower_simulation.LinkStateFactory
+    flower_simulation.LinkStateFactory = _IndexedLinkStateFactory  # type: ignore[misc]
+    try:
+        yield
+    finally:
+        flower_simulation.LinkStateFactory = original  # type: ignore[misc]
