@@ -100,6 +100,14 @@ def simulate(
             "--seeds", min=1, help="Runs per sweep point, with seeds seed, seed+1, ... (a sweep)."
         ),
     ] = None,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            "--ray-address",
+            help="Run the virtual nodes on this existing Ray cluster (HOST:PORT of its head, "
+            "or 'auto'); default: a Ray started on this machine for the run.",
+        ),
+    ] = None,
 ) -> None:
     """Run a private federated simulation on this machine (Flower simulation engine, Ray)."""
     if quiet and json_lines:
@@ -129,7 +137,14 @@ def simulate(
     if sweeping:
         from consortia.cli.sweep import run_sweep
 
-        run_sweep(Console(quiet=quiet), loaded, out_dir, sweep or [], seeds or 1)
+        on_cluster = None
+        if ray_address is not None:
+            from functools import partial
+
+            from consortia.server.simulation import simulate as run_simulated
+
+            on_cluster = partial(run_simulated, ray_address=ray_address)
+        run_sweep(Console(quiet=quiet), loaded, out_dir, sweep or [], seeds or 1, on_cluster)
         if quiet:
             print(out_dir.resolve())
         return
@@ -148,7 +163,7 @@ def simulate(
         )
         listener = ProgressListener(console)
     try:
-        summary = run_simulated(loaded, out_dir, listener, resume=resume)
+        summary = run_simulated(loaded, out_dir, listener, resume=resume, ray_address=ray_address)
     finally:
         listener.stop()
     if isinstance(listener, JsonLinesListener):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from flwr.simulation import run_simulation
 from consortia.client.app import app as client_app
 from consortia.common.config import BackendConfig
 from consortia.common.config_io import LoadedScenario
-from consortia.common.errors import FederationError
+from consortia.common.errors import ConfigError, FederationError
 from consortia.common.models import build_model
 from consortia.common.simulated_data import source_of
 from consortia.server.federation import RoundListener, RunSummary, run_federation
@@ -44,6 +45,9 @@ def simulate(
     entering the run's configuration hash.
     """
     _preflight(loaded)
+    address = ray_address or loaded.config.simulation.backend.ray_address
+    if address:
+        check_ray_address(address)
     app = client_app
     if resume is not None:
         # Fails here, before Ray starts, on a finished run or a changed job.
@@ -82,6 +86,31 @@ def _preflight(loaded: LoadedScenario) -> None:
     config = loaded.config
     source = source_of(config.simulation)
     build_model(config.model, source.feature_shape, source.num_classes, config.seed)
+
+
+def check_ray_address(address: str, timeout_s: float = 5.0) -> None:
+    """Fail fast where a Ray head's HOST:PORT does not answer.
+
+    `ray.init` retries an unreachable address for minutes before it gives
+    up; a typo in `--ray-address` should cost seconds. 'auto' (a cluster
+    this machine belongs to) and Ray Client addresses (ray://) are left to
+    Ray.
+    """
+    if address == "auto" or address.startswith("ray://"):
+        return
+    host, colon, port = address.rpartition(":")
+    if not colon or not host or not port.isdigit():
+        raise ConfigError(
+            f"Ray address {address!r}: expected HOST:PORT of the cluster's head node "
+            "(as `ray start --head` prints it, e.g. 10.0.0.5:6379), 'auto' or ray://HOST:PORT"
+        )
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise FederationError(
+            f"cannot reach the Ray cluster at {address} ({exc.strerror or exc}); check the "
+            "address, or start the head with `ray start --head` and pass the address it prints"
+        ) from None
 
 
 def backend_config(backend: BackendConfig, ray_address: str | None = None) -> dict[str, Any]:
