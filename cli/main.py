@@ -130,6 +130,11 @@ def simulate(
         loaded = load_scenario(scenario, overrides)
         out_dir = out if out is not None else default_run_dir(Path("runs"), loaded.config.name)
         _check_new_run_dir(out_dir)
+    address = ray_address or loaded.config.simulation.backend.ray_address
+    if address and not sweeping:
+        from consortia.server.ray_start import check_ray_address
+
+        check_ray_address(address)  # seconds, not Ray's minutes of retries on a typo
     from consortia.common.simulated_data import scenario_with_data
 
     loaded = scenario_with_data(loaded, data)

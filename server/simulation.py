@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +15,11 @@ from flwr.simulation import run_simulation
 from consortia.client.app import app as client_app
 from consortia.common.config import BackendConfig
 from consortia.common.config_io import LoadedScenario
-from consortia.common.errors import ConfigError, FederationError
+from consortia.common.errors import FederationError
 from consortia.common.models import build_model
 from consortia.common.simulated_data import source_of
 from consortia.server.federation import RoundListener, RunSummary, run_federation
+from consortia.server.ray_start import check_ray_address, ray_init_args
 from consortia.server.resume import load_resume_point
 from consortia.server.simulated_privacy import resumed_client_app
 from consortia.server.simulation_state import indexed_link_state
@@ -44,6 +44,19 @@ def simulate(
     part of the experiment, so it overrides `[simulation.backend]` without
     entering the run's configuration hash.
     """
+    try:
+        return _simulate(loaded, out_dir, listener, resume, ray_address)
+    finally:
+        _shutdown_ray()
+
+
+def _simulate(
+    loaded: LoadedScenario,
+    out_dir: Path,
+    listener: RoundListener,
+    resume: Path | None,
+    ray_address: str | None,
+) -> RunSummary:
     _preflight(loaded)
     address = ray_address or loaded.config.simulation.backend.ray_address
     if address:
@@ -64,16 +77,13 @@ def simulate(
 
     simulation = loaded.config.simulation
     _quiet_flower()
-    try:
-        with indexed_link_state():  # O(1) polls instead of Flower's O(nodes) scan each
-            run_simulation(
-                server_app=server_app,
-                client_app=app,
-                num_supernodes=simulation.nodes,
-                backend_config=backend_config(simulation.backend, ray_address),
-            )
-    finally:
-        _shutdown_ray()
+    with indexed_link_state():  # O(1) polls instead of Flower's O(nodes) scan each
+        run_simulation(
+            server_app=server_app,
+            client_app=app,
+            num_supernodes=simulation.nodes,
+            backend_config=backend_config(simulation.backend, ray_address),
+        )
     if not summaries:
         raise FederationError("the simulation ended before the run finished (see the log above)")
     return summaries[0]
@@ -88,31 +98,6 @@ def _preflight(loaded: LoadedScenario) -> None:
     build_model(config.model, source.feature_shape, source.num_classes, config.seed)
 
 
-def check_ray_address(address: str, timeout_s: float = 5.0) -> None:
-    """Fail fast where a Ray head's HOST:PORT does not answer.
-
-    `ray.init` retries an unreachable address for minutes before it gives
-    up; a typo in `--ray-address` should cost seconds. 'auto' (a cluster
-    this machine belongs to) and Ray Client addresses (ray://) are left to
-    Ray.
-    """
-    if address == "auto" or address.startswith("ray://"):
-        return
-    host, colon, port = address.rpartition(":")
-    if not colon or not host or not port.isdigit():
-        raise ConfigError(
-            f"Ray address {address!r}: expected HOST:PORT of the cluster's head node "
-            "(as `ray start --head` prints it, e.g. 10.0.0.5:6379), 'auto' or ray://HOST:PORT"
-        )
-    try:
-        socket.create_connection((host, int(port)), timeout=timeout_s).close()
-    except OSError as exc:
-        raise FederationError(
-            f"cannot reach the Ray cluster at {address} ({exc.strerror or exc}); check the "
-            "address, or start the head with `ray start --head` and pass the address it prints"
-        ) from None
-
-
 def backend_config(backend: BackendConfig, ray_address: str | None = None) -> dict[str, Any]:
     """Flower's backend config: resources per virtual node and Ray's start arguments.
 
@@ -121,19 +106,11 @@ def backend_config(backend: BackendConfig, ray_address: str | None = None) -> di
     the actors by these resources, and `gpus_per_node` must be set to use
     the cluster's GPUs (this machine's CUDA says nothing about them).
     """
-    address = ray_address or backend.ray_address
+    init_args = ray_init_args(backend, ray_address)
     gpus = backend.gpus_per_node
     if gpus is None:
-        gpus = 0.25 if torch.cuda.is_available() and not address else 0.0
-    init_args: dict[str, Any] = {
-        "logging_level": "ERROR",
-        "log_to_driver": False,
-        "include_dashboard": False,
-    }
-    if address:
-        init_args["address"] = address
-    else:
-        init_args["num_cpus"] = os.cpu_count() or 1
+        gpus = 0.25 if torch.cuda.is_available() and "address" not in init_args else 0.0
+    if "address" not in init_args:
         init_args["num_gpus"] = torch.cuda.device_count()
     return {
         "client_resources": {"num_cpus": backend.cpus_per_node, "num_gpus": gpus},
