@@ -17,7 +17,7 @@ from consortia.common.errors import ConfigError, FederationError
 def ray_init_args(backend: BackendConfig, ray_address: str | None = None) -> dict[str, Any]:
     """`ray.init` arguments: join the cluster at the address, or start one on this machine.
 
-    GPUs are left to Ray's own detection (this module does not import torch).
+    The local GPU count is added by `backend_config` (this module does not import torch).
     """
     init_args: dict[str, Any] = {
         "logging_level": "ERROR",
