@@ -1,6 +1,7 @@
-"""`consortia audit`: check an audit log's hash chain (a node's or the coordinator's).
+"""`consortia audit`: check an audit log's hash chain, or attack a run's model.
 
 consortia audit verify PATH [--expect-head SHA] [--expect-count N]
+consortia audit privacy RUN [--round N] [--shadows K]
 
 Exit 0: the chain is intact ("ok: N entries, head sha256 …"; keep that head
 somewhere else to detect a truncated tail next time). Exit 1: one line per
@@ -16,14 +17,17 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-audit_app = typer.Typer(help="Check tamper-evident audit logs.", no_args_is_help=True)
+audit_app = typer.Typer(
+    help="Check tamper-evident audit logs; test a run's privacy claim with attacks.",
+    no_args_is_help=True,
+)
 # soft_wrap: a problem or a head hash stays on one line, whatever the terminal width.
 console = Console(highlight=False, soft_wrap=True)
 
 
 @audit_app.callback()
 def _audit() -> None:
-    """Check tamper-evident audit logs."""
+    """Check tamper-evident audit logs; test a run's privacy claim with attacks."""
 
 
 @audit_app.command("verify")
@@ -67,3 +71,52 @@ def verify(
         )
         raise typer.Exit(1)
     console.print(f"ok: {report.entries} entries, head sha256 {report.head_sha256}")
+
+
+@audit_app.command("privacy")
+def privacy(
+    run: Annotated[Path, typer.Argument(help="A simulation run folder.")],
+    server_round: Annotated[
+        int | None,
+        typer.Option("--round", min=1, help="Audit this round's model (default: the newest)."),
+    ] = None,
+    shadows: Annotated[
+        int,
+        typer.Option("--shadows", min=2, help="Shadow models for the likelihood-ratio attack."),
+    ] = 8,
+) -> None:
+    """Membership-inference attacks on a run's model; the ε they prove beside the ε claimed.
+
+    Writes RUN/privacy-audit.json. See docs/privacy-audit.md for how to read it.
+    """
+    from rich.table import Table
+
+    from consortia.server.privacy_audit import AUDIT_FILE, audit_run
+
+    audit = audit_run(run, server_round, shadows)
+    claimed = "no DP" if audit.claimed_epsilon is None else f"{audit.claimed_epsilon:.4g}"
+    table = Table(
+        title=f"{escape(audit.run)}, round {audit.round}: claimed ε {claimed} at δ {audit.delta:g}"
+    )
+    for heading in ("attack", "AUC", "TPR @ 0.1% FPR", "TPR @ 1% FPR", "ε lower bound (95%)"):
+        table.add_column(heading, justify="left" if heading == "attack" else "right")
+    for attack in audit.attacks:
+        table.add_row(
+            escape(attack.attack),
+            f"{attack.auc:.3f}",
+            _rate(attack.tpr_at_fpr_0_1pct),
+            _rate(attack.tpr_at_fpr_1pct),
+            f"{attack.epsilon_lower_bound:.3f}",
+        )
+    console.print(table)
+    members = audit.attacks[0].members
+    if any(a.tpr_at_fpr_0_1pct is None or a.tpr_at_fpr_1pct is None for a in audit.attacks):
+        console.print(f"n/a: {members} non-members cannot resolve so small a false-positive rate")
+    console.print(
+        f"{members} members (the nodes' training records) vs {members} non-members (their "
+        f"held-out records); written to {escape(str(run / AUDIT_FILE))}"
+    )
+
+
+def _rate(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
