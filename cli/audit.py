@@ -91,7 +91,8 @@ def privacy(
     """
     from rich.table import Table
 
-    from consortia.server.privacy_audit import AUDIT_FILE, audit_run
+    from consortia.common.membership import AUDIT_FILE
+    from consortia.server.privacy_audit import audit_run
 
     audit = audit_run(run, server_round, shadows)
     claimed = "no DP" if audit.claimed_epsilon is None else f"{audit.claimed_epsilon:.4g}"

@@ -15,9 +15,10 @@ The attacks themselves (which score says "member") live with the audit
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 from scipy.stats import beta as beta_distribution
 from scipy.stats import rankdata
 
@@ -35,6 +36,29 @@ class AttackFigures(BaseModel):
     tpr_at_fpr_1pct: float | None
     epsilon_lower_bound: float  # at `confidence`, from the threshold chosen on the other half
     confidence: float
+
+
+AUDIT_FILE = "privacy-audit.json"
+
+
+class PrivacyAudit(BaseModel):
+    """privacy-audit.json in a run folder: what the attacks achieved against what the run claims."""
+
+    run: str
+    round: int
+    claimed_epsilon: float | None  # the largest ε any node reported by that round (None: no DP)
+    delta: float
+    shadows: int
+    attacks: list[AttackFigures]
+
+
+def read_audit(run_dir: Path) -> PrivacyAudit | None:
+    """The run's audit, if one was made and the file still reads (else None)."""
+    path = run_dir / AUDIT_FILE
+    try:
+        return PrivacyAudit.model_validate_json(path.read_bytes())
+    except (OSError, ValidationError):
+        return None
 
 
 def roc_auc(member_scores: np.ndarray, non_member_scores: np.ndarray) -> float:

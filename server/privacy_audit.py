@@ -18,7 +18,8 @@ balanced and pooled over the nodes. Two attacks score every record:
   audited model's confidence under them (variances pooled over records, as
   the paper recommends for few shadows).
 
-Each attack's figures (common/membership.py): AUC, TPR at 0.1% and 1% FPR,
+Each attack's figures (common/membership.py, written to privacy-audit.json
+and shown in the run's report.html): AUC, TPR at 0.1% and 1% FPR,
 and the ε lower bound it proves at 95% confidence, beside the largest ε a
 node claimed at the audited round. A per-record attack on a federated model
 is a heuristic audit: the bound treats every record as an independent trial
@@ -33,7 +34,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from pydantic import BaseModel
 from torch import nn
 from torch.nn import functional
 
@@ -42,27 +42,23 @@ from consortia.common.arrays import LabeledArrays
 from consortia.common.atomic import write_bytes_atomic
 from consortia.common.config import ScenarioConfig
 from consortia.common.errors import ConsortiaError
-from consortia.common.membership import AttackFigures, audited_epsilon, roc_auc, tpr_at_fpr
+from consortia.common.membership import (
+    AUDIT_FILE,
+    AttackFigures,
+    PrivacyAudit,
+    audited_epsilon,
+    roc_auc,
+    tpr_at_fpr,
+)
 from consortia.common.models import build_model
 from consortia.common.simulated_data import simulated_node_data
 from consortia.server.model_registry import load_checkpoint
 from consortia.server.resume import config_of
+from consortia.server.run_outputs import rewrite_report
 
-AUDIT_FILE = "privacy-audit.json"
 CONFIDENCE = 0.95
 _MAX_PER_SIDE = 5_000  # records per side: enough for 0.1% FPR, cheap to score
 _SHADOW_MAX_EPOCHS = 30
-
-
-class PrivacyAudit(BaseModel):
-    """privacy-audit.json: what the attacks achieved against what the run claims."""
-
-    run: str
-    round: int
-    claimed_epsilon: float | None  # the largest ε any node reported by that round (None: no DP)
-    delta: float
-    shadows: int
-    attacks: list[AttackFigures]
 
 
 def audit_run(run_dir: Path, server_round: int | None, shadows: int, seed: int = 0) -> PrivacyAudit:
@@ -99,6 +95,7 @@ def audit_run(run_dir: Path, server_round: int | None, shadows: int, seed: int =
         attacks=attacks,
     )
     write_bytes_atomic(run_dir / AUDIT_FILE, audit.model_dump_json(indent=2).encode("utf-8"))
+    rewrite_report(run_dir)  # report.html gains its audit section
     return audit
 
 

@@ -25,6 +25,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from consortia.common.atomic import write_bytes_atomic
 from consortia.common.errors import ConsortiaError
+from consortia.common.membership import PrivacyAudit, read_audit
 from consortia.server import plots
 from consortia.server.manifest import Manifest
 from consortia.server.run_log import NodeFailure, RoundRecord
@@ -145,7 +146,9 @@ class RunReport:
         started = time.monotonic()
         if self.labels is not None and self._label_png is None:
             self._label_png = plots.label_mix_png(self.labels.proportions, "Labels per node")
-        page = render_run_report(metrics, self.manifest, self.labels, self._label_png)
+        page = render_run_report(
+            metrics, self.manifest, self.labels, self._label_png, audit_dir=self.path.parent
+        )
         write_bytes_atomic(self.path, page.encode("utf-8"))
         self._written_at = time.monotonic()
         self._cost_s = self._written_at - started
@@ -157,8 +160,10 @@ def render_run_report(
     manifest: Manifest | None,
     labels: LabelMix | None,
     label_png: bytes | None = None,
+    audit_dir: Path | None = None,
 ) -> str:
-    """The whole page as one string (label_png: the label chart, if already rendered)."""
+    """The whole page as one string (label_png: the label chart, if already rendered;
+    audit_dir: the run folder, whose privacy-audit.json, if any, gets a section)."""
     rounds = metrics.rounds
     title = manifest.run_name if manifest is not None else "run"
     if labels is not None and label_png is None:
@@ -174,6 +179,7 @@ def render_run_report(
         _epsilon_section(metrics, manifest),
         _labels_section(labels, label_png),
         _failures_section(rounds),
+        _audit_section(read_audit(audit_dir)) if audit_dir is not None else "",
         _manifest_section(manifest),
         _rounds_section(rounds),
     ]
@@ -246,6 +252,36 @@ def _labels_section(labels: LabelMix | None, label_png: bytes | None) -> str:
     rows += [[name, f"withheld: {reason}"] for name, reason in labels.withheld.items()]
     table = _table(["node", *(f"class {c}" for c in range(classes))], rows)
     return _section(title, body + _folded(table, len(rows), "nodes"))
+
+
+def _audit_section(audit: PrivacyAudit | None) -> str:
+    """`consortia audit privacy`'s figures; no section until an audit was made."""
+    if audit is None:
+        return ""
+    claimed = "no DP" if audit.claimed_epsilon is None else f"{audit.claimed_epsilon:.4g}"
+    members = audit.attacks[0].members if audit.attacks else 0
+    body = _note(
+        f"Membership-inference attacks on round {audit.round}'s model: {members} of the "
+        f"nodes' training records against {members} records they held out. Claimed ε: "
+        f"{claimed} at δ = {audit.delta:g}. An ε lower bound above the claim would mean the "
+        "accounting is wrong (docs/privacy-audit.md)."
+    )
+
+    def rate(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.3f}"
+
+    rows = [
+        [
+            a.attack,
+            f"{a.auc:.3f}",
+            rate(a.tpr_at_fpr_0_1pct),
+            rate(a.tpr_at_fpr_1pct),
+            f"{a.epsilon_lower_bound:.3f}",
+        ]
+        for a in audit.attacks
+    ]
+    headers = ["attack", "AUC", "TPR at 0.1% FPR", "TPR at 1% FPR", "ε lower bound (95%)"]
+    return _section("Privacy audit (membership inference)", body + _table(headers, rows))
 
 
 def failure_kind(failure: NodeFailure) -> str:

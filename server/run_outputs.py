@@ -126,3 +126,15 @@ class RunOutputs:
 
     def _write_metrics(self) -> None:
         write_json_atomic(self.root / METRICS_FILE, self.metrics.model_dump(mode="json"))
+
+
+def rewrite_report(run_dir: Path) -> Path:
+    """Render report.html again from the run folder's files (after an audit added to them)."""
+    try:
+        metrics = MetricsFile.model_validate_json((run_dir / METRICS_FILE).read_bytes())
+        manifest = Manifest.model_validate_json((run_dir / MANIFEST_FILE).read_bytes())
+    except (OSError, ValueError) as exc:
+        raise FederationError(f"{run_dir}: cannot re-render its report: {exc}") from None
+    report = RunReport(run_dir)
+    report.set_manifest(manifest)
+    return report.write(metrics)

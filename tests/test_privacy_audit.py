@@ -124,6 +124,9 @@ def _audit(tmp_path: Path, cli: CliRunner, run: Path) -> dict[str, object]:
     result = cli("audit", "privacy", str(run), cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "ε lower bound" in result.stdout and "LiRA" in result.stdout
+    report = (run / "report.html").read_text()  # re-rendered with the audit's section
+    assert "Privacy audit (membership inference)" in report
+    assert "<td>LiRA (8 shadow models)</td>" in report
     return json.loads((run / "privacy-audit.json").read_text())
 
 
