@@ -598,6 +598,20 @@ def _only_with(
         raise ValueError(f"'{kind}' takes no {' or '.join(extra)}")
 
 
+class CanaryConfig(StrictModel):
+    """`[simulation.canaries]`: crafted records for a canary audit (docs/privacy-audit.md).
+
+    `count` canaries are drawn from the scenario seed: features uniform over
+    each feature's range in the data, labels uniform over the classes, so
+    only memorisation can fit them. Each goes into node `node`'s training
+    data with probability 1/2 (a seeded coin); `consortia audit privacy`
+    then tests which ones the model saw.
+    """
+
+    count: int = Field(ge=2, le=100_000, description="canaries drawn; about half are trained on")
+    node: int = Field(default=1, ge=1, description="1-based index of the node that holds them")
+
+
 class SimulationConfig(StrictModel):
     """The `[simulation]` block: a consortium faked on one machine."""
 
@@ -608,6 +622,15 @@ class SimulationConfig(StrictModel):
     backend: BackendConfig = BackendConfig()
     faults: FaultsConfig | None = None
     adversaries: AdversariesConfig | None = None
+    canaries: CanaryConfig | None = None
+
+    @model_validator(mode="after")
+    def _canary_node_exists(self) -> SimulationConfig:
+        if self.canaries is not None and self.canaries.node > self.nodes:
+            raise ValueError(
+                f"'canaries.node' is {self.canaries.node} but there are {self.nodes} nodes"
+            )
+        return self
 
     @model_validator(mode="after")
     def _names_match_nodes(self) -> SimulationConfig:

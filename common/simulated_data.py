@@ -142,18 +142,53 @@ def check_data_fits(sim: SimulationConfig) -> None:
         )
 
 
+@dataclass(frozen=True)
+class Canaries:
+    """A scenario's canaries, and which of them its canary node trains on."""
+
+    records: LabeledArrays
+    inside: np.ndarray  # bool per canary: appended to the node's training split
+
+
+def canaries_of(sim: SimulationConfig, seed: int) -> Canaries | None:
+    """The `[simulation.canaries]` records, drawn from the seed (None without that block).
+
+    Features uniform over each feature's observed range in the pool, labels
+    uniform over the classes: points no model fits without memorising them.
+    """
+    if sim.canaries is None:
+        return None
+    source = source_of(sim)
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0xCA7A]))
+    pool = source.pool.x.reshape(len(source.pool), -1)
+    low, high = pool.min(axis=0), pool.max(axis=0)
+    count = sim.canaries.count
+    x = rng.uniform(low, high, size=(count, pool.shape[1])).astype(np.float32)
+    y = rng.integers(0, source.num_classes, size=count).astype(source.pool.y.dtype)
+    records = LabeledArrays(x.reshape(count, *source.pool.x.shape[1:]), y)
+    return Canaries(records=records, inside=rng.random(count) < 0.5)
+
+
 @lru_cache(maxsize=4)
 def _all_nodes(sim: SimulationConfig, seed: int) -> tuple[NodeData, ...]:
     source = source_of(sim)
     if source.nodes is not None:
-        return tuple(
+        nodes = [
             NodeData(train=train, test=test, num_classes=source.num_classes)
             for train, test in source.nodes
-        )
-    nodes = []
-    for partition_id in range(sim.nodes):
-        train, test = _local_split(source, sim, seed, partition_id)
-        nodes.append(NodeData(train=train, test=test, num_classes=source.num_classes))
+        ]
+    else:
+        nodes = []
+        for partition_id in range(sim.nodes):
+            train, test = _local_split(source, sim, seed, partition_id)
+            nodes.append(NodeData(train=train, test=test, num_classes=source.num_classes))
+    canaries = canaries_of(sim, seed)
+    if canaries is not None:
+        assert sim.canaries is not None
+        index = sim.canaries.node - 1
+        node = nodes[index]
+        planted = canaries.records.subset(np.flatnonzero(canaries.inside))
+        nodes[index] = NodeData(concat([node.train, planted]), node.test, node.num_classes)
     return tuple(nodes)
 
 

@@ -17,6 +17,10 @@ balanced and pooled over the nodes. Two attacks score every record:
   not gives two Gaussians; the score is the log-likelihood ratio of the
   audited model's confidence under them (variances pooled over records, as
   the paper recommends for few shadows).
+* **canaries**, where the scenario plants them (`[simulation.canaries]`):
+  crafted records only memorisation can fit, each trained on by a coin
+  flip; the loss threshold tells the trained from the untrained ones. This
+  is the DP game played once per canary, the audit's rigorous form.
 
 Each attack's figures (common/membership.py, written to privacy-audit.json
 and shown in the run's report.html): AUC, TPR at 0.1% and 1% FPR,
@@ -38,7 +42,7 @@ from torch import nn
 from torch.nn import functional
 
 from consortia.client.training import train_locally
-from consortia.common.arrays import LabeledArrays
+from consortia.common.arrays import LabeledArrays, concat
 from consortia.common.atomic import write_bytes_atomic
 from consortia.common.config import ScenarioConfig
 from consortia.common.errors import ConsortiaError
@@ -51,7 +55,7 @@ from consortia.common.membership import (
     tpr_at_fpr,
 )
 from consortia.common.models import build_model
-from consortia.common.simulated_data import simulated_node_data
+from consortia.common.simulated_data import Canaries, canaries_of, simulated_node_data
 from consortia.server.model_registry import load_checkpoint
 from consortia.server.resume import config_of
 from consortia.server.run_outputs import rewrite_report
@@ -86,6 +90,14 @@ def audit_run(run_dir: Path, server_round: int | None, shadows: int, seed: int =
         _figures("loss threshold", losses, len(members), delta, rng),
         _figures(f"LiRA ({shadows} shadow models)", lira, len(members), delta, rng),
     ]
+    planted = _canaries(config)
+    if planted is not None:
+        # Each canary was trained on by a coin flip: the DP game itself, once per canary.
+        scores = -_losses(model, planted.records)
+        inside = planted.inside
+        ordered = np.concatenate([scores[inside], scores[~inside]])
+        name = f"canaries ({len(scores)}, loss threshold)"
+        attacks.append(_figures(name, ordered, int(inside.sum()), delta, rng))
     audit = PrivacyAudit(
         run=run_dir.name,
         round=doc.round,
@@ -104,12 +116,17 @@ def _audit_records(
 ) -> tuple[LabeledArrays, LabeledArrays]:
     """Every node's train split (members) and test split (non-members), balanced."""
     sim = config.simulation
+    planted = _canaries(config)
     trains, tests = [], []
     for partition in range(sim.nodes):
         data = simulated_node_data(sim, config.seed, partition)
-        trains.append(data.train)
+        train = data.train
+        if planted is not None and sim.canaries is not None and partition == sim.canaries.node - 1:
+            # The canaries are appended last; they have an attack of their own.
+            train = train.subset(np.arange(len(train) - int(planted.inside.sum())))
+        trains.append(train)
         tests.append(data.test)
-    members, non_members = _concat(trains), _concat(tests)
+    members, non_members = concat(trains), concat(tests)
     per_side = min(len(members), len(non_members), _MAX_PER_SIDE)
     if per_side < 20:
         raise ConsortiaError(
@@ -119,8 +136,8 @@ def _audit_records(
     return _sample(members, per_side, rng), _sample(non_members, per_side, rng)
 
 
-def _concat(parts: list[LabeledArrays]) -> LabeledArrays:
-    return LabeledArrays(np.concatenate([p.x for p in parts]), np.concatenate([p.y for p in parts]))
+def _canaries(config: ScenarioConfig) -> Canaries | None:
+    return canaries_of(config.simulation, config.seed)
 
 
 def _sample(data: LabeledArrays, size: int, rng: np.random.Generator) -> LabeledArrays:
@@ -166,7 +183,7 @@ def _lira_scores(
     shadows: int,
     rng: np.random.Generator,
 ) -> np.ndarray:
-    pool = _concat([members, non_members])
+    pool = concat([members, non_members])
     inside = rng.random((shadows, len(pool))) < 0.5
     confidences = np.empty((shadows, len(pool)))
     training = config.training.model_copy(
@@ -214,6 +231,7 @@ def _log_normal(x: np.ndarray, mean: np.ndarray, std: float) -> np.ndarray:
 def _figures(
     attack: str, scores: np.ndarray, members: int, delta: float, rng: np.random.Generator
 ) -> AttackFigures:
+    """Figures of `scores`, the first `members` of which belong to members."""
     member_scores, non_member_scores = scores[:members], scores[members:]
     return AttackFigures(
         attack=attack,

@@ -29,7 +29,8 @@ from consortia.common.membership import (
 )
 
 # Two nodes of 100 digits each, an MLP, 100 local epochs in all: a model that
-# memorises without DP. test_fraction 0.5 gives as many non-members as members.
+# memorises without DP. test_fraction 0.5 gives as many non-members as members;
+# node 1 also trains on about half of 200 canaries (random points, random labels).
 _SCENARIO = """
 name = "audit-digits"
 seed = 3
@@ -63,6 +64,10 @@ max_records = 400
 
 [simulation.partition]
 method = "iid"
+
+[simulation.canaries]
+count = 200
+node = 1
 """
 
 
@@ -147,6 +152,10 @@ def test_privacy_regression_dp_run_stays_under_its_claim(
     dp_auc = max(a["auc"] for a in dp["attacks"])
     plain_auc = max(a["auc"] for a in plain["attacks"])
     assert plain_auc >= 0.58 and plain_auc >= dp_auc + 0.06, (plain_auc, dp_auc)
+    # The canaries: without DP the model memorises them (measured AUC 0.94, ε ≥ 0.86 proven).
+    canaries = {r["attack"].split(" ")[0]: r for r in plain["attacks"]}["canaries"]
+    assert canaries["auc"] >= 0.8 and canaries["epsilon_lower_bound"] >= 0.3, canaries
+    assert len(dp["attacks"]) == 3
 
 
 def test_auditing_what_is_not_a_simulation_run_is_one_clear_error(
@@ -154,3 +163,23 @@ def test_auditing_what_is_not_a_simulation_run_is_one_clear_error(
 ) -> None:
     message = one_cli_error(consortia_cli("audit", "privacy", str(tmp_path / "nope"), cwd=tmp_path))
     assert "no such run folder" in message
+
+
+def test_canaries_are_seeded_and_half_of_them_planted_in_their_node() -> None:
+    from consortia.common.config import SimulationConfig
+    from consortia.common.errors import ConfigError
+    from consortia.common.simulated_data import canaries_of, simulated_node_data
+
+    plain = SimulationConfig.model_validate({"nodes": 3, "data": {"source": "digits"}})
+    sim = plain.model_copy(update={"canaries": {"count": 400, "node": 2}})
+    sim = SimulationConfig.model_validate(sim.model_dump())
+    first, again = canaries_of(sim, 7), canaries_of(sim, 7)
+    assert first is not None and again is not None
+    assert np.array_equal(first.records.x, again.records.x)
+    assert np.array_equal(first.inside, again.inside)
+    assert 150 < int(first.inside.sum()) < 250
+    grown = len(simulated_node_data(sim, 7, 1).train) - len(simulated_node_data(plain, 7, 1).train)
+    assert grown == int(first.inside.sum())
+    assert len(simulated_node_data(sim, 7, 0).train) == len(simulated_node_data(plain, 7, 0).train)
+    with pytest.raises((ValueError, ConfigError)):
+        SimulationConfig.model_validate({"nodes": 2, "canaries": {"count": 10, "node": 3}})
