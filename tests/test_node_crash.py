@@ -199,7 +199,11 @@ def test_sigkill_during_training_then_restart_keeps_the_ledger_consistent(
         fed.start_node(node_toml, "node")  # the same node.toml, state folder and ledger
         for args in (("stop", run_id), ("supernode", "unregister", dead[0])):
             done = fed.flwr(*args, "test")
-            assert done.returncode == 0, done.stdout + done.stderr
+            output = done.stdout + done.stderr
+            # The crash run may have ended on its own (its round timed out waiting for the
+            # dead node) between the kill and the stop: that is the state `stop` wants.
+            ended = args[0] == "stop" and "Run is already finished" in output
+            assert done.returncode == 0 or ended, output
         kill_tree(runner)
 
         out = tmp_path / "runs-follow-up"
