@@ -47,9 +47,12 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from machine import format_machine_facts, machine_facts
-
 REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT / "tests"))  # the process helpers: tests/federation.py
+
+from federation import descendants  # noqa: E402
+from machine import format_machine_facts, machine_facts  # noqa: E402
+
 SCENARIO = REPO_ROOT / "simulations" / "mnist-1000-nodes.toml"
 
 
@@ -96,29 +99,11 @@ class TreeMemory:
     def _sample(self) -> None:
         while not self._stop.is_set():
             rss = pss = 0
-            for pid in _descendants(self.pid):
+            for pid in (self.pid, *descendants([self.pid])):
                 rss += _kib(f"/proc/{pid}/status", "VmRSS:")
                 pss += _kib(f"/proc/{pid}/smaps_rollup", "Pss:")
             self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
             self._stop.wait(self.interval_s)
-
-
-def _descendants(root: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            parent = int(stat.rsplit(")", 1)[1].split()[1])
-            children.setdefault(parent, []).append(int(entry.name))
-    found, stack = [], [root]
-    while stack:
-        pid = stack.pop()
-        found.append(pid)
-        stack.extend(children.get(pid, []))
-    return found
 
 
 def _kib(path: str, key: str) -> int:

@@ -140,24 +140,13 @@ def audited_epsilon(
     m, n = len(members) // 2, len(non_members) // 2
     choose_m, count_m = members[:m], members[m:]
     choose_n, count_n = non_members[:n], non_members[n:]
+
+    def bound(members: np.ndarray, non_members: np.ndarray, threshold: float) -> float:
+        """The bound of the test "member when the score is at least `threshold`"."""
+        caught = int(np.sum(members >= threshold))
+        accused = int(np.sum(non_members >= threshold))
+        return epsilon_bound(caught, len(members), accused, len(non_members), delta, confidence)
+
     candidates = np.unique(np.concatenate([choose_m, choose_n]))
-    best, best_threshold = -1.0, math.inf
-    for threshold in candidates:
-        value = epsilon_bound(
-            int(np.sum(choose_m >= threshold)),
-            len(choose_m),
-            int(np.sum(choose_n >= threshold)),
-            len(choose_n),
-            delta,
-            confidence,
-        )
-        if value > best:
-            best, best_threshold = value, float(threshold)
-    return epsilon_bound(
-        int(np.sum(count_m >= best_threshold)),
-        len(count_m),
-        int(np.sum(count_n >= best_threshold)),
-        len(count_n),
-        delta,
-        confidence,
-    )
+    best = max(candidates, key=lambda threshold: bound(choose_m, choose_n, threshold))
+    return bound(count_m, count_n, float(best))

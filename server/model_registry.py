@@ -17,8 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from pydantic import BaseModel
+from torch import nn
 
 from consortia.common.atomic import write_bytes_atomic
+from consortia.common.config import JobConfig
 from consortia.common.errors import ConsortiaError
 from consortia.common.models import architecture_hash, build_model
 from consortia.server.resume import config_of, newest_checkpoint
@@ -118,8 +120,18 @@ class Export:
     architecture_matches: bool  # the built model's hash equals the manifest's
 
 
-def export_state_dict(run_dir: Path, server_round: int | None, out: Path) -> Export:
-    """Write the checkpoint's model as a PyTorch state dict that the run's model loads."""
+@dataclass(frozen=True)
+class LoadedModel:
+    """A checkpoint's model, built from the run's own config and loaded with its weights."""
+
+    checkpoint: RoundCheckpoint
+    config: JobConfig  # a ScenarioConfig for a simulation run
+    model: nn.Module
+    state: dict[str, torch.Tensor]
+
+
+def load_model(run_dir: Path, server_round: int | None) -> LoadedModel:
+    """The model of `server_round` (default: the newest readable) as the run's config builds it."""
     checkpoint = load_checkpoint(run_dir, server_round)
     doc = checkpoint.doc
     config = config_of(doc.manifest, run_dir).config
@@ -131,6 +143,13 @@ def export_state_dict(run_dir: Path, server_round: int | None, out: Path) -> Exp
         raise ConsortiaError(
             f"round {doc.round} of {run_dir.name} does not fit the model its config builds: {exc}"
         ) from None
+    return LoadedModel(checkpoint=checkpoint, config=config, model=model, state=state)
+
+
+def export_state_dict(run_dir: Path, server_round: int | None, out: Path) -> Export:
+    """Write the checkpoint's model as a PyTorch state dict that the run's model loads."""
+    loaded = load_model(run_dir, server_round)
+    doc, model, state = loaded.checkpoint.doc, loaded.model, loaded.state
     if out.exists() and out.is_dir():
         raise ConsortiaError(f"{out}: is a folder; give a file name such as model.pt")
     buffer = io.BytesIO()

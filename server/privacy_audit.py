@@ -56,8 +56,7 @@ from consortia.common.membership import (
 )
 from consortia.common.models import build_model
 from consortia.common.simulated_data import Canaries, canaries_of, simulated_node_data
-from consortia.server.model_registry import load_checkpoint
-from consortia.server.resume import config_of
+from consortia.server.model_registry import load_model
 from consortia.server.run_outputs import rewrite_report
 
 CONFIDENCE = 0.95
@@ -67,20 +66,17 @@ _SHADOW_MAX_EPOCHS = 30
 
 def audit_run(run_dir: Path, server_round: int | None, shadows: int, seed: int = 0) -> PrivacyAudit:
     """Attack the model of `server_round` (default: the newest); write and return the result."""
-    checkpoint = load_checkpoint(run_dir, server_round)
-    doc = checkpoint.doc
-    config = config_of(doc.manifest, run_dir).config
+    loaded = load_model(run_dir, server_round)
+    doc, config, model = loaded.checkpoint.doc, loaded.config, loaded.model
     if not isinstance(config, ScenarioConfig):
         raise ConsortiaError(
             f"{run_dir}: a deployed job's run; `audit privacy` needs the nodes' records, which "
             "only a simulation run can regenerate"
         )
-    model = build_model(config.model, tuple(doc.feature_shape), doc.num_classes, config.seed)
-    state = {key: torch.from_numpy(np.array(checkpoint.model[key])) for key in doc.model_keys}
-    model.load_state_dict(state, strict=True)
     rng = np.random.default_rng(seed)
-    members, non_members = _audit_records(config, rng)
-    target = _true_class_logits(model, members, non_members)
+    planted = canaries_of(config.simulation, config.seed)
+    members, non_members = _audit_records(config, planted, rng)
+    target = np.concatenate([_confidence(model, members), _confidence(model, non_members)])
     losses = -np.concatenate([_losses(model, members), _losses(model, non_members)])
     lira = _lira_scores(
         config, doc.feature_shape, doc.num_classes, members, non_members, target, shadows, rng
@@ -90,7 +86,6 @@ def audit_run(run_dir: Path, server_round: int | None, shadows: int, seed: int =
         _figures("loss threshold", losses, len(members), delta, rng),
         _figures(f"LiRA ({shadows} shadow models)", lira, len(members), delta, rng),
     ]
-    planted = _canaries(config)
     if planted is not None:
         # Each canary was trained on by a coin flip: the DP game itself, once per canary.
         scores = -_losses(model, planted.records)
@@ -112,17 +107,20 @@ def audit_run(run_dir: Path, server_round: int | None, shadows: int, seed: int =
 
 
 def _audit_records(
-    config: ScenarioConfig, rng: np.random.Generator
+    config: ScenarioConfig, planted: Canaries | None, rng: np.random.Generator
 ) -> tuple[LabeledArrays, LabeledArrays]:
-    """Every node's train split (members) and test split (non-members), balanced."""
+    """Every node's train split (members) and test split (non-members), balanced.
+
+    The canary node's planted canaries (appended last) are left out: they
+    have an attack of their own.
+    """
     sim = config.simulation
-    planted = _canaries(config)
+    canary_node = sim.canaries.node - 1 if sim.canaries is not None else None
     trains, tests = [], []
     for partition in range(sim.nodes):
         data = simulated_node_data(sim, config.seed, partition)
         train = data.train
-        if planted is not None and sim.canaries is not None and partition == sim.canaries.node - 1:
-            # The canaries are appended last; they have an attack of their own.
+        if planted is not None and partition == canary_node:
             train = train.subset(np.arange(len(train) - int(planted.inside.sum())))
         trains.append(train)
         tests.append(data.test)
@@ -136,13 +134,8 @@ def _audit_records(
     return _sample(members, per_side, rng), _sample(non_members, per_side, rng)
 
 
-def _canaries(config: ScenarioConfig) -> Canaries | None:
-    return canaries_of(config.simulation, config.seed)
-
-
 def _sample(data: LabeledArrays, size: int, rng: np.random.Generator) -> LabeledArrays:
-    chosen = rng.choice(len(data), size=size, replace=False)
-    return LabeledArrays(data.x[chosen], data.y[chosen])
+    return data.subset(rng.choice(len(data), size=size, replace=False))
 
 
 @torch.no_grad()
@@ -167,12 +160,6 @@ def _confidence(model: nn.Module, data: LabeledArrays) -> np.ndarray:
     return (true - torch.logsumexp(others, dim=1)).numpy()
 
 
-def _true_class_logits(
-    model: nn.Module, members: LabeledArrays, non_members: LabeledArrays
-) -> np.ndarray:
-    return np.concatenate([_confidence(model, members), _confidence(model, non_members)])
-
-
 def _lira_scores(
     config: ScenarioConfig,
     feature_shape: tuple[int, ...],
@@ -193,7 +180,7 @@ def _lira_scores(
     )
     for k in range(shadows):
         shadow = build_model(config.model, feature_shape, num_classes, config.seed + 1 + k)
-        subset = LabeledArrays(pool.x[inside[k]], pool.y[inside[k]])
+        subset = pool.subset(np.flatnonzero(inside[k]))
         train_locally(
             shadow, subset, training, None, seed=config.seed + 1 + k, device=torch.device("cpu")
         )
