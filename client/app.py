@@ -3,6 +3,8 @@
 - `query`: say who the node is (name, data fingerprint); no data leaves.
 - `train`: DP-SGD on the node's own data, starting from the global model;
   the privacy spend is recorded before the update is returned.
+- `train.secagg`: the same training inside a SecAgg+ round, whose update
+  leaves the node only masked (client/secure_aggregation.py).
 - `evaluate`: loss and accuracy of the global model on the node's test split.
 """
 
@@ -18,10 +20,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 
+from consortia.client import secure_aggregation as secagg
 from consortia.client import training
 from consortia.client.admission import served_dataset
 from consortia.client.device import resolve_device
@@ -30,6 +40,8 @@ from consortia.client.ledger import BudgetExceededError, LedgerError, ledger_pat
 from consortia.client.node_audit import node_audit_log
 from consortia.client.node_config import NODE_CONFIG_KEY, load_node_config
 from consortia.client.onboarding.registry import DatasetRegistry
+from consortia.client.policy import NodePolicy, Refusal
+from consortia.client.secure_aggregation import SecAggRefusedError
 from consortia.client.spend import JobAccount, LedgerAccount, NodeRefusedError, PrivacyAccount
 from consortia.common import protocol as p
 from consortia.common.arrays import LabeledArrays
@@ -44,8 +56,16 @@ from consortia.common.errors import (
 from consortia.common.evaluation import evaluate_model
 from consortia.common.models import architecture_hash, build_model
 from consortia.common.privacy import Release
+from consortia.common.secagg.fixed_point import EncodingRangeError
+from consortia.common.secagg.wire import (
+    MESSAGE_ACTION,
+    SECAGG_KEY,
+    SecAggProtocolError,
+    Setup,
+    read_stage,
+)
 from consortia.common.simulated_data import simulated_node_data
-from consortia.common.weights import load_arrays, model_to_arrays
+from consortia.common.weights import flatten_update, load_arrays, model_to_arrays
 
 app = ClientApp()
 
@@ -61,6 +81,7 @@ class _NodeView:
     fingerprint: str
     job: JobConfig
     account: PrivacyAccount
+    policy: NodePolicy | None = None  # a deployed node's operator policy
 
     @property
     def feature_shape(self) -> tuple[int, ...]:
@@ -116,6 +137,7 @@ def _deployed_view(job: JobConfig, node_toml: Path, context: Context) -> _NodeVi
             audit=node_audit_log(node),
             job=job.name,
         ),
+        policy=node.policy,
     )
 
 
@@ -273,6 +295,21 @@ def _label_histogram(view: _NodeView, sigma: float) -> dict[str, list[float] | s
 def train(message: Message, context: Context) -> Message:
     """One round of local training; returns the update and the privacy spent so far."""
     view = _node_view(message, context)
+    if view.job.secure_aggregation is not None:
+        # A plain round of a secure job would hand the coordinator this node's update alone.
+        raise NodeRefusedError(
+            Refusal(
+                code="secure-aggregation-required",
+                reason="the job uses secure aggregation: updates go only through 'train.secagg'",
+            )
+        )
+    local, metrics = _train_round(view, message)
+    content = RecordDict({p.ARRAYS_KEY: local, p.METRICS_KEY: metrics, p.NODE_KEY: _identity(view)})
+    return Message(content, reply_to=message)
+
+
+def _train_round(view: _NodeView, message: Message) -> tuple[ArrayRecord, MetricRecord]:
+    """Admit, train with DP-SGD, record the spend: the local model and the round's metrics."""
     job = view.job
     server_round = int(message.content[p.CONFIG_KEY][p.ROUND_KEY])
     model = build_model(job.model, view.feature_shape, view.num_classes, job.seed)
@@ -326,13 +363,39 @@ def train(message: Message, context: Context) -> Message:
         metrics[p.DELTA] = view.account.delta
         metrics[p.NOISE_MULTIPLIER] = dp.noise_multiplier
         metrics[p.SAMPLE_RATE] = result.sample_rate
-    content = RecordDict(
-        {
-            p.ARRAYS_KEY: model_to_arrays(model),
-            p.METRICS_KEY: metrics,
-            p.NODE_KEY: _identity(view),
-        }
-    )
+    return model_to_arrays(model), metrics
+
+
+@app.train(MESSAGE_ACTION)
+@_answer_refusals
+def train_secure(message: Message, context: Context) -> Message:
+    """One stage of a SecAgg+ round (client/secure_aggregation.py); stage 1 trains."""
+    request = read_stage(message.content.config_records.get(SECAGG_KEY))
+    try:
+        if isinstance(request, Setup):
+            return _secure_setup(message, context, request)
+        return Message(secagg.answer(request, context.state), reply_to=message)
+    except EncodingRangeError as exc:
+        raise NodeRefusedError(Refusal(code="update-out-of-range", reason=str(exc))) from None
+    except (SecAggRefusedError, SecAggProtocolError) as exc:
+        raise NodeRefusedError(Refusal(code="secagg-refused", reason=exc.message)) from None
+
+
+def _secure_setup(message: Message, context: Context, setup: Setup) -> Message:
+    """Stage 1: policy on the cohort, then train as in a plain round; the update stays here."""
+    view = _node_view(message, context)
+    if view.policy is not None and setup.cohort_size < view.policy.min_cohort:
+        raise NodeRefusedError(
+            Refusal(
+                code="cohort-too-small",
+                reason=f"the round's cohort has {setup.cohort_size} node(s), fewer than this "
+                f"node's policy minimum of {view.policy.min_cohort}",
+            )
+        )
+    local, metrics = _train_round(view, message)
+    update = flatten_update(local, message.content[p.ARRAYS_KEY])
+    keys = secagg.begin_round(setup, context.state, update)
+    content = RecordDict({SECAGG_KEY: keys, p.METRICS_KEY: metrics, p.NODE_KEY: _identity(view)})
     return Message(content, reply_to=message)
 
 

@@ -33,7 +33,12 @@ class NodePolicy(StrictModel):
     accountant: Literal["rdp", "prv"] = Field(
         default="rdp", description="accountant the ledger composes each dataset's history with"
     )
-    min_cohort: int = Field(default=2, ge=1, description="smallest cohort (secure aggregation)")
+    min_cohort: int = Field(
+        default=2, ge=1, description="smallest cohort of a secure-aggregation round it joins"
+    )
+    require_secure_aggregation: bool = Field(
+        default=False, description="refuse jobs whose updates would reach the coordinator alone"
+    )
     share_label_histogram: bool = False
 
 
@@ -54,6 +59,12 @@ def check_job(job: JobConfig, policy: NodePolicy) -> Refusal | None:
         # Not a policy choice: the ledger can bound only DP releases, and one
         # non-private round would make every later ε of the dataset meaningless.
         return Refusal(code="dp-required", reason="this node trains only with DP-SGD")
+    if policy.require_secure_aggregation and job.secure_aggregation is None:
+        return Refusal(
+            code="secure-aggregation-required",
+            reason="this node's policy requires secure aggregation; the job has no "
+            "[secure_aggregation] block",
+        )
     if job.model.name not in policy.models:
         return Refusal(
             code="model-not-allowed",

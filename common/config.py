@@ -225,6 +225,8 @@ StrategyConfig = Annotated[
     | MultiKrumConfig,
     Field(discriminator="name"),
 ]
+# Aggregators that need every update in the clear (so not secure aggregation).
+ROBUST_STRATEGIES = ("trimmed_mean", "median", "krum", "multikrum")
 
 
 class UpdateChecksConfig(StrictModel):
@@ -260,6 +262,42 @@ class UpdateChecksConfig(StrictModel):
     )
 
 
+# ----------------------------------------------------------- secure aggregation
+
+
+class SecureAggregationConfig(StrictModel):
+    """`[secure_aggregation]`: SecAgg+ in every training round (docs/secure-aggregation.md).
+
+    `neighbours` (k): each node shares its secrets with, and masks against, k
+    others of the round's cohort (a random k-regular graph); default
+    2·⌈log2 n⌉, at most n − 1 (then every pair masks: the original SecAgg).
+    `threshold` (t): shares needed to rebuild a node's secret; a round
+    survives up to k − t dropped neighbours per node. Default ⌊k/2⌋ + 1; it
+    must exceed k/2, so that no coordinator can collect t shares of a node's
+    seed *and* t of its key from disjoint neighbours. `bits`: word size of the
+    fixed-point sum (32: half the traffic; 64: a step 2^32 times finer).
+    `on_failure`: a round whose masks cannot be removed (too many dropouts)
+    either stops the run or leaves the model unchanged and goes on.
+    """
+
+    neighbours: int | None = Field(default=None, ge=1, description="k, per node")
+    threshold: int | None = Field(default=None, ge=1, description="t, shares to rebuild a secret")
+    bits: Literal[32, 64] = 32
+    on_failure: Literal["stop", "skip-round"] = "stop"
+
+    def threshold_for(self, degree: int) -> int:
+        """t for a round whose graph has `degree` (raises if the set t cannot work with it)."""
+        if self.threshold is None:
+            return degree // 2 + 1
+        if not degree / 2 < self.threshold <= degree:
+            raise ValueError(
+                f"secure_aggregation.threshold = {self.threshold} does not fit a round with "
+                f"{degree} neighbours per node: it must be above {degree / 2:g} and at most "
+                f"{degree}"
+            )
+        return self.threshold
+
+
 # ------------------------------------------------------------------------- job
 
 
@@ -286,11 +324,35 @@ class JobConfig(StrictModel):
     label_histogram: LabelHistogramConfig | None = Field(
         default=None, description="DP label histograms from the nodes, to report label skew"
     )
+    secure_aggregation: SecureAggregationConfig | None = Field(
+        default=None, description="SecAgg+: the coordinator sees only the sum of the updates"
+    )
 
     @model_validator(mode="after")
     def _strategy_fits_cohort(self) -> JobConfig:
         if self.clients_per_round is not None:
             check_cohort(self, self.clients_per_round, "clients_per_round")
+        return self
+
+    @model_validator(mode="after")
+    def _secure_aggregation_fits(self) -> JobConfig:
+        if self.secure_aggregation is None:
+            return self
+        if self.strategy.name in ROBUST_STRATEGIES:
+            raise ValueError(
+                f"strategy '{self.strategy.name}' needs every update in the clear, which secure "
+                "aggregation hides; use fedavg, fedprox, fedadam or fedyogi with it"
+            )
+        bounded = (
+            self.privacy.enabled
+            or self.training.optimizer == "adam"
+            or self.update_checks.max_update_norm is not None
+        )
+        if not bounded:
+            raise ValueError(
+                "secure aggregation encodes updates in a range derived from the DP clipping "
+                "norm; without DP (and with SGD) set update_checks.max_update_norm"
+            )
         return self
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 from flwr.app import ArrayRecord
 from torch import nn
 
@@ -29,3 +30,13 @@ def load_arrays(model: nn.Module, arrays: ArrayRecord) -> None:
                 f"the model expects {tuple(expected[key].shape)}"
             )
     model.load_state_dict(state, strict=True)
+
+
+def flatten_update(local: ArrayRecord, global_arrays: ArrayRecord) -> np.ndarray:
+    """local − global over every array, in the global model's order, as one float64 vector."""
+    return np.concatenate(
+        [
+            (local[key].numpy().astype(np.float64) - array.numpy().astype(np.float64)).reshape(-1)
+            for key, array in global_arrays.items()
+        ]
+    )

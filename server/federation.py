@@ -39,9 +39,10 @@ from consortia.server.resume import load_resume_point
 from consortia.server.rng_state import capture_rng, restore_rng
 from consortia.server.roster import Roster, discover
 from consortia.server.round_checkpoint import CheckpointDoc, RoundCheckpoint
-from consortia.server.round_loop import Purpose, run_rounds
+from consortia.server.round_loop import Purpose, SecureTrainer, run_rounds
 from consortia.server.run_log import NodeFailure, RoundRecord, RunLog, kept_shares
 from consortia.server.run_outputs import FinalMetrics, RunOutputs
+from consortia.server.secure_aggregation import SecureRound, run_secure_round
 from consortia.server.strategies import (
     ConsortiaMedian,
     ConsortiaStrategy,
@@ -144,6 +145,7 @@ def run_federation(
         strategy,
         grid,
         arrays,
+        secure=_secure_trainer(grid, job, strategy),
         first_round=1 if point is None else point.next_round,
         last_round=config.rounds,
         timeout_s=config.round_timeout_s,
@@ -154,6 +156,45 @@ def run_federation(
     final = observer.final()
     outputs.finish(final, config.privacy.delta if config.privacy.enabled else None)
     return RunSummary(out_dir=out_dir, final=final, rounds=outputs.metrics.rounds)
+
+
+def _secure_trainer(
+    grid: Grid, job: JobConfig, strategy: ConsortiaStrategy
+) -> SecureTrainer | None:
+    """The job's secure rounds (None without `[secure_aggregation]`).
+
+    A node's update range is the norm bound the coordinator would have checked
+    in the clear (update_checks.py), from the job and the node's reported
+    steps, noise and sample rate; a reply the strategy would not screen in
+    cannot join the sum.
+    """
+    settings = job.secure_aggregation
+    if settings is None:
+        return None
+    strategy.secure_on_failure = settings.on_failure
+    run_id = grid.run.run_id
+
+    def bound_of(reply: Message) -> float | str:
+        problem = strategy.screening_problem(reply)
+        if problem is not None:
+            return problem
+        bound = strategy.update_checks.bound(reply.content[p.METRICS_KEY], strategy.reference)
+        if bound is None:
+            return "no bound on this update can be derived for the secure-aggregation range"
+        return bound if isinstance(bound, str) else bound.value
+
+    def train(server_round: int, messages: list[Message], arrays: ArrayRecord) -> SecureRound:
+        return run_secure_round(
+            grid,
+            messages,
+            arrays,
+            settings,
+            context=f"run {run_id} round {server_round}",
+            timeout_s=job.round_timeout_s,
+            bound_of=bound_of,
+        )
+
+    return train
 
 
 def _adversaries(simulation: SimulationConfig | None, seed: int) -> frozenset[str]:

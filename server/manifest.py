@@ -68,8 +68,16 @@ def build_manifest(
 
 
 def config_sha256(config: JobConfig) -> str:
-    """sha256 of the resolved config as canonical JSON (sorted keys, defaults filled in)."""
-    canonical = json.dumps(config.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    """sha256 of the resolved config as canonical JSON (sorted keys, defaults filled in).
+
+    Unset optional blocks (None) are left out, so that a block added to the
+    schema later (say `[secure_aggregation]`) does not change the hash of a
+    config that does not use it, and its runs stay resumable. Injective all
+    the same: a None can only stand where a value is absent.
+    """
+    canonical = json.dumps(
+        config.model_dump(mode="json", exclude_none=True), sort_keys=True, separators=(",", ":")
+    )
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 

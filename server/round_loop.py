@@ -15,6 +15,7 @@ hook's call at round 0 (its result was discarded) and Flower's `Result`
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal, Protocol
 
 from flwr.app import ArrayRecord, ConfigRecord, Message
@@ -22,8 +23,12 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from consortia.server.exchange import exchange
+from consortia.server.secure_aggregation import SecureRound
+from consortia.server.strategies import ConsortiaStrategy
 
 Purpose = Literal["train", "evaluate"]
+# Runs a round's training under secure aggregation: (round, train messages, global model).
+SecureTrainer = Callable[[int, list[Message], ArrayRecord], SecureRound]
 
 
 class RoundObserver(Protocol):
@@ -52,16 +57,31 @@ def run_rounds(
     train_config: ConfigRecord,
     evaluate_config: ConfigRecord,
     observer: RoundObserver,
+    secure: SecureTrainer | None = None,
 ) -> ArrayRecord:
-    """Run rounds `first_round..last_round` from the global model `arrays`; return the last one."""
+    """Run rounds `first_round..last_round` from the global model `arrays`; return the last one.
+
+    With `secure`, each round's training runs as a SecAgg+ round: the
+    strategy then aggregates the stage-1 replies (DP spend, no update) with
+    the unmasked mean it is handed (`ConsortiaStrategy.secure_round`).
+    """
     for server_round in range(first_round, last_round + 1):
         observer.before_round(server_round)
         messages = list(strategy.configure_train(server_round, arrays, train_config, grid))
         sent_to = [m.metadata.dst_node_id for m in messages]
-        replies = exchange(grid, messages, timeout_s)
+        if secure is None:
+            replies = exchange(grid, messages, timeout_s)
+        else:
+            outcome = secure(server_round, messages, arrays)
+            replies = outcome.setup_replies
+            _secure_strategy(strategy).secure_round = outcome
         del messages
         observer.on_replies(server_round, "train", sent_to, replies)
-        aggregated, _ = strategy.aggregate_train(server_round, replies)
+        try:
+            aggregated, _ = strategy.aggregate_train(server_round, replies)
+        finally:
+            if secure is not None:
+                _secure_strategy(strategy).secure_round = None
         if aggregated is not None:
             arrays = aggregated
         del replies
@@ -76,3 +96,9 @@ def run_rounds(
 
         observer.after_round(server_round, arrays)
     return arrays
+
+
+def _secure_strategy(strategy: Strategy) -> ConsortiaStrategy:
+    if not isinstance(strategy, ConsortiaStrategy):
+        raise TypeError("secure aggregation runs with consortia's strategies only")
+    return strategy

@@ -67,6 +67,13 @@ class RoundRecord(BaseModel):
         default_factory=dict,
         description="trimmed mean / median: share of coordinates in which a node's value counted",
     )
+    # Secure aggregation (None otherwise).
+    aggregation_failure: str | None = Field(
+        default=None, description="why the round's sum could not be unmasked (model unchanged)"
+    )
+    quantization_error: float | None = Field(
+        default=None, description="largest fixed-point error of the mean update, per entry"
+    )
 
 
 class RunLog:

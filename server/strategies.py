@@ -61,6 +61,7 @@ from consortia.common.errors import FederationError
 from consortia.server.aggregation import array_view, weighted_average
 from consortia.server.cohort import Cohort
 from consortia.server.run_log import NodeFailure, RunLog
+from consortia.server.secure_aggregation import SecureRound
 from consortia.server.update_checks import (
     NON_FINITE,
     ReferenceModel,
@@ -96,6 +97,11 @@ class ConsortiaStrategy(FedAvg):
     aggregate_shows_non_finite: ClassVar[bool] = True
     _expected: dict[str, tuple[tuple[int, ...], str]]
     _reference: ReferenceModel
+    _global: ArrayRecord
+    # Set by the round loop for a round run under secure aggregation: its replies then
+    # carry metrics only, and the aggregate is the unmasked mean (server/secure_aggregation.py).
+    secure_round: SecureRound | None = None
+    secure_on_failure: str = "stop"
 
     def attach(self, cohort: Cohort, run_log: RunLog, federated_evaluation: bool) -> None:
         self.cohort = cohort
@@ -110,6 +116,7 @@ class ConsortiaStrategy(FedAvg):
         """Send the global model to this round's cohort (seeded, by node name)."""
         self._expected = {key: (tuple(a.shape), a.dtype) for key, a in arrays.items()}
         self._reference = ReferenceModel.of(arrays)
+        self._global = arrays
         node_ids = self.cohort.sample(server_round, "train")
         return self._messages(server_round, arrays, config, node_ids, MessageType.TRAIN)
 
@@ -145,6 +152,8 @@ class ConsortiaStrategy(FedAvg):
         `update_checks.min_updates` updates remain.
         """
         replies = list(replies)
+        if self.secure_round is not None:
+            return self._aggregate_secure(server_round, replies, self.secure_round)
         accepted, failures = self._screen(replies, with_arrays=True)
         accepted, rejected = self._check_updates(accepted)
         failures += rejected
@@ -166,6 +175,46 @@ class ConsortiaStrategy(FedAvg):
         if combination is None:
             raise FederationError(self._too_few(server_round, accepted, failures))
         return combination.arrays, metrics
+
+    def _aggregate_secure(
+        self, server_round: int, replies: list[Message], secure: SecureRound
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """A secure round: the unmasked mean of the survivors' updates, checked by the nodes.
+
+        The replies (stage 1) carry each node's DP spend and loss, no update;
+        the per-update value checks happened on the nodes (an update outside
+        the range derived from the same bound is refused there). Nodes that
+        left after stage 1 are failures with the stage and reason.
+        """
+        accepted, failures = self._screen(replies, with_arrays=False)
+        survivors = set(secure.survivors)
+        used = [(name, r) for name, r in accepted if r.metadata.src_node_id in survivors]
+        roster = self.cohort.roster
+        failures += [
+            NodeFailure(node=roster.name_of(node_id), reason=f"secure aggregation: {why}")
+            for node_id, why in secure.dropped.items()
+        ]
+        contents = [reply.content for _, reply in used]
+        metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key) if contents else None
+        self.run_log.record_train(
+            server_round,
+            participants=[name for name, _ in used],
+            epsilons=self._reported_epsilons(replies),
+            train_loss=_metric(metrics, p.TRAIN_LOSS),
+            failures=sorted(failures, key=lambda f: f.node),
+        )
+        record = self.run_log.current(server_round)
+        if secure.failure is not None:
+            record.aggregation_failure = secure.failure
+            if self.secure_on_failure == "stop":
+                raise FederationError(
+                    f"round {server_round}: secure aggregation failed: {secure.failure}"
+                )
+            return None, metrics
+        if len(used) < self.update_checks.min_updates:
+            raise FederationError(self._too_few(server_round, used, failures))
+        record.quantization_error = secure.mean_error_bound
+        return secure.aggregate(self._global), metrics
 
     def _too_few(self, server_round: int, accepted: Accepted, failures: list[NodeFailure]) -> str:
         """Why the round cannot aggregate: the usable count and every rejected node's reason."""
@@ -282,6 +331,15 @@ class ConsortiaStrategy(FedAvg):
                 failures.append(NodeFailure(node=name, reason=problem))
         accepted.sort(key=lambda item: item[0])
         return accepted, sorted(failures, key=lambda f: f.node)
+
+    @property
+    def reference(self) -> ReferenceModel:
+        """The global model of the round being configured (set by `configure_train`)."""
+        return self._reference
+
+    def screening_problem(self, reply: Message) -> str | None:
+        """Why a train reply's metrics cannot be used (a secure round's, which has no arrays)."""
+        return self._problem(reply, with_arrays=False)
 
     def _problem(self, reply: Message, with_arrays: bool) -> str | None:
         """Why `reply` cannot be used, or None if it can."""

@@ -28,6 +28,7 @@ from consortia.common import protocol as p
 from consortia.common.config import JobConfig
 from consortia.common.models import architecture_hash, build_model
 from consortia.common.privacy import histogram_release
+from consortia.common.secagg import wire
 from consortia.common.weights import model_to_arrays
 
 DATASET = "cancer"
@@ -282,3 +283,70 @@ def test_calibration_uses_the_ledger_accountant_not_the_jobs(deployed_node: Node
     with PrivacyLedger(ledger_path(node_toml.parent / "state")) as ledger:
         assert ledger.budget(DATASET).accountant == "rdp"
         assert 0.7 < ledger.spent(DATASET) <= target
+
+
+def test_a_node_that_requires_secure_aggregation_refuses_a_plain_job(
+    deployed_node: Node,
+) -> None:
+    node_toml = deployed_node(policy="require_secure_aggregation = true\n")
+    reason = _assert_refused(
+        node_toml, _train(node_toml, _job(), run_id=30), 30, "secure-aggregation-required"
+    )
+    assert "[secure_aggregation]" in reason
+
+
+def _secure_setup(node_toml: Path, job: JobConfig, run_id: int, cohort: int) -> Message:
+    """Stage 1 of a SecAgg+ round as the node's SuperNode would deliver it."""
+    registration = DatasetRegistry(node_toml.parent / "state").get(DATASET)
+    model = build_model(job.model, registration.feature_shape, registration.num_classes, job.seed)
+    config = ConfigRecord({p.TASK_KEY: p.TaskSpec(job=job).encode(), p.ROUND_KEY: 1})
+    setup = wire.Setup(
+        context="run round 1",
+        position=0,
+        cohort_size=cohort,
+        neighbours=list(range(1, cohort)),
+        threshold=cohort // 2 + 1 if cohort > 2 else 1,
+        bits=32,
+    )
+    request = Message(
+        RecordDict(
+            {
+                p.ARRAYS_KEY: model_to_arrays(model),
+                p.CONFIG_KEY: config,
+                wire.SECAGG_KEY: setup.to_record(),
+            }
+        ),
+        dst_node_id=7,
+        message_type=f"{MessageType.TRAIN}.{wire.MESSAGE_ACTION}",
+    )
+    return app(request, _context(node_toml, run_id))
+
+
+def test_a_secure_round_below_the_node_minimum_cohort_is_refused_before_training(
+    deployed_node: Node,
+) -> None:
+    node_toml = deployed_node(policy="min_cohort = 4\nrequire_secure_aggregation = true\n")
+    job = _job(secure_aggregation={})
+    reason = _assert_refused(
+        node_toml, _secure_setup(node_toml, job, run_id=31, cohort=3), 31, "cohort-too-small"
+    )
+    assert "3 node(s)" in reason and "minimum of 4" in reason
+    # A cohort that meets the minimum: the node trains, records the spend, and sends
+    # only its public keys and metrics, never the update.
+    reply = _secure_setup(node_toml, job, run_id=32, cohort=4)
+    assert p.read_refusal(reply.content) is None, reply.content
+    assert p.ARRAYS_KEY not in reply.content.array_records
+    keys = wire.read(wire.SetupReply, reply.content[wire.SECAGG_KEY], "setup reply")
+    assert len(keys.cipher_key) == len(keys.mask_key) == 32
+    assert len(_releases_of(node_toml, 32)) == 1
+
+
+def test_a_plain_train_message_of_a_secure_job_is_refused(deployed_node: Node) -> None:
+    """A coordinator that asks for a plain round of a secure job gets no update."""
+    node_toml = deployed_node()
+    _assert_refused(
+        node_toml,
+        _train(node_toml, _job(secure_aggregation={}), run_id=33),
+        33,
+        "secure-aggregation-required",
+    )

@@ -1,0 +1,296 @@
+"""The node's side of SecAgg+: keys, shares, the masked update, and what it will reveal.
+
+One round is four messages of type `train.secagg` (common/secagg/wire.py):
+
+1. `setup`: the node trains (DP-SGD, spend recorded first, as in a plain
+   round), keeps its update local − global, makes two fresh X25519 key
+   pairs and answers with the public halves;
+2. `share-keys`: it encodes its update in the round's fixed-point range (an
+   out-of-range value is an error reported here, never a clip), draws its
+   self-mask seed, splits the seed and its masking private key t-of-k
+   (Shamir) and seals one pair of shares to each neighbour (AES-GCM);
+3. `masked-input`: it opens the shares addressed to it and answers with
+   encoded update + its self mask ± one pairwise mask per neighbour that
+   shared with it;
+4. `unmask`: for each neighbour the coordinator names, the share of its
+   self-mask seed (it survived) or of its masking key (it dropped) —
+   never both for one neighbour, and only once per round.
+
+Between messages everything lives in the node's Flower `Context.state`
+(`SessionState`), which the SuperNode keeps per run; the update never leaves
+the node unmasked. Each step checks the stage order: a request out of order,
+a neighbour named as both survivor and dropped, or a second unmask request is
+refused (`SecAggRefusedError`) and logged by the ClientApp.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+from pydantic import BaseModel, ConfigDict, Field
+
+from consortia.common.errors import ConsortiaError
+from consortia.common.secagg import crypto, shamir
+from consortia.common.secagg.fixed_point import FixedPoint
+from consortia.common.secagg.masks import apply_mask
+from consortia.common.secagg.wire import (
+    MASKED_ARRAY,
+    MASKED_KEY,
+    SECAGG_KEY,
+    MaskedInput,
+    SecAggProtocolError,
+    Setup,
+    SetupReply,
+    ShareKeys,
+    ShareKeysReply,
+    Unmask,
+    UnmaskReply,
+)
+
+STATE_KEY = "secagg-session"
+UPDATE_KEY = "secagg-update"
+_SHARE_HEADER = struct.Struct(">II")  # owner position, recipient position
+_PLAINTEXT_BYTES = _SHARE_HEADER.size + 2 * shamir.SHARE_BYTES
+
+
+class SecAggRefusedError(ConsortiaError):
+    """The coordinator asked for something the protocol forbids; the node answers nothing."""
+
+    code = "secagg-refused"
+
+
+class SessionState(BaseModel):
+    """What the node remembers of the round between stage messages (in `Context.state`)."""
+
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, ser_json_bytes="base64", val_json_bytes="base64"
+    )
+
+    stage: str
+    setup: Setup
+    cipher_private: bytes
+    mask_private: bytes
+    seed: bytes = b""
+    peers: list[int] = Field(default_factory=list)
+    cipher_keys: list[bytes] = Field(default_factory=list)
+    mask_keys: list[bytes] = Field(default_factory=list)
+    share_owners: list[int] = Field(default_factory=list)
+    seed_shares: list[bytes] = Field(default_factory=list)
+    key_shares: list[bytes] = Field(default_factory=list)
+
+    def advanced(self, stage: str, **changes: object) -> SessionState:
+        return self.model_copy(update={"stage": stage, **changes})
+
+
+@dataclass(frozen=True)
+class Step:
+    """One stage's outcome: the reply payload (or masked vector) and the state to keep."""
+
+    state: SessionState
+    reply: ConfigRecord | None = None
+    masked: np.ndarray | None = None
+
+
+def begin(setup: Setup) -> Step:
+    """Stage 1 (after training): fresh key pairs for this round; answer the public halves."""
+    cipher_private, mask_private = crypto.new_private_key(), crypto.new_private_key()
+    state = SessionState(
+        stage="setup", setup=setup, cipher_private=cipher_private, mask_private=mask_private
+    )
+    reply = SetupReply(
+        cipher_key=crypto.public_key(cipher_private), mask_key=crypto.public_key(mask_private)
+    )
+    return Step(state=state, reply=reply.to_record())
+
+
+def share_keys(
+    state: SessionState, request: ShareKeys, update: np.ndarray
+) -> tuple[Step, np.ndarray]:
+    """Stage 2: encode the update, share the seed and masking key, seal a pair per neighbour.
+
+    Returns the step and the encoded update (kept for stage 3). Raises
+    `EncodingRangeError` if the update does not fit the round's range.
+    """
+    _expect(state, "setup", "share-keys")
+    setup = state.setup
+    peers = request.peers
+    if not set(peers) <= set(setup.neighbours) or len(set(peers)) != len(peers):
+        raise SecAggProtocolError("share-keys names nodes that are not this node's neighbours")
+    if len(peers) < setup.threshold:
+        raise SecAggRefusedError(
+            f"only {len(peers)} neighbour(s) left to hold shares, threshold {setup.threshold}: "
+            "the round could not survive a dropout"
+        )
+    encoding = FixedPoint(bits=setup.bits, bound=request.bound, summands=request.summands)
+    encoded = encoding.encode(update)
+    seed = os.urandom(shamir.SECRET_BYTES)  # the self mask's ChaCha20 key
+    points = [peer + 1 for peer in peers]
+    seed_shares = shamir.split(seed, points, setup.threshold)
+    key_shares = shamir.split(state.mask_private, points, setup.threshold)
+    context = setup.context.encode()
+    sealed = []
+    for peer, cipher_key, seed_share, key_share in zip(
+        peers, request.cipher_keys, seed_shares, key_shares, strict=True
+    ):
+        key = crypto.agree(state.cipher_private, cipher_key, crypto.SHARE_KEY, context)
+        plaintext = (
+            _SHARE_HEADER.pack(setup.position, peer) + seed_share.to_bytes() + key_share.to_bytes()
+        )
+        sealed.append(crypto.seal(key, plaintext, context, setup.position, peer))
+    kept = state.advanced(
+        "share-keys",
+        seed=seed,
+        peers=list(peers),
+        cipher_keys=list(request.cipher_keys),
+        mask_keys=list(request.mask_keys),
+    )
+    reply = ShareKeysReply(recipients=list(peers), sealed=sealed)
+    return Step(state=kept, reply=reply.to_record()), encoded
+
+
+def masked_input(state: SessionState, request: MaskedInput, encoded: np.ndarray) -> Step:
+    """Stage 3: open the shares sent to this node, return the masked encoded update.
+
+    The pairwise masks are those of the neighbours that shared with this
+    node (so also received its shares): each pair adds the same keystream
+    with opposite signs, the lower position +, the higher −.
+    """
+    _expect(state, "share-keys", "masked-input")
+    setup = state.setup
+    senders = request.senders
+    known = dict(
+        zip(state.peers, zip(state.cipher_keys, state.mask_keys, strict=True), strict=True)
+    )
+    if not set(senders) <= set(known) or len(set(senders)) != len(senders):
+        raise SecAggProtocolError("masked-input forwards shares from nodes that are not neighbours")
+    if len(senders) < setup.threshold:
+        raise SecAggRefusedError(
+            f"only {len(senders)} neighbour(s) shared with this node, threshold {setup.threshold}"
+        )
+    context = setup.context.encode()
+    seed_shares, key_shares = [], []
+    for sender, sealed in zip(senders, request.sealed, strict=True):
+        key = crypto.agree(state.cipher_private, known[sender][0], crypto.SHARE_KEY, context)
+        plaintext = crypto.open_sealed(key, sealed, context, sender, setup.position)
+        if len(plaintext) != _PLAINTEXT_BYTES or _SHARE_HEADER.unpack_from(plaintext) != (
+            sender,
+            setup.position,
+        ):
+            raise SecAggProtocolError(f"the share from position {sender} is not addressed here")
+        body = plaintext[_SHARE_HEADER.size :]
+        seed_shares.append(body[: shamir.SHARE_BYTES])
+        key_shares.append(body[shamir.SHARE_BYTES :])
+    vector = encoded.copy()
+    apply_mask(vector, state.seed)
+    for sender in senders:
+        seed = crypto.agree(state.mask_private, known[sender][1], crypto.MASK_KEY, context)
+        apply_mask(vector, seed, subtract=setup.position > sender)
+    kept = state.advanced(
+        "masked-input",
+        share_owners=list(senders),
+        seed_shares=seed_shares,
+        key_shares=key_shares,
+    )
+    return Step(state=kept, masked=vector)
+
+
+def unmask(state: SessionState, request: Unmask) -> Step:
+    """Stage 4: seed shares of survivors, key shares of the dropped; refuse anything else.
+
+    Refused: a second unmask request in the round, a neighbour named both
+    survivor and dropped (the two shares together would unmask its update),
+    nodes that never shared with this node, and fewer survivors than the
+    threshold (the answer could then help reconstruct too much).
+    """
+    if state.stage == "unmask":
+        raise SecAggRefusedError("a second unmask request in one round: refused")
+    _expect(state, "masked-input", "unmask")
+    survivors, dropped = set(request.survivors), set(request.dropped)
+    if both := survivors & dropped:
+        raise SecAggRefusedError(
+            f"the coordinator asked for both shares of neighbour(s) at position(s) "
+            f"{sorted(both)}: that would reveal their update; refused"
+        )
+    owners = state.share_owners
+    if not (survivors | dropped) <= set(owners):
+        raise SecAggProtocolError("unmask names nodes that did not share with this node")
+    if len(survivors) + 1 < state.setup.threshold:
+        raise SecAggRefusedError(
+            f"{len(survivors)} surviving neighbour(s) named: with this node fewer than the "
+            f"threshold {state.setup.threshold}"
+        )
+    reply = UnmaskReply(
+        seed_owners=[o for o in owners if o in survivors],
+        seed_shares=[s for o, s in zip(owners, state.seed_shares, strict=True) if o in survivors],
+        key_owners=[o for o in owners if o in dropped],
+        key_shares=[s for o, s in zip(owners, state.key_shares, strict=True) if o in dropped],
+    )
+    return Step(state=state.advanced("unmask"), reply=reply.to_record())
+
+
+def begin_round(setup: Setup, store: RecordDict, update: np.ndarray) -> ConfigRecord:
+    """Stage 1 after training: keep `update` (local − global) and the keys; the public reply."""
+    step = begin(setup)
+    save(store, step.state, update)
+    assert step.reply is not None
+    return step.reply
+
+
+def answer(request: ShareKeys | MaskedInput | Unmask, store: RecordDict) -> RecordDict:
+    """Stages 2–4 against the session kept in `store` (the node's Context.state).
+
+    Returns the reply's content. Raises `SecAggRefusedError` or
+    `SecAggProtocolError` for a request the protocol forbids, and
+    `EncodingRangeError` for an update outside the round's range.
+    """
+    state, vector = load(store)
+    if isinstance(request, ShareKeys):
+        if vector is None:
+            raise SecAggRefusedError("share-keys before this node trained in the round")
+        step, encoded = share_keys(state, request, vector)
+        save(store, step.state, encoded)
+    elif isinstance(request, MaskedInput):
+        if vector is None:
+            raise SecAggRefusedError("masked-input before this node encoded its update")
+        step = masked_input(state, request, vector)
+        save(store, step.state, None)
+        assert step.masked is not None
+        return RecordDict({MASKED_KEY: ArrayRecord({MASKED_ARRAY: Array(step.masked)})})
+    else:
+        step = unmask(state, request)
+        save(store, step.state, None)
+    assert step.reply is not None
+    return RecordDict({SECAGG_KEY: step.reply})
+
+
+def _expect(state: SessionState, stage: str, requested: str) -> None:
+    if state.stage != stage:
+        raise SecAggRefusedError(
+            f"'{requested}' arrived after stage '{state.stage}' (expected after '{stage}')"
+        )
+
+
+# ------------------------------------------------------------------- Context.state
+
+
+def save(store: RecordDict, state: SessionState, vector: np.ndarray | None) -> None:
+    """Keep the session (and the update, float or encoded) in the node's Context.state."""
+    store[STATE_KEY] = ConfigRecord({"json": state.model_dump_json()})
+    if vector is None:
+        store.pop(UPDATE_KEY, None)
+    else:
+        store[UPDATE_KEY] = ArrayRecord({MASKED_ARRAY: Array(vector)})
+
+
+def load(store: RecordDict) -> tuple[SessionState, np.ndarray | None]:
+    record = store.get(STATE_KEY)
+    if not isinstance(record, ConfigRecord) or not isinstance(record.get("json"), str):
+        raise SecAggRefusedError("no secure-aggregation round in progress on this node")
+    state = SessionState.model_validate_json(str(record["json"]))
+    arrays = store.get(UPDATE_KEY)
+    vector = arrays[MASKED_ARRAY].numpy() if isinstance(arrays, ArrayRecord) else None
+    return state, vector
