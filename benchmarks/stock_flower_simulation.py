@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import time
 from functools import cache, lru_cache
 from pathlib import Path
@@ -49,6 +48,7 @@ from opacus import PrivacyEngine
 from opacus.accountants.utils import get_noise_multiplier
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+from worker_process import one_cpu_per_node  # this folder
 
 from consortia.common.config import ScenarioConfig
 from consortia.common.config_io import load_scenario
@@ -201,15 +201,7 @@ def main() -> None:
         server_app=server,
         client_app=client,
         num_supernodes=sim.nodes,
-        backend_config={
-            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-            "init_args": {
-                "num_cpus": os.cpu_count() or 1,
-                "logging_level": "ERROR",
-                "log_to_driver": False,
-                "include_dashboard": False,
-            },
-        },
+        backend_config=one_cpu_per_node(),
     )
 
 

@@ -65,20 +65,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
-import signal
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from worker_process import (  # this folder
+    noted,
+    prepare_worker,
+    print_machine,
+    run_worker_script,
+    simulate,
+)
 
 # SecAgg+ clips uploaded values to [-CLIPPING_RANGE, CLIPPING_RANGE] silently; see above.
 CLIPPING_RANGE = 8.0
@@ -89,7 +89,6 @@ INITIAL_SCALE = 0.1  # the initial model: INITIAL_SCALE x standard normal, seed 
 INITIAL_SEED = 0
 DELTA_SCALE = 1e-3  # each node's "update": DELTA_SCALE x standard normal
 # A run that has not finished by then is stopped (its whole process group).
-WORKER_TIMEOUT_S = 3600.0
 
 _SCRIPT = Path(__file__).resolve()
 _RESULT_KEY = "round_seconds"
@@ -139,17 +138,7 @@ def flower_run(
         *("--num-shares", str(num_shares), "--threshold", str(threshold)),
         *(["--secagg"] if secagg else []),
     ]
-    with _flower_environment() as env:
-        stdout, stderr, returncode = _run_in_own_group(command, env, WORKER_TIMEOUT_S)
-    if returncode != 0:
-        tail = "\n".join(stderr.splitlines()[-40:])
-        raise RuntimeError(f"worker {' '.join(command[2:])} exited {returncode}:\n{tail}")
-    for line in reversed(stdout.splitlines()):
-        if line.startswith("{"):
-            report = json.loads(line)
-            if _RESULT_KEY in report:
-                return dict(report)
-    raise RuntimeError(f"worker printed no result; stdout:\n{stdout[-2000:]}")
+    return run_worker_script(command, _RESULT_KEY)
 
 
 def median_after_warmup(round_seconds: list[float]) -> float:
@@ -159,77 +148,6 @@ def median_after_warmup(round_seconds: list[float]) -> float:
 
 
 # ------------------------------------------------------------------ the parent side
-
-
-@contextmanager
-def _flower_environment() -> Iterator[dict[str, str]]:
-    """The worker's environment: no telemetry, Flower's and Ray's state in temp folders.
-
-    FLWR_HOME and RAY_TMPDIR are kept when already set (tests/conftest.py sets
-    them); folders made here are removed afterwards.
-    """
-    env = dict(os.environ)
-    env["FLWR_TELEMETRY_ENABLED"] = "0"
-    made: list[str] = []
-    for variable, prefix in (("FLWR_HOME", "flwr-"), ("RAY_TMPDIR", "ray-")):
-        if not env.get(variable):
-            # Short prefix: Ray's socket paths under RAY_TMPDIR must fit in 107 bytes.
-            folder = tempfile.mkdtemp(prefix=prefix)
-            made.append(folder)
-            env[variable] = folder
-    try:
-        yield env
-    finally:
-        for folder in made:
-            shutil.rmtree(folder, ignore_errors=True)
-
-
-def _run_in_own_group(
-    command: list[str], env: dict[str, str], timeout: float
-) -> tuple[str, str, int]:
-    """Run `command` as the leader of a new process group; stop the group if it lingers.
-
-    Ray's processes (GCS, raylet, workers) start in the worker's group, so a
-    worker that times out or is interrupted takes them with it instead of
-    leaving a cluster behind.
-    """
-    process = subprocess.Popen(
-        command,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        start_new_session=True,
-    )
-    try:
-        stdout, stderr = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        _stop_group(process)
-        stdout, stderr = process.communicate()
-        raise RuntimeError(f"worker ran past {timeout:.0f} s:\n{stderr[-2000:]}") from None
-    except BaseException:
-        _stop_group(process)
-        process.communicate()
-        raise
-    _stop_group(process)  # anything of the worker's Ray left running
-    return stdout, stderr, process.returncode
-
-
-def _stop_group(process: subprocess.Popen[str]) -> None:
-    """SIGTERM, then SIGKILL, the process group that `process` leads (ours, by its id)."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            process.poll()  # reap the leader: a zombie would keep the group alive
-            try:
-                os.killpg(process.pid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.1)
 
 
 # ------------------------------------------------------------------ the model and updates
@@ -365,43 +283,10 @@ def run_worker(
     nodes: int, params: int, *, secagg: bool, rounds: int, num_shares: int, threshold: int
 ) -> dict[str, Any]:
     """Run one simulation in this process (call it once per process) and check its result."""
-    import logging
-
-    from flwr.simulation import run_simulation
-
-    os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # quiets a Ray warning
-    for variable, prefix in (("FLWR_HOME", "flwr-"), ("RAY_TMPDIR", "ray-")):
-        if not os.environ.get(variable):
-            os.environ[variable] = tempfile.mkdtemp(prefix=prefix)
+    prepare_worker()
     _RUN.clear()
-    _RUN.update(
-        nodes=nodes,
-        params=params,
-        secagg=secagg,
-        rounds=rounds,
-        num_shares=num_shares,
-        threshold=threshold,
-        round_seconds=[],
-        final=None,
-    )
-    logging.getLogger("flwr").setLevel(logging.WARNING)
-    start = time.perf_counter()
-    run_simulation(
-        server_app=_build_server_app(),
-        client_app=_build_client_app(secagg),
-        num_supernodes=nodes,
-        backend_config={
-            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-            "init_args": {
-                "num_cpus": os.cpu_count() or 1,
-                "logging_level": "ERROR",
-                "log_to_driver": False,
-                "include_dashboard": False,
-            },
-        },
-    )
-    run_seconds = time.perf_counter() - start
+    _RUN.update(locals(), round_seconds=[], final=None)
+    run_seconds = simulate(_build_server_app(), _build_client_app(secagg), nodes)
     round_seconds = list(_RUN["round_seconds"])
     final = _RUN["final"]
     if len(round_seconds) != rounds or final is None:
@@ -484,20 +369,10 @@ def main() -> None:
             row: dict[str, Any] = {"nodes": nodes, "params": params}
             for mode, secagg in (("plain", False), ("secagg", True)):
                 report = flower_run(nodes, params, secagg=secagg, **settings)
-                report["median"] = median_after_warmup(report[_RESULT_KEY])
-                row[mode] = report
-                print(
-                    f"{nodes} nodes x {params:,} params {mode}: rounds "
-                    f"{_rounds(report[_RESULT_KEY])} s (run {report['run_seconds']:.1f} s,"
-                    f" global model {report['global_dtype']})",
-                    file=sys.stderr,
-                    flush=True,
-                )
+                label = f"{nodes} nodes x {params:,} params {mode} ({report['global_dtype']})"
+                row[mode] = noted(report, label)
             rows.append(row)
-    from machine import format_machine_facts, machine_facts  # this folder, run as a script
-
-    facts = machine_facts()
-    print("machine:\n" + format_machine_facts(facts, "  "))
+    facts = print_machine()
     print(
         f"\nFlower simulation (Ray, 1 CPU per node), FedAvg, {args.rounds} rounds;"
         f" median round time of rounds 2..; SecAgg+ num_shares={args.num_shares},"

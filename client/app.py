@@ -42,7 +42,13 @@ from consortia.client.node_config import NODE_CONFIG_KEY, load_node_config
 from consortia.client.onboarding.registry import DatasetRegistry
 from consortia.client.policy import NodePolicy, Refusal
 from consortia.client.secure_aggregation import SecAggRefusedError
-from consortia.client.spend import JobAccount, LedgerAccount, NodeRefusedError, PrivacyAccount
+from consortia.client.spend import (
+    JobAccount,
+    LedgerAccount,
+    NodeRefusedError,
+    PrivacyAccount,
+    planned_release,
+)
 from consortia.common import protocol as p
 from consortia.common.arrays import LabeledArrays
 from consortia.common.audit import AuditError
@@ -60,6 +66,7 @@ from consortia.common.secagg.fixed_point import EncodingRangeError
 from consortia.common.secagg.wire import (
     MESSAGE_ACTION,
     SECAGG_KEY,
+    MaskedInput,
     SecAggProtocolError,
     Setup,
     read_stage,
@@ -369,20 +376,42 @@ def _train_round(view: _NodeView, message: Message) -> tuple[ArrayRecord, Metric
 @app.train(MESSAGE_ACTION)
 @_answer_refusals
 def train_secure(message: Message, context: Context) -> Message:
-    """One stage of a SecAgg+ round (client/secure_aggregation.py); stage 1 trains."""
+    """One stage of a SecAgg+ round (client/secure_aggregation.py); stage 3 trains."""
     request = read_stage(message.content.config_records.get(SECAGG_KEY))
     try:
         if isinstance(request, Setup):
             return _secure_setup(message, context, request)
-        return Message(secagg.answer(request, context.state), reply_to=message)
+        if not isinstance(request, MaskedInput):
+            return Message(secagg.answer(request, context.state, _no_update), reply_to=message)
+        view = _node_view(message, context)
+        trained: list[MetricRecord] = []
+
+        def update_of() -> np.ndarray:
+            local, metrics = _train_round(view, message)
+            trained.append(metrics)
+            return flatten_update(local, message.content[p.ARRAYS_KEY])
+
+        content = secagg.answer(request, context.state, update_of)
+        content[p.METRICS_KEY] = trained[0]
+        content[p.NODE_KEY] = _identity(view)
+        return Message(content, reply_to=message)
     except EncodingRangeError as exc:
         raise NodeRefusedError(Refusal(code="update-out-of-range", reason=str(exc))) from None
     except (SecAggRefusedError, SecAggProtocolError) as exc:
         raise NodeRefusedError(Refusal(code="secagg-refused", reason=exc.message)) from None
 
 
+def _no_update() -> np.ndarray:
+    raise AssertionError("only the masked-input stage trains")  # pragma: no cover
+
+
 def _secure_setup(message: Message, context: Context, setup: Setup) -> Message:
-    """Stage 1: policy on the cohort, then train as in a plain round; the update stays here."""
+    """Stage 1: policy on the cohort, then the round's admission and planned release.
+
+    The planned release (noise multiplier, sample rate, steps: what training
+    in stage 3 will do) is what the coordinator derives the update range from;
+    nothing is trained or spent yet.
+    """
     view = _node_view(message, context)
     if view.policy is not None and setup.cohort_size < view.policy.min_cohort:
         raise NodeRefusedError(
@@ -392,9 +421,15 @@ def _secure_setup(message: Message, context: Context, setup: Setup) -> Message:
                 f"node's policy minimum of {view.policy.min_cohort}",
             )
         )
-    local, metrics = _train_round(view, message)
-    update = flatten_update(local, message.content[p.ARRAYS_KEY])
-    keys = secagg.begin_round(setup, context.state, update)
+    job = view.job
+    model = build_model(job.model, view.feature_shape, view.num_classes, job.seed)
+    dp = view.account.admit(job, len(view.train), architecture_hash(model))
+    plan = planned_release(job, len(view.train), 1.0 if dp is None else dp.noise_multiplier)
+    metrics = MetricRecord({p.WEIGHT: 1.0, p.STEPS: plan.steps})
+    if dp is not None:
+        metrics[p.NOISE_MULTIPLIER] = dp.noise_multiplier
+        metrics[p.SAMPLE_RATE] = plan.sample_rate
+    keys = secagg.begin_round(setup, context.state)
     content = RecordDict({SECAGG_KEY: keys, p.METRICS_KEY: metrics, p.NODE_KEY: _identity(view)})
     return Message(content, reply_to=message)
 

@@ -2,31 +2,36 @@
 
 One round is four messages of type `train.secagg` (common/secagg/wire.py):
 
-1. `setup`: the node trains (DP-SGD, spend recorded first, as in a plain
-   round), keeps its update local − global, makes two fresh X25519 key
-   pairs and answers with the public halves;
-2. `share-keys`: it encodes its update in the round's fixed-point range (an
-   out-of-range value is an error reported here, never a clip), draws its
-   self-mask seed, splits the seed and its masking private key t-of-k
-   (Shamir) and seals one pair of shares to each neighbour (AES-GCM);
-3. `masked-input`: it opens the shares addressed to it and answers with
-   encoded update + its self mask ± one pairwise mask per neighbour that
-   shared with it;
+1. `setup`: the node checks its policy, plans the round's DP release
+   (noise multiplier, sample rate, steps: what bounds its update), makes
+   two fresh X25519 key pairs and answers with the public halves. It does
+   not train yet: a node that drops before stage 3 spends nothing;
+2. `share-keys`: it draws its self-mask seed, splits the seed and its
+   masking private key t-of-k (Shamir) and seals one pair of shares to each
+   neighbour (AES-GCM); it keeps the round's fixed-point range;
+3. `masked-input`: it opens the shares addressed to it, then trains on the
+   global model that comes with them (DP-SGD, spend recorded first, as in a
+   plain round), encodes local − global in the range (an out-of-range value
+   is an error it reports, never a clip) and answers with the encoded
+   update + its self mask ± one pairwise mask per neighbour that shared
+   with it;
 4. `unmask`: for each neighbour the coordinator names, the share of its
    self-mask seed (it survived) or of its masking key (it dropped) —
    never both for one neighbour, and only once per round.
 
-Between messages everything lives in the node's Flower `Context.state`
-(`SessionState`), which the SuperNode keeps per run; the update never leaves
-the node unmasked. Each step checks the stage order: a request out of order,
-a neighbour named as both survivor and dropped, or a second unmask request is
-refused (`SecAggRefusedError`) and logged by the ClientApp.
+Between messages the session lives in the node's Flower `Context.state`
+(`SessionState`, a few hundred bytes), which the SuperNode keeps per run;
+the update exists only within stage 3 and never leaves the node unmasked.
+Each step checks the stage order: a request out of order, a neighbour named
+as both survivor and dropped, or a second unmask request is refused
+(`SecAggRefusedError`) and logged by the ClientApp.
 """
 
 from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,7 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from consortia.common.errors import ConsortiaError
 from consortia.common.secagg import crypto, shamir
 from consortia.common.secagg.fixed_point import FixedPoint
-from consortia.common.secagg.masks import apply_mask
+from consortia.common.secagg.masks import apply_masks
 from consortia.common.secagg.wire import (
     MASKED_ARRAY,
     MASKED_KEY,
@@ -52,7 +57,6 @@ from consortia.common.secagg.wire import (
 )
 
 STATE_KEY = "secagg-session"
-UPDATE_KEY = "secagg-update"
 _SHARE_HEADER = struct.Struct(">II")  # owner position, recipient position
 _PLAINTEXT_BYTES = _SHARE_HEADER.size + 2 * shamir.SHARE_BYTES
 
@@ -75,6 +79,8 @@ class SessionState(BaseModel):
     cipher_private: bytes
     mask_private: bytes
     seed: bytes = b""
+    bound: float = 0.0  # the round's fixed-point range R and summands n (from share-keys)
+    summands: int = 0
     peers: list[int] = Field(default_factory=list)
     cipher_keys: list[bytes] = Field(default_factory=list)
     mask_keys: list[bytes] = Field(default_factory=list)
@@ -107,14 +113,8 @@ def begin(setup: Setup) -> Step:
     return Step(state=state, reply=reply.to_record())
 
 
-def share_keys(
-    state: SessionState, request: ShareKeys, update: np.ndarray
-) -> tuple[Step, np.ndarray]:
-    """Stage 2: encode the update, share the seed and masking key, seal a pair per neighbour.
-
-    Returns the step and the encoded update (kept for stage 3). Raises
-    `EncodingRangeError` if the update does not fit the round's range.
-    """
+def share_keys(state: SessionState, request: ShareKeys) -> Step:
+    """Stage 2: share the self-mask seed and the masking key, seal a pair per neighbour."""
     _expect(state, "setup", "share-keys")
     setup = state.setup
     peers = request.peers
@@ -125,18 +125,18 @@ def share_keys(
             f"only {len(peers)} neighbour(s) left to hold shares, threshold {setup.threshold}: "
             "the round could not survive a dropout"
         )
-    encoding = FixedPoint(bits=setup.bits, bound=request.bound, summands=request.summands)
-    encoded = encoding.encode(update)
+    FixedPoint(bits=setup.bits, bound=request.bound, summands=request.summands)  # usable?
     seed = os.urandom(shamir.SECRET_BYTES)  # the self mask's ChaCha20 key
     points = [peer + 1 for peer in peers]
     seed_shares = shamir.split(seed, points, setup.threshold)
     key_shares = shamir.split(state.mask_private, points, setup.threshold)
     context = setup.context.encode()
+    cipher = crypto.PrivateKey(state.cipher_private)
     sealed = []
     for peer, cipher_key, seed_share, key_share in zip(
         peers, request.cipher_keys, seed_shares, key_shares, strict=True
     ):
-        key = crypto.agree(state.cipher_private, cipher_key, crypto.SHARE_KEY, context)
+        key = cipher.agree(cipher_key, crypto.SHARE_KEY, context)
         plaintext = (
             _SHARE_HEADER.pack(setup.position, peer) + seed_share.to_bytes() + key_share.to_bytes()
         )
@@ -144,37 +144,37 @@ def share_keys(
     kept = state.advanced(
         "share-keys",
         seed=seed,
+        bound=request.bound,
+        summands=request.summands,
         peers=list(peers),
         cipher_keys=list(request.cipher_keys),
         mask_keys=list(request.mask_keys),
     )
     reply = ShareKeysReply(recipients=list(peers), sealed=sealed)
-    return Step(state=kept, reply=reply.to_record()), encoded
+    return Step(state=kept, reply=reply.to_record())
 
 
-def masked_input(state: SessionState, request: MaskedInput, encoded: np.ndarray) -> Step:
-    """Stage 3: open the shares sent to this node, return the masked encoded update.
+def open_shares(state: SessionState, request: MaskedInput) -> SessionState:
+    """Stage 3, first half: open and check the shares sent to this node (before training).
 
-    The pairwise masks are those of the neighbours that shared with this
-    node (so also received its shares): each pair adds the same keystream
-    with opposite signs, the lower position +, the higher −.
+    Shares from nodes that are not neighbours, sealed for another node, or
+    too few of them are refused here, before the node spends any privacy.
     """
     _expect(state, "share-keys", "masked-input")
     setup = state.setup
     senders = request.senders
-    known = dict(
-        zip(state.peers, zip(state.cipher_keys, state.mask_keys, strict=True), strict=True)
-    )
-    if not set(senders) <= set(known) or len(set(senders)) != len(senders):
+    keys = dict(zip(state.peers, state.cipher_keys, strict=True))
+    if not set(senders) <= set(keys) or len(set(senders)) != len(senders):
         raise SecAggProtocolError("masked-input forwards shares from nodes that are not neighbours")
     if len(senders) < setup.threshold:
         raise SecAggRefusedError(
             f"only {len(senders)} neighbour(s) shared with this node, threshold {setup.threshold}"
         )
     context = setup.context.encode()
+    cipher = crypto.PrivateKey(state.cipher_private)
     seed_shares, key_shares = [], []
     for sender, sealed in zip(senders, request.sealed, strict=True):
-        key = crypto.agree(state.cipher_private, known[sender][0], crypto.SHARE_KEY, context)
+        key = cipher.agree(keys[sender], crypto.SHARE_KEY, context)
         plaintext = crypto.open_sealed(key, sealed, context, sender, setup.position)
         if len(plaintext) != _PLAINTEXT_BYTES or _SHARE_HEADER.unpack_from(plaintext) != (
             sender,
@@ -184,18 +184,35 @@ def masked_input(state: SessionState, request: MaskedInput, encoded: np.ndarray)
         body = plaintext[_SHARE_HEADER.size :]
         seed_shares.append(body[: shamir.SHARE_BYTES])
         key_shares.append(body[shamir.SHARE_BYTES :])
-    vector = encoded.copy()
-    apply_mask(vector, state.seed)
-    for sender in senders:
-        seed = crypto.agree(state.mask_private, known[sender][1], crypto.MASK_KEY, context)
-        apply_mask(vector, seed, subtract=setup.position > sender)
-    kept = state.advanced(
-        "masked-input",
-        share_owners=list(senders),
-        seed_shares=seed_shares,
-        key_shares=key_shares,
+    return state.model_copy(
+        update={
+            "share_owners": list(senders),
+            "seed_shares": seed_shares,
+            "key_shares": key_shares,
+        }
     )
-    return Step(state=kept, masked=vector)
+
+
+def mask_update(state: SessionState, update: np.ndarray) -> Step:
+    """Stage 3, second half: encode `update` in the round's range and mask it.
+
+    The pairwise masks are those of the neighbours that shared with this
+    node (so also received its shares): each pair adds the same keystream
+    with opposite signs, the lower position +, the higher −. Raises
+    `EncodingRangeError` for a value outside the range.
+    """
+    setup = state.setup
+    encoding = FixedPoint(bits=setup.bits, bound=state.bound, summands=state.summands)
+    vector = encoding.encode(update)
+    masking = crypto.PrivateKey(state.mask_private)
+    mask_keys = dict(zip(state.peers, state.mask_keys, strict=True))
+    context = setup.context.encode()
+    pairwise = [
+        (masking.agree(mask_keys[sender], crypto.MASK_KEY, context), setup.position > sender)
+        for sender in state.share_owners
+    ]
+    apply_masks(vector, [(state.seed, False), *pairwise])
+    return Step(state=state.advanced("masked-input"), masked=vector)
 
 
 def unmask(state: SessionState, request: Unmask) -> Step:
@@ -232,37 +249,38 @@ def unmask(state: SessionState, request: Unmask) -> Step:
     return Step(state=state.advanced("unmask"), reply=reply.to_record())
 
 
-def begin_round(setup: Setup, store: RecordDict, update: np.ndarray) -> ConfigRecord:
-    """Stage 1 after training: keep `update` (local − global) and the keys; the public reply."""
+def begin_round(setup: Setup, store: RecordDict) -> ConfigRecord:
+    """Stage 1: fresh keys for the round, kept in `store`; the public reply."""
     step = begin(setup)
-    save(store, step.state, update)
+    save(store, step.state)
     assert step.reply is not None
     return step.reply
 
 
-def answer(request: ShareKeys | MaskedInput | Unmask, store: RecordDict) -> RecordDict:
+def answer(
+    request: ShareKeys | MaskedInput | Unmask,
+    store: RecordDict,
+    update_of: Callable[[], np.ndarray],
+) -> RecordDict:
     """Stages 2–4 against the session kept in `store` (the node's Context.state).
 
-    Returns the reply's content. Raises `SecAggRefusedError` or
-    `SecAggProtocolError` for a request the protocol forbids, and
-    `EncodingRangeError` for an update outside the round's range.
+    `update_of` trains and returns the update (local − global); it is called
+    in stage 3 only, after the request passed every check. Returns the
+    reply's content. Raises `SecAggRefusedError` or `SecAggProtocolError`
+    for a request the protocol forbids, and `EncodingRangeError` for an
+    update outside the round's range.
     """
-    state, vector = load(store)
+    state = load(store)
     if isinstance(request, ShareKeys):
-        if vector is None:
-            raise SecAggRefusedError("share-keys before this node trained in the round")
-        step, encoded = share_keys(state, request, vector)
-        save(store, step.state, encoded)
+        step = share_keys(state, request)
     elif isinstance(request, MaskedInput):
-        if vector is None:
-            raise SecAggRefusedError("masked-input before this node encoded its update")
-        step = masked_input(state, request, vector)
-        save(store, step.state, None)
+        step = mask_update(open_shares(state, request), update_of())
+        save(store, step.state)
         assert step.masked is not None
         return RecordDict({MASKED_KEY: ArrayRecord({MASKED_ARRAY: Array(step.masked)})})
     else:
         step = unmask(state, request)
-        save(store, step.state, None)
+    save(store, step.state)
     assert step.reply is not None
     return RecordDict({SECAGG_KEY: step.reply})
 
@@ -277,20 +295,13 @@ def _expect(state: SessionState, stage: str, requested: str) -> None:
 # ------------------------------------------------------------------- Context.state
 
 
-def save(store: RecordDict, state: SessionState, vector: np.ndarray | None) -> None:
-    """Keep the session (and the update, float or encoded) in the node's Context.state."""
+def save(store: RecordDict, state: SessionState) -> None:
+    """Keep the session in the node's Context.state."""
     store[STATE_KEY] = ConfigRecord({"json": state.model_dump_json()})
-    if vector is None:
-        store.pop(UPDATE_KEY, None)
-    else:
-        store[UPDATE_KEY] = ArrayRecord({MASKED_ARRAY: Array(vector)})
 
 
-def load(store: RecordDict) -> tuple[SessionState, np.ndarray | None]:
+def load(store: RecordDict) -> SessionState:
     record = store.get(STATE_KEY)
     if not isinstance(record, ConfigRecord) or not isinstance(record.get("json"), str):
         raise SecAggRefusedError("no secure-aggregation round in progress on this node")
-    state = SessionState.model_validate_json(str(record["json"]))
-    arrays = store.get(UPDATE_KEY)
-    vector = arrays[MASKED_ARRAY].numpy() if isinstance(arrays, ArrayRecord) else None
-    return state, vector
+    return SessionState.model_validate_json(str(record["json"]))

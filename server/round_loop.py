@@ -62,7 +62,7 @@ def run_rounds(
     """Run rounds `first_round..last_round` from the global model `arrays`; return the last one.
 
     With `secure`, each round's training runs as a SecAgg+ round: the
-    strategy then aggregates the stage-1 replies (DP spend, no update) with
+    strategy then aggregates its replies (DP spend and loss, no update) with
     the unmasked mean it is handed (`ConsortiaStrategy.secure_round`).
     """
     for server_round in range(first_round, last_round + 1):
@@ -73,7 +73,9 @@ def run_rounds(
             replies = exchange(grid, messages, timeout_s)
         else:
             outcome = secure(server_round, messages, arrays)
-            replies = outcome.setup_replies
+            replies = outcome.replies
+            # Nodes that left mid-protocol are failures with their stage (the strategy's).
+            sent_to = [node for node in sent_to if node not in outcome.dropped]
             _secure_strategy(strategy).secure_round = outcome
         del messages
         observer.on_replies(server_round, "train", sent_to, replies)

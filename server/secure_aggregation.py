@@ -3,10 +3,10 @@
 One training round under secure aggregation replaces the plain round's single
 train exchange by four (common/secagg/wire.py, client/secure_aggregation.py):
 
-    U0 --setup + model--> U1 (trained; public keys; DP spend reported)
-       --share-keys-->    U2 (sealed shares of seed and mask key, per neighbour)
-       --masked-input-->  U3 (encoded update + self mask ± pairwise masks)
-       --unmask-->        U4 (seed shares of U3 neighbours, key shares of U2 \\ U3 ones)
+    U0 --setup-->                U1 (public keys; planned DP release: the range)
+       --share-keys-->           U2 (sealed shares of seed and mask key, per neighbour)
+       --masked-input + model--> U3 (trained, spend recorded; encoded update + masks)
+       --unmask-->               U4 (seed shares of U3 neighbours, key shares of U2 \\ U3 ones)
 
 The coordinator sums the masked vectors of U3 mod 2^bits as they come, then
 removes each survivor's self mask (its seed rebuilt from t shares) and each
@@ -24,8 +24,8 @@ answered the unmask request of a node) or when too few updates remain; the
 caller then stops the run or skips the round (`on_failure`).
 
 Work: the coordinator regenerates |U3| self masks plus, per dropped node,
-its pairwise masks with its survivors, each a chunked ChaCha20 keystream
-added in place into the one running sum (common/secagg/masks.py).
+its pairwise masks with its survivors, all removed in one chunked pass of
+ChaCha20 keystreams over the one running sum (common/secagg/masks.py).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from consortia.common.config import SecureAggregationConfig
 from consortia.common.errors import FederationError
 from consortia.common.secagg import crypto, graph, shamir, wire
 from consortia.common.secagg.fixed_point import Bits, FixedPoint
-from consortia.common.secagg.masks import apply_mask
+from consortia.common.secagg.masks import apply_masks
 from consortia.server.exchange import exchange
 
 SECAGG_MESSAGE_TYPE = f"train.{wire.MESSAGE_ACTION}"
@@ -92,7 +92,9 @@ class Plan:
 class SecureRound:
     """What one secure round produced, for the strategy and the run log."""
 
-    setup_replies: list[Message]  # every stage-1 reply: refusals, errors, DP spend
+    # What the strategy and run log read: stage-1 refusals and errors, and every stage-3
+    # reply (the nodes that trained: DP spend, loss; or their refusal).
+    replies: list[Message]
     survivors: list[int] = field(default_factory=list)  # node ids whose updates are in the sum
     dropped: dict[int, str] = field(default_factory=dict)  # node id → why it left after setup
     mean_update: dict[str, np.ndarray] | None = None  # None: the round could not be unmasked
@@ -131,15 +133,16 @@ def run_secure_round(
     """Run the four stages for the cohort `train_messages` are addressed to."""
     plan = Plan.make([m.metadata.dst_node_id for m in train_messages], settings, context, rng)
     layout = _Layout.of(global_arrays)
-    # -------- stage 1: setup (+ training)
+    # -------- stage 1: setup (keys, planned release)
     setups = [_setup_message(m, plan) for m in train_messages]
     replies = exchange(grid, setups, timeout_s)
-    outcome = SecureRound(setup_replies=replies)
+    outcome = SecureRound(replies=[])
     cipher_keys, mask_keys, bounds = {}, {}, {}
     for reply in replies:
         pos = plan.position(reply.metadata.src_node_id)
         if reply.has_error() or p.read_refusal(reply.content) is not None:
-            continue  # the strategy's screening reports these
+            outcome.replies.append(reply)  # the strategy's screening reports these
+            continue
         try:
             keys = wire.read(wire.SetupReply, reply.content.get(wire.SECAGG_KEY), "setup reply")
         except wire.SecAggProtocolError as exc:
@@ -176,7 +179,7 @@ def run_secure_round(
         for recipient, box in zip(answer.recipients, answer.sealed, strict=True):
             sealed[recipient][pos] = box
         u2.append(pos)
-    # -------- stage 3: masked input
+    # -------- stage 3: masked input (the nodes train now, with the model)
     inputs = {
         pos: wire.MaskedInput(
             senders=(senders := sorted(q for q in sealed[pos] if q in u2)),
@@ -186,7 +189,11 @@ def run_secure_round(
     }
     total = np.zeros(layout.size, dtype=encoding.dtype)
     u3 = []
-    for pos, reply in _stage(grid, plan, inputs, timeout_s, outcome):
+    model = train_messages[0].content if train_messages else RecordDict()
+    stage_3 = _stage(
+        grid, plan, inputs, timeout_s, outcome, with_content=model, collect=outcome.replies
+    )
+    for pos, reply in stage_3:
         try:
             vector = _masked_vector(reply, layout.size, encoding.dtype)
         except wire.SecAggProtocolError as exc:
@@ -256,19 +263,22 @@ def _unmask(
             f"the {kind} of node {plan.node_ids[pos]} has {count} share(s), {t} needed "
             f"({len(short)} secret(s) short): too many nodes dropped during unmasking"
         )
+    masks: list[tuple[bytes, bool]] = []  # (seed, subtract), removed in one pass
     try:
-        for shares in seed_shares.values():
-            apply_mask(total, shamir.combine(shares, t), subtract=True)
+        masks += [(shamir.combine(shares, t), True) for shares in seed_shares.values()]
         for pos, shares in key_shares.items():
             private = shamir.combine(shares, t)
             if crypto.public_key(private) != mask_keys[pos]:
                 return f"the masking key rebuilt for node {plan.node_ids[pos]} does not match it"
-            for q in plan.neighbours[pos]:
-                if q in survived:
-                    seed = crypto.agree(private, mask_keys[q], crypto.MASK_KEY, context)
-                    apply_mask(total, seed, subtract=q < pos)  # undo q's ±mask with pos
+            key = crypto.PrivateKey(private)
+            masks += [
+                (key.agree(mask_keys[q], crypto.MASK_KEY, context), q < pos)  # undo q's ±mask
+                for q in plan.neighbours[pos]
+                if q in survived
+            ]
     except (shamir.ShamirError, crypto.SealError) as exc:
         return f"a secret could not be rebuilt from its shares: {exc}"
+    apply_masks(total, masks)
     return None
 
 
@@ -279,7 +289,11 @@ def _failed(outcome: SecureRound, reason: str) -> SecureRound:
 
 
 def _setup_message(train: Message, plan: Plan) -> Message:
-    """The strategy's train message (model, config), as stage 1 of the secure round."""
+    """Stage 1: the strategy's train config (the task) without the model, and the setup.
+
+    The model goes out with stage 3, when the node trains: a node that
+    drops before then neither downloads it nor spends privacy on it.
+    """
     pos = plan.position(train.metadata.dst_node_id)
     setup = wire.Setup(
         context=plan.context,
@@ -289,7 +303,7 @@ def _setup_message(train: Message, plan: Plan) -> Message:
         threshold=plan.threshold,
         bits=plan.bits,
     )
-    content = RecordDict(dict(train.content.items()))
+    content = RecordDict(dict(train.content.config_records.items()))
     content[wire.SECAGG_KEY] = setup.to_record()
     return Message(
         content, dst_node_id=train.metadata.dst_node_id, message_type=SECAGG_MESSAGE_TYPE
@@ -302,11 +316,19 @@ def _stage(
     requests: dict[int, wire.ShareKeys | wire.MaskedInput | wire.Unmask],
     timeout_s: float,
     outcome: SecureRound,
+    with_content: RecordDict | None = None,
+    collect: list[Message] | None = None,
 ) -> list[tuple[int, Message]]:
-    """Send one stage's requests; the usable replies by position, the rest noted as dropped."""
+    """Send one stage's requests; the usable replies by position, the rest noted as dropped.
+
+    `with_content`: records every request also carries (stage 3: the model
+    and the round's config, one shared record, as the strategy sends them).
+    `collect`: where every reply that came back goes, refusals and errors too.
+    """
+    shared = dict(with_content.items()) if with_content is not None else {}
     messages = [
         Message(
-            RecordDict({wire.SECAGG_KEY: request.to_record()}),
+            RecordDict({**shared, wire.SECAGG_KEY: request.to_record()}),
             dst_node_id=plan.node_ids[pos],
             message_type=SECAGG_MESSAGE_TYPE,
         )
@@ -314,6 +336,8 @@ def _stage(
     ]
     stage = next(iter(requests.values())).stage if requests else ""
     replies = {r.metadata.src_node_id: r for r in exchange(grid, messages, timeout_s)}
+    if collect is not None:
+        collect.extend(replies.values())
     usable = []
     for pos in sorted(requests):
         node = plan.node_ids[pos]

@@ -12,14 +12,24 @@ and blocked the ServerApp and the reply injector on the lock
 messages not yet delivered, and answers a poll from that list: the same
 checks (expiry, federation) on the same messages in the same order, for the
 asking node's messages only. Everything else is Flower's class unchanged.
-`indexed_link_state()` installs it for the simulation engine's run only.
+
+The engine's dispatcher also sleeps a fixed 0.1 s between polls, so every
+exchange waits up to 0.1 s before a node even sees its message: a plain
+round pays it twice (train, evaluate), a secure-aggregation round five
+times. `_dispatch_messages` is Flower's loop with the sleep replaced by a
+wait on the state's arrival event (set by `store_message_ins`), still
+bounded by 0.1 s so a stop request is seen as soon as before.
+
+`indexed_link_state()` installs both for the simulation engine's run only.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from queue import Queue
 
 from flwr.app import Message
 from flwr.server.superlink.linkstate import InMemoryLinkState, LinkState, LinkStateFactory
@@ -34,6 +44,7 @@ class IndexedInMemoryLinkState(InMemoryLinkState):
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         # node id -> ids of its undelivered messages, in arrival order (a dict as ordered set).
         self._undelivered: dict[int, dict[str, None]] = {}
+        self.arrived = threading.Event()  # set whenever a message for a node is stored
 
     def store_message_ins(self, message: Message) -> str | None:
         with self.lock:
@@ -41,6 +52,7 @@ class IndexedInMemoryLinkState(InMemoryLinkState):
             if message_id is not None and message_id in self.message_ins_store:
                 node = message.metadata.dst_node_id
                 self._undelivered.setdefault(node, {})[message_id] = None
+                self.arrived.set()
             return message_id
 
     def get_message_ins(
@@ -72,6 +84,40 @@ class IndexedInMemoryLinkState(InMemoryLinkState):
         return found
 
 
+DISPATCH_WAIT_S = 0.1  # Flower's fixed poll interval, now the longest wait
+
+
+def _dispatch_messages(
+    state: LinkState,
+    queue: Queue[Message],
+    nodes_mapping: Mapping[int, int],
+    f_stop: threading.Event,
+) -> None:
+    """Flower's `vce_api.add_messages_to_queue`, woken by new messages instead of a timer.
+
+    Same polls (one message per node per pass, as Flower takes them); the
+    arrival event is cleared *before* a pass, so a message stored during the
+    pass wakes the next one. A pass that dispatched something is followed
+    at once by another (a node may hold a second message).
+    """
+    if not isinstance(state, IndexedInMemoryLinkState):
+        _FLOWER_DISPATCH(state, queue, nodes_mapping, f_stop)
+        return
+    while not f_stop.is_set():
+        state.arrived.clear()
+        dispatched = False
+        for node_id in nodes_mapping:
+            for message in state.get_message_ins(node_id=node_id, limit=1):
+                queue.put(message)
+                dispatched = True
+        if not dispatched:
+            state.arrived.wait(DISPATCH_WAIT_S)
+
+
+_VCE_API = importlib.import_module("flwr.server.superlink.fleet.vce.vce_api")
+_FLOWER_DISPATCH = _VCE_API.add_messages_to_queue
+
+
 class _IndexedLinkStateFactory(LinkStateFactory):
     """Flower's factory, building the indexed state for the in-memory database."""
 
@@ -88,17 +134,21 @@ class _IndexedLinkStateFactory(LinkStateFactory):
 
 @contextmanager
 def indexed_link_state() -> Iterator[None]:
-    """Within the block, Flower's `run_simulation` builds `IndexedInMemoryLinkState`.
+    """Within the block, Flower's `run_simulation` builds `IndexedInMemoryLinkState`
+    and its engine dispatches messages as they arrive (`_dispatch_messages`).
 
-    `run_simulation` names `LinkStateFactory` in its own module; the name is
-    swapped there (nowhere else) and restored on exit.
+    `run_simulation` names `LinkStateFactory` in its own module, and the
+    engine's `run_api` names `add_messages_to_queue` in `vce_api`; each name
+    is swapped there (nowhere else) and restored on exit.
     """
     # `flwr.simulation.run_simulation` is also the name of the function the
     # package exports, so the module is taken from the import system.
     flower_simulation = importlib.import_module("flwr.simulation.run_simulation")
     original = flower_simulation.LinkStateFactory
     flower_simulation.LinkStateFactory = _IndexedLinkStateFactory  # type: ignore[misc]
+    _VCE_API.add_messages_to_queue = _dispatch_messages
     try:
         yield
     finally:
         flower_simulation.LinkStateFactory = original  # type: ignore[misc]
+        _VCE_API.add_messages_to_queue = _FLOWER_DISPATCH

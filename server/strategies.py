@@ -181,18 +181,21 @@ class ConsortiaStrategy(FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """A secure round: the unmasked mean of the survivors' updates, checked by the nodes.
 
-        The replies (stage 1) carry each node's DP spend and loss, no update;
-        the per-update value checks happened on the nodes (an update outside
-        the range derived from the same bound is refused there). Nodes that
-        left after stage 1 are failures with the stage and reason.
+        The replies carry each node's DP spend and loss, no update (or its
+        refusal); the per-update value checks happened on the nodes (an
+        update outside the range derived from the same bound is refused
+        there). Nodes that left mid-protocol are failures with the stage and
+        reason, once each.
         """
         accepted, failures = self._screen(replies, with_arrays=False)
         survivors = set(secure.survivors)
         used = [(name, r) for name, r in accepted if r.metadata.src_node_id in survivors]
         roster = self.cohort.roster
+        noted = {failure.node for failure in failures}
         failures += [
-            NodeFailure(node=roster.name_of(node_id), reason=f"secure aggregation: {why}")
+            NodeFailure(node=name, reason=f"secure aggregation: {why}")
             for node_id, why in secure.dropped.items()
+            if (name := roster.name_of(node_id)) not in noted
         ]
         contents = [reply.content for _, reply in used]
         metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key) if contents else None

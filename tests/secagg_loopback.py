@@ -42,9 +42,9 @@ class Node:
             return None
         try:
             if isinstance(request, Setup):
-                keys = secagg.begin_round(request, self.store, self.update)
+                keys = secagg.begin_round(request, self.store)
                 return RecordDict({SECAGG_KEY: keys, p.METRICS_KEY: MetricRecord({p.WEIGHT: 1.0})})
-            return secagg.answer(request, self.store)
+            return secagg.answer(request, self.store, lambda: self.update)
         except Exception as exc:  # as the ClientApp turns it into a refusal
             return p.refusal_record("secagg-refused", str(exc))
 

@@ -10,6 +10,7 @@ reason, never an update, and it leaves no release in the ledger.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -296,9 +297,7 @@ def test_a_node_that_requires_secure_aggregation_refuses_a_plain_job(
 
 
 def _secure_setup(node_toml: Path, job: JobConfig, run_id: int, cohort: int) -> Message:
-    """Stage 1 of a SecAgg+ round as the node's SuperNode would deliver it."""
-    registration = DatasetRegistry(node_toml.parent / "state").get(DATASET)
-    model = build_model(job.model, registration.feature_shape, registration.num_classes, job.seed)
+    """Stage 1 of a SecAgg+ round as the node's SuperNode would deliver it (no model)."""
     config = ConfigRecord({p.TASK_KEY: p.TaskSpec(job=job).encode(), p.ROUND_KEY: 1})
     setup = wire.Setup(
         context="run round 1",
@@ -309,20 +308,14 @@ def _secure_setup(node_toml: Path, job: JobConfig, run_id: int, cohort: int) -> 
         bits=32,
     )
     request = Message(
-        RecordDict(
-            {
-                p.ARRAYS_KEY: model_to_arrays(model),
-                p.CONFIG_KEY: config,
-                wire.SECAGG_KEY: setup.to_record(),
-            }
-        ),
+        RecordDict({p.CONFIG_KEY: config, wire.SECAGG_KEY: setup.to_record()}),
         dst_node_id=7,
         message_type=f"{MessageType.TRAIN}.{wire.MESSAGE_ACTION}",
     )
     return app(request, _context(node_toml, run_id))
 
 
-def test_a_secure_round_below_the_node_minimum_cohort_is_refused_before_training(
+def test_a_secure_round_below_the_node_minimum_cohort_is_refused_and_setup_spends_nothing(
     deployed_node: Node,
 ) -> None:
     node_toml = deployed_node(policy="min_cohort = 4\nrequire_secure_aggregation = true\n")
@@ -331,14 +324,17 @@ def test_a_secure_round_below_the_node_minimum_cohort_is_refused_before_training
         node_toml, _secure_setup(node_toml, job, run_id=31, cohort=3), 31, "cohort-too-small"
     )
     assert "3 node(s)" in reason and "minimum of 4" in reason
-    # A cohort that meets the minimum: the node trains, records the spend, and sends
-    # only its public keys and metrics, never the update.
+    # A cohort that meets the minimum: the node answers its public keys and the
+    # release it plans (what bounds its update); it trains and spends only in stage 3.
     reply = _secure_setup(node_toml, job, run_id=32, cohort=4)
     assert p.read_refusal(reply.content) is None, reply.content
-    assert p.ARRAYS_KEY not in reply.content.array_records
+    assert not reply.content.array_records
     keys = wire.read(wire.SetupReply, reply.content[wire.SECAGG_KEY], "setup reply")
     assert len(keys.cipher_key) == len(keys.mask_key) == 32
-    assert len(_releases_of(node_toml, 32)) == 1
+    planned = reply.content[p.METRICS_KEY]
+    assert planned[p.NOISE_MULTIPLIER] >= MIN_NOISE and planned[p.STEPS] > 0
+    assert p.EPSILON not in planned
+    assert _releases_of(node_toml, 32) == []
 
 
 def test_a_plain_train_message_of_a_secure_job_is_refused(deployed_node: Node) -> None:
@@ -350,3 +346,23 @@ def test_a_plain_train_message_of_a_secure_job_is_refused(deployed_node: Node) -
         33,
         "secure-aggregation-required",
     )
+
+
+def test_an_unmask_request_outside_a_round_is_refused_and_audited(deployed_node: Node) -> None:
+    """A coordinator asking for shares the node never agreed to hand out gets a refusal,
+    and the node's audit log keeps it."""
+    node_toml = deployed_node()
+    request = Message(
+        RecordDict({wire.SECAGG_KEY: wire.Unmask(survivors=[1], dropped=[2]).to_record()}),
+        dst_node_id=7,
+        message_type=f"{MessageType.TRAIN}.{wire.MESSAGE_ACTION}",
+    )
+    reply = app(request, _context(node_toml, 34))
+    reason = _assert_refused(node_toml, reply, 34, "secagg-refused")
+    assert "no secure-aggregation round in progress" in reason
+    entries = [
+        json.loads(line)
+        for line in (node_toml.parent / "state" / "audit.jsonl").read_text().splitlines()
+    ]
+    refusals = [e for e in entries if e["event"] == "node.refusal"]
+    assert refusals and refusals[-1]["details"]["code"] == "secagg-refused"

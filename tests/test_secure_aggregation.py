@@ -271,12 +271,16 @@ def test_the_coordinator_sees_no_single_update() -> None:
         assert 0.45 < float(np.mean(vector >> np.uint32(31))) < 0.55
 
 
+def _no_training() -> np.ndarray:
+    raise AssertionError("this stage must not train")
+
+
 def _node_in_unmask_stage(n: int = 4) -> tuple[secagg.SessionState, RecordDict]:
     """Node 0's state right before unmasking, from a real round among n nodes."""
     vectors = updates(n, 5, 0)
     nodes = [Node(100 + i, vectors[i], drop_at="unmask") for i in range(n)]
     run_round(nodes, SecureAggregationConfig(), size=5)
-    state, _ = secagg.load(nodes[0].store)
+    state = secagg.load(nodes[0].store)
     assert state.stage == "masked-input"
     return state, nodes[0].store
 
@@ -284,17 +288,17 @@ def _node_in_unmask_stage(n: int = 4) -> tuple[secagg.SessionState, RecordDict]:
 def test_a_node_refuses_to_reveal_both_shares_of_one_neighbour() -> None:
     _, store = _node_in_unmask_stage()
     with pytest.raises(secagg.SecAggRefusedError, match=r"both shares .* position\(s\) \[1\]"):
-        secagg.answer(wire.Unmask(survivors=[1, 2], dropped=[1]), store)
+        secagg.answer(wire.Unmask(survivors=[1, 2], dropped=[1]), store, _no_training)
     # Nothing was revealed, and the session is still waiting for a proper request.
-    assert secagg.load(store)[0].stage == "masked-input"
+    assert secagg.load(store).stage == "masked-input"
 
 
 def test_a_node_answers_one_unmask_request_per_round() -> None:
     _, store = _node_in_unmask_stage()
-    reply = secagg.answer(wire.Unmask(survivors=[1, 2], dropped=[3]), store)
+    reply = secagg.answer(wire.Unmask(survivors=[1, 2], dropped=[3]), store, _no_training)
     assert reply[wire.SECAGG_KEY]["key_owners"] == [3]
     with pytest.raises(secagg.SecAggRefusedError, match="second unmask request"):
-        secagg.answer(wire.Unmask(survivors=[1, 2, 3], dropped=[]), store)
+        secagg.answer(wire.Unmask(survivors=[1, 2, 3], dropped=[]), store, _no_training)
 
 
 def test_a_request_out_of_order_is_refused() -> None:
@@ -303,9 +307,9 @@ def test_a_request_out_of_order_is_refused() -> None:
     setup = wire.Setup(
         context="c", position=0, cohort_size=3, neighbours=[1, 2], threshold=2, bits=32
     )
-    secagg.begin_round(setup, node.store, node.update)
+    secagg.begin_round(setup, node.store)
     with pytest.raises(secagg.SecAggRefusedError, match="'unmask' arrived after stage 'setup'"):
-        secagg.answer(wire.Unmask(survivors=[1, 2], dropped=[]), node.store)
+        secagg.answer(wire.Unmask(survivors=[1, 2], dropped=[]), node.store, _no_training)
 
 
 def test_an_update_outside_the_range_is_reported_by_the_node() -> None:

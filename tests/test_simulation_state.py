@@ -133,3 +133,41 @@ def test_the_engine_builds_the_indexed_state_only_inside_the_block() -> None:
         )
         assert isinstance(factory.state(), IndexedInMemoryLinkState)
     assert module.LinkStateFactory is LinkStateFactory
+
+
+def test_the_dispatcher_hands_out_every_message_once_and_stops_when_told() -> None:
+    """consortia's dispatcher (Flower's loop, woken by arrivals): messages pushed
+    before and while it runs, two to one node, all reach the queue exactly once."""
+    import queue
+    import threading
+
+    federation = _Federation(IndexedInMemoryLinkState, nodes=3)
+    run = federation.runs[0]
+    out: queue.Queue[Message] = queue.Queue()
+    stop = threading.Event()
+    mapping = {node: i for i, node in enumerate(federation.nodes)}
+    federation.push(run, federation.nodes[0], "early")
+    worker = threading.Thread(
+        target=simulation_state._dispatch_messages, args=(federation.state, out, mapping, stop)
+    )
+    worker.start()
+    try:
+        federation.push(run, federation.nodes[1], "b1")
+        federation.push(run, federation.nodes[1], "b2")  # a second one for the same node
+        federation.push(run, federation.nodes[2], "c")
+        received = sorted(_tags([out.get(timeout=5) for _ in range(4)]))
+    finally:
+        stop.set()
+        worker.join(timeout=5)
+    assert received == ["b1", "b2", "c", "early"]
+    assert out.empty() and not worker.is_alive()
+
+
+def test_the_dispatcher_is_installed_only_inside_the_block() -> None:
+    import importlib
+
+    vce_api = importlib.import_module("flwr.server.superlink.fleet.vce.vce_api")
+    flower = vce_api.add_messages_to_queue
+    with indexed_link_state():
+        assert vce_api.add_messages_to_queue is simulation_state._dispatch_messages
+    assert vce_api.add_messages_to_queue is flower

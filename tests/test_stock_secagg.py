@@ -11,6 +11,7 @@ aggregate was right too.
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -20,7 +21,13 @@ BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "stock_secagg.p
 
 
 def _benchmark() -> ModuleType:
-    """The benchmark module, loaded from its file (benchmarks/ is not a package)."""
+    """The benchmark module, loaded from its file (benchmarks/ is not a package).
+
+    Its helpers (worker_process.py) are imported from its folder, as when it
+    runs as a script.
+    """
+    if str(BENCHMARK.parent) not in sys.path:
+        sys.path.insert(0, str(BENCHMARK.parent))
     spec = importlib.util.spec_from_file_location("stock_secagg", BENCHMARK)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)

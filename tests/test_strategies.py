@@ -23,6 +23,7 @@ from consortia.common.errors import FederationError
 from consortia.server.cohort import Cohort
 from consortia.server.roster import NodeEntry, Roster
 from consortia.server.run_log import RunLog
+from consortia.server.secure_aggregation import SecureRound
 from consortia.server.strategies import (
     ConsortiaFedAdam,
     ConsortiaFedYogi,
@@ -153,3 +154,76 @@ def test_evaluation_can_be_switched_off() -> None:
     strategy, _ = _strategy()
     strategy.federated_evaluation = False
     assert list(strategy.configure_evaluate(1, _global(), ConfigRecord(), None)) == []  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------- secure aggregation
+
+
+def _secure_replies(strategy: ConsortiaStrategy) -> list[Message]:
+    """Stage-3 replies of a secure round: DP metrics, no update (the vector went to the sum)."""
+    return [
+        Message(RecordDict({p.METRICS_KEY: _reply(r, 0.0, 0.5).content[p.METRICS_KEY]}), reply_to=r)
+        for r in _requests(strategy)
+    ]
+
+
+def _secure_round(replies: list[Message], failure: str | None = None) -> SecureRound:
+    survivors = [r.metadata.src_node_id for r in replies][1:]  # the first dropped after setup
+    outcome = SecureRound(
+        replies=replies,
+        survivors=survivors,
+        dropped={replies[0].metadata.src_node_id: "no masked-input reply within 5 s"},
+        failure=failure,
+        mean_error_bound=1e-7,
+    )
+    if failure is None:
+        outcome.mean_update = {"w": np.full((3, 2), 0.25), "b": np.full(2, -0.5)}
+    return outcome
+
+
+def test_a_secure_round_aggregates_the_unmasked_mean_and_counts_every_spend() -> None:
+    strategy, run_log = _strategy()
+    replies = _secure_replies(strategy)
+    strategy.secure_round = _secure_round(replies)
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert arrays is not None
+    assert np.array_equal(arrays["w"].numpy(), np.full((3, 2), 0.25, np.float32))
+    assert arrays["b"].numpy().dtype == np.float32
+    record = run_log.current(1)
+    dropped = strategy.cohort.roster.name_of(replies[0].metadata.src_node_id)
+    assert dropped not in record.participants and len(record.participants) == 3
+    assert [f.node for f in record.failures] == [dropped]
+    assert "secure aggregation: no masked-input reply" in record.failures[0].reason
+    assert set(run_log.epsilon) == set(NAMES) and all(e == 0.5 for e in run_log.epsilon.values())
+    assert record.quantization_error == 1e-7
+
+
+def test_a_secure_round_that_cannot_be_unmasked_stops_or_is_skipped_as_configured() -> None:
+    strategy, run_log = _strategy()
+    replies = _secure_replies(strategy)
+    strategy.secure_round = _secure_round(
+        replies, failure="the self-mask seed of node 5 has 1 share(s), 2 needed"
+    )
+    with pytest.raises(FederationError, match="secure aggregation failed: the self-mask seed"):
+        strategy.aggregate_train(1, replies)
+    strategy.secure_on_failure = "skip-round"
+    arrays, _ = strategy.aggregate_train(2, replies)
+    assert arrays is None  # the round loop keeps the global model
+    assert run_log.current(2).aggregation_failure is not None
+
+
+def test_a_server_optimiser_steps_on_the_secure_mean_as_on_the_clear_one() -> None:
+    job = JobConfig(privacy=PrivacyConfig(enabled=False), strategy=FedAdamConfig(eta=0.1))
+    clear, _ = _strategy(job)
+    requests = _requests(clear)
+    # Three updates in the clear whose mean is the secure round's mean (w 0.25, b -0.5).
+    in_clear = [_reply(r, 0.25, 0.5, b=Array(np.full(2, -0.5, np.float32))) for r in requests[1:]]
+    expected, _ = clear.aggregate_train(1, in_clear)
+    secure, _ = _strategy(job)
+    replies = _secure_replies(secure)
+    secure.secure_round = _secure_round(replies)
+    arrays, _ = secure.aggregate_train(1, replies)
+    assert arrays is not None and expected is not None
+    for key in ("w", "b"):
+        assert arrays[key].numpy().dtype == np.float32
+        assert np.array_equal(arrays[key].numpy(), expected[key].numpy())

@@ -52,13 +52,23 @@ def public_key(private: bytes) -> bytes:
 
 def agree(private: bytes, peer_public: bytes, purpose: bytes, context: bytes) -> bytes:
     """The 32-byte key both ends derive: HKDF(X25519(private, peer), info = purpose ‖ context)."""
-    try:
-        peer = X25519PublicKey.from_public_bytes(peer_public)
-        shared = X25519PrivateKey.from_private_bytes(private).exchange(peer)
-    except ValueError as exc:  # wrong length, or a low-order point (all-zero secret)
-        raise SealError(f"unusable public key: {exc}") from None
-    hkdf = HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None, info=purpose + context)
-    return hkdf.derive(shared)
+    return PrivateKey(private).agree(peer_public, purpose, context)
+
+
+class PrivateKey:
+    """One X25519 private key, loaded once for the several agreements of a stage."""
+
+    def __init__(self, private: bytes) -> None:
+        self._key = X25519PrivateKey.from_private_bytes(private)
+
+    def agree(self, peer_public: bytes, purpose: bytes, context: bytes) -> bytes:
+        """As `agree`, without re-reading the private key."""
+        try:
+            shared = self._key.exchange(X25519PublicKey.from_public_bytes(peer_public))
+        except ValueError as exc:  # wrong length, or a low-order point (all-zero secret)
+            raise SealError(f"unusable public key: {exc}") from None
+        hkdf = HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None, info=purpose + context)
+        return hkdf.derive(shared)
 
 
 def _associated(context: bytes, src: int, dst: int) -> bytes:

@@ -62,21 +62,26 @@ class FixedPoint:
         return self.step / 2
 
     def encode(self, values: np.ndarray) -> np.ndarray:
-        """`values` (any float array) as a new 1-D unsigned vector; raises if out of range."""
-        flat = np.asarray(values, dtype=np.float64).reshape(-1)
-        if flat.size:
-            bad = np.flatnonzero(~(np.abs(flat) <= self.bound))  # catches NaN too
-            if bad.size:
-                i = int(bad[0])
-                first = float(flat[i])
-                raise EncodingRangeError(
-                    f"{bad.size} update value(s) outside the secure-aggregation range "
-                    f"[−{self.bound:.6g}, {self.bound:.6g}] (first: entry {i} = {first!r}); "
-                    "the range is the job's derived update bound: check the learning rate, "
-                    "clipping norm and steps, or set update_checks.max_update_norm"
-                )
-        integers = np.rint(flat / self.step).astype(np.int64)
-        return integers.view(np.uint64).astype(self.dtype)
+        """`values` (any float array) as a new 1-D unsigned vector; raises if out of range.
+
+        One float64 buffer: scaled by 1/step, range-checked there (|v| ≤ R is
+        |v/step| ≤ M; NaN fails the check), rounded in place, then cast to
+        int64 and wrapped to the word (two's complement).
+        """
+        scaled = np.multiply(np.ravel(values), 1.0 / self.step, dtype=np.float64)
+        if scaled.size and not float(np.max(np.abs(scaled))) <= self.levels * (1 + 1e-12):
+            flat = np.ravel(values)
+            i = int(np.flatnonzero(~(np.abs(flat) <= self.bound))[0])
+            count = int(np.count_nonzero(~(np.abs(flat) <= self.bound)))
+            raise EncodingRangeError(
+                f"{count} update value(s) outside the secure-aggregation range "
+                f"[−{self.bound:.6g}, {self.bound:.6g}] (first: entry {i} = {float(flat[i])!r}); "
+                "the range is the job's derived update bound: check the learning rate, "
+                "clipping norm and steps, or set update_checks.max_update_norm"
+            )
+        np.rint(scaled, out=scaled)
+        np.clip(scaled, -self.levels, self.levels, out=scaled)  # only float rounding at ±R
+        return scaled.astype(np.int64).astype(self.dtype)
 
     def decode_sum(self, total: np.ndarray) -> np.ndarray:
         """The float64 sum of the encoded vectors whose mod-2^bits sum is `total`."""
