@@ -41,7 +41,6 @@ from consortia.client.node_audit import node_audit_log
 from consortia.client.node_config import NODE_CONFIG_KEY, load_node_config
 from consortia.client.onboarding.registry import DatasetRegistry
 from consortia.client.policy import NodePolicy, Refusal
-from consortia.client.secure_aggregation import SecAggRefusedError
 from consortia.client.spend import (
     JobAccount,
     LedgerAccount,
@@ -67,7 +66,6 @@ from consortia.common.secagg.wire import (
     MESSAGE_ACTION,
     SECAGG_KEY,
     MaskedInput,
-    SecAggProtocolError,
     Setup,
     read_stage,
 )
@@ -196,7 +194,10 @@ def _answer_refusals(handler: Handler) -> Handler:
 
     A refusal is the policy working, not a fault: the reply holds only the
     machine-readable code and the reason (no traceback, no data), and the node
-    did no training. A deployed node also records it in its audit log.
+    did no training — except an update found out of range after training in
+    a secure round, whose refusal also carries the round's recorded spend
+    (ε), so that the coordinator's account does not under-count. A deployed
+    node also records every refusal in its audit log.
     """
 
     @functools.wraps(handler)
@@ -214,7 +215,10 @@ def _answer_refusals(handler: Handler) -> Handler:
                 reason,
             )
             _audit_refusal(message, context, code, reason)
-            return Message(p.refusal_record(code, reason), reply_to=message)
+            content = p.refusal_record(code, reason)
+            if isinstance(exc, NodeRefusedError) and exc.metrics is not None:
+                content[p.METRICS_KEY] = exc.metrics
+            return Message(content, reply_to=message)
 
     return answer
 
@@ -381,10 +385,10 @@ def train_secure(message: Message, context: Context) -> Message:
     try:
         if isinstance(request, Setup):
             return _secure_setup(message, context, request)
+        trained: list[MetricRecord] = []
         if not isinstance(request, MaskedInput):
             return Message(secagg.answer(request, context.state, _no_update), reply_to=message)
         view = _node_view(message, context)
-        trained: list[MetricRecord] = []
 
         def update_of() -> np.ndarray:
             local, metrics = _train_round(view, message)
@@ -396,9 +400,12 @@ def train_secure(message: Message, context: Context) -> Message:
         content[p.NODE_KEY] = _identity(view)
         return Message(content, reply_to=message)
     except EncodingRangeError as exc:
-        raise NodeRefusedError(Refusal(code="update-out-of-range", reason=str(exc))) from None
-    except (SecAggRefusedError, SecAggProtocolError) as exc:
-        raise NodeRefusedError(Refusal(code="secagg-refused", reason=exc.message)) from None
+        # Trained and recorded: the refusal carries the round's spend (ε), no update.
+        spent = trained[0] if trained else None
+        refusal = Refusal(code="update-out-of-range", reason=str(exc))
+        raise NodeRefusedError(refusal, metrics=spent) from None
+    except secagg.REFUSED as exc:
+        raise NodeRefusedError(Refusal(code="secagg-refused", reason=str(exc))) from None
 
 
 def _no_update() -> np.ndarray:
@@ -429,7 +436,8 @@ def _secure_setup(message: Message, context: Context, setup: Setup) -> Message:
     if dp is not None:
         metrics[p.NOISE_MULTIPLIER] = dp.noise_multiplier
         metrics[p.SAMPLE_RATE] = plan.sample_rate
-    keys = secagg.begin_round(setup, context.state)
+    minimum = view.policy.min_cohort if view.policy is not None else 1
+    keys = secagg.begin_round(setup, context.state, minimum)
     content = RecordDict({SECAGG_KEY: keys, p.METRICS_KEY: metrics, p.NODE_KEY: _identity(view)})
     return Message(content, reply_to=message)
 

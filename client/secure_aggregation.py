@@ -2,25 +2,27 @@
 
 One round is four messages of type `train.secagg` (common/secagg/wire.py):
 
-1. `setup`: the node checks its policy, plans the round's DP release
+1. `setup`: the node checks its policy (cohort size), plans the round's DP release
    (noise multiplier, sample rate, steps: what bounds its update), makes
    two fresh X25519 key pairs and answers with the public halves. It does
    not train yet: a node that drops before stage 3 spends nothing;
-2. `share-keys`: it draws its self-mask seed, splits the seed and its
-   masking private key t-of-k (Shamir) and seals one pair of shares to each
-   neighbour (AES-GCM); it keeps the round's fixed-point range;
+2. `share-keys`: it checks the number of summands against its policy,
+   draws its self-mask seed, splits the seed and its masking private key
+   t-of-k (Shamir) and seals one pair of shares to each neighbour
+   (AES-GCM); it keeps the round's fixed-point range;
 3. `masked-input`: it opens the shares addressed to it, then trains on the
    global model that comes with them (DP-SGD, spend recorded first, as in a
-   plain round), encodes local − global in the range (an out-of-range value
-   is an error it reports, never a clip) and answers with the encoded
+   plain round), encodes local − global in the range (a value, or an L2
+   norm, beyond R is an error it reports, never a clip) and answers with the encoded
    update + its self mask ± one pairwise mask per neighbour that shared
    with it;
 4. `unmask`: for each neighbour the coordinator names, the share of its
    self-mask seed (it survived) or of its masking key (it dropped) —
-   never both for one neighbour, and only once per round.
+   never both for one neighbour, and only once per round; then it forgets
+   the round's secrets.
 
 Between messages the session lives in the node's Flower `Context.state`
-(`SessionState`, a few hundred bytes), which the SuperNode keeps per run;
+(`SessionState`, a few KiB: keys and shares), which the SuperNode keeps per run;
 the update exists only within stage 3 and never leaves the node unmasked.
 Each step checks the stage order: a request out of order, a neighbour named
 as both survivor and dropped, or a second unmask request is refused
@@ -40,7 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from consortia.common.errors import ConsortiaError
 from consortia.common.secagg import crypto, shamir
-from consortia.common.secagg.fixed_point import FixedPoint
+from consortia.common.secagg.fixed_point import EncodingRangeError, FixedPoint
 from consortia.common.secagg.masks import apply_masks
 from consortia.common.secagg.wire import (
     MASKED_ARRAY,
@@ -64,7 +66,10 @@ _PLAINTEXT_BYTES = _SHARE_HEADER.size + 2 * shamir.SHARE_BYTES
 class SecAggRefusedError(ConsortiaError):
     """The coordinator asked for something the protocol forbids; the node answers nothing."""
 
-    code = "secagg-refused"
+
+# What the ClientApp answers with a `secagg-refused` refusal (and logs), never an error:
+# forbidden requests, malformed payloads, shares that do not open or do not combine.
+REFUSED = (SecAggRefusedError, SecAggProtocolError, crypto.SealError, shamir.ShamirError)
 
 
 class SessionState(BaseModel):
@@ -76,6 +81,7 @@ class SessionState(BaseModel):
 
     stage: str
     setup: Setup
+    min_summands: int = 1  # the node's policy minimum (`min_cohort`)
     cipher_private: bytes
     mask_private: bytes
     seed: bytes = b""
@@ -101,11 +107,15 @@ class Step:
     masked: np.ndarray | None = None
 
 
-def begin(setup: Setup) -> Step:
-    """Stage 1 (after training): fresh key pairs for this round; answer the public halves."""
+def begin(setup: Setup, min_summands: int = 1) -> Step:
+    """Stage 1: fresh key pairs for this round; answer the public halves."""
     cipher_private, mask_private = crypto.new_private_key(), crypto.new_private_key()
     state = SessionState(
-        stage="setup", setup=setup, cipher_private=cipher_private, mask_private=mask_private
+        stage="setup",
+        setup=setup,
+        min_summands=min_summands,
+        cipher_private=cipher_private,
+        mask_private=mask_private,
     )
     reply = SetupReply(
         cipher_key=crypto.public_key(cipher_private), mask_key=crypto.public_key(mask_private)
@@ -125,7 +135,15 @@ def share_keys(state: SessionState, request: ShareKeys) -> Step:
             f"only {len(peers)} neighbour(s) left to hold shares, threshold {setup.threshold}: "
             "the round could not survive a dropout"
         )
-    FixedPoint(bits=setup.bits, bound=request.bound, summands=request.summands)  # usable?
+    if request.summands < state.min_summands:
+        raise SecAggRefusedError(
+            f"only {request.summands} node(s) still in the round, fewer than this node's "
+            f"policy minimum of {state.min_summands}"
+        )
+    try:
+        FixedPoint(bits=setup.bits, bound=request.bound, summands=request.summands)
+    except ValueError as exc:
+        raise SecAggProtocolError(f"share-keys: unusable encoding: {exc}") from None
     seed = os.urandom(shamir.SECRET_BYTES)  # the self mask's ChaCha20 key
     points = [peer + 1 for peer in peers]
     seed_shares = shamir.split(seed, points, setup.threshold)
@@ -203,7 +221,14 @@ def mask_update(state: SessionState, update: np.ndarray) -> Step:
     """
     setup = state.setup
     encoding = FixedPoint(bits=setup.bits, bound=state.bound, summands=state.summands)
-    vector = encoding.encode(update)
+    vector = encoding.encode(update)  # every entry within R, or EncodingRangeError
+    norm = float(np.linalg.norm(update))
+    if not norm <= state.bound:
+        raise EncodingRangeError(
+            f"the update's L2 norm {norm:.6g} exceeds the secure-aggregation bound "
+            f"{state.bound:.6g} (the job's derived update bound; the coordinator would have "
+            "rejected it in the clear)"
+        )
     masking = crypto.PrivateKey(state.mask_private)
     mask_keys = dict(zip(state.peers, state.mask_keys, strict=True))
     context = setup.context.encode()
@@ -246,12 +271,24 @@ def unmask(state: SessionState, request: Unmask) -> Step:
         key_owners=[o for o in owners if o in dropped],
         key_shares=[s for o, s in zip(owners, state.key_shares, strict=True) if o in dropped],
     )
-    return Step(state=state.advanced("unmask"), reply=reply.to_record())
+    # The round is over for this node: nothing it kept can be asked for again.
+    forgotten = state.advanced(
+        "unmask",
+        cipher_private=b"",
+        mask_private=b"",
+        seed=b"",
+        seed_shares=[],
+        key_shares=[],
+    )
+    return Step(state=forgotten, reply=reply.to_record())
 
 
-def begin_round(setup: Setup, store: RecordDict) -> ConfigRecord:
-    """Stage 1: fresh keys for the round, kept in `store`; the public reply."""
-    step = begin(setup)
+def begin_round(setup: Setup, store: RecordDict, min_summands: int = 1) -> ConfigRecord:
+    """Stage 1: fresh keys for the round, kept in `store`; the public reply.
+
+    `min_summands`: the node's policy minimum of nodes in a sum (`min_cohort`).
+    """
+    step = begin(setup, min_summands)
     save(store, step.state)
     assert step.reply is not None
     return step.reply

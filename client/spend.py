@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol
 
-from flwr.app import Context
+from flwr.app import Context, MetricRecord
 
 from consortia.client import training
 from consortia.client.ledger import DatasetBudget, Mechanism, PrivacyLedger
@@ -47,11 +47,16 @@ from consortia.common.privacy import (
 
 
 class NodeRefusedError(ConsortiaError):
-    """The node declines the round; Flower returns this to the coordinator as the reason."""
+    """The node declines the round; Flower returns this to the coordinator as the reason.
 
-    def __init__(self, refusal: Refusal) -> None:
+    `metrics`: the round's recorded spend, when the node refuses after training
+    (its ε must still reach the coordinator's account).
+    """
+
+    def __init__(self, refusal: Refusal, metrics: MetricRecord | None = None) -> None:
         super().__init__(str(refusal))
         self.refusal = refusal
+        self.metrics = metrics
 
 
 class PrivacyAccount(Protocol):

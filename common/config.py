@@ -14,6 +14,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from consortia.common.secagg.graph import default_degree, effective_degree
+
 
 class StrictModel(BaseModel):
     """Base for every config model: unknown keys are errors, values are frozen."""
@@ -271,9 +273,10 @@ class SecureAggregationConfig(StrictModel):
     `neighbours` (k): each node shares its secrets with, and masks against, k
     others of the round's cohort (a random k-regular graph); default
     2·⌈log2 n⌉, at most n − 1 (then every pair masks: the original SecAgg).
-    `threshold` (t): shares needed to rebuild a node's secret; a round
-    survives up to k − t dropped neighbours per node. Default ⌊k/2⌋ + 1; it
-    must exceed k/2, so that no coordinator can collect t shares of a node's
+    An odd k is rounded up to even (the circulant graph joins each node to
+    k/2 on either side). `threshold` (t): shares needed to rebuild a node's
+    secret; a round survives up to k − t dropped neighbours per node.
+    Default ⌊k/2⌋ + 1; it must exceed k/2, so that no coordinator can collect t shares of a node's
     seed *and* t of its key from disjoint neighbours. `bits`: word size of the
     fixed-point sum (32: half the traffic; 64: a step 2^32 times finer).
     `on_failure`: a round whose masks cannot be removed (too many dropouts)
@@ -338,6 +341,10 @@ class JobConfig(StrictModel):
     def _secure_aggregation_fits(self) -> JobConfig:
         if self.secure_aggregation is None:
             return self
+        settings = self.secure_aggregation
+        if settings.neighbours is not None and settings.threshold is not None:
+            # The largest graph degree `neighbours` gives (odd values round up to even).
+            settings.threshold_for(settings.neighbours + settings.neighbours % 2)
         if self.strategy.name in ROBUST_STRATEGIES:
             raise ValueError(
                 f"strategy '{self.strategy.name}' needs every update in the clear, which secure "
@@ -354,6 +361,21 @@ class JobConfig(StrictModel):
                 "norm; without DP (and with SGD) set update_checks.max_update_norm"
             )
         return self
+
+
+def check_secure_cohort(settings: SecureAggregationConfig, cohort: int, source: str) -> None:
+    """Raise ValueError if a secure round of `cohort` nodes cannot be set up as configured."""
+    if cohort < 2:
+        raise ValueError(
+            f"secure aggregation needs at least 2 nodes per round ({source}: {cohort})"
+        )
+    degree = effective_degree(settings.neighbours or default_degree(cohort), cohort)
+    try:
+        settings.threshold_for(degree)
+    except ValueError as exc:
+        raise ValueError(
+            f"{exc} ({source}: {cohort} nodes; an odd `neighbours` is rounded up to even)"
+        ) from None
 
 
 def check_cohort(job: JobConfig, cohort: int, source: str) -> None:
@@ -376,6 +398,8 @@ def check_cohort(job: JobConfig, cohort: int, source: str) -> None:
             f"{cohort}) = 0 updates from each end of a round of {cohort} nodes ({source}): "
             f"that is the plain mean; raise beta to at least {1 / cohort:.3g}"
         )
+    if job.secure_aggregation is not None:
+        check_secure_cohort(job.secure_aggregation, cohort, source)
     if isinstance(strategy, KrumConfig) and cohort < strategy.fewest_nodes():
         f = strategy.num_malicious_nodes
         need = f"more than 2·{f} + 2 = {2 * f + 2} updates per round"

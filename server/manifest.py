@@ -75,9 +75,24 @@ def config_sha256(config: JobConfig) -> str:
     config that does not use it, and its runs stay resumable. Injective all
     the same: a None can only stand where a value is absent.
     """
-    canonical = json.dumps(
-        config.model_dump(mode="json", exclude_none=True), sort_keys=True, separators=(",", ":")
-    )
+    return _sha256_of(config.model_dump(mode="json", exclude_none=True))
+
+
+def legacy_config_sha256(config: JobConfig) -> str:
+    """The hash runs checkpointed before `config_sha256` left out None blocks carry.
+
+    Then every field was hashed, None or not, and `[secure_aggregation]` did
+    not exist yet: the full dump without that key. A resume accepts it, so
+    runs begun before the change stay resumable.
+    """
+    dump = config.model_dump(mode="json")
+    if dump.get("secure_aggregation", 0) is None:
+        del dump["secure_aggregation"]
+    return _sha256_of(dump)
+
+
+def _sha256_of(dump: dict[str, object]) -> str:
+    canonical = json.dumps(dump, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from consortia.common.config import JobConfig, ScenarioConfig
 from consortia.common.config_io import LoadedConfig, LoadedScenario, validate_model
 from consortia.common.errors import FederationError
-from consortia.server.manifest import Manifest, config_sha256
+from consortia.server.manifest import Manifest, config_sha256, legacy_config_sha256
 from consortia.server.roster import Roster
 from consortia.server.round_checkpoint import (
     CheckpointError,
@@ -92,7 +92,7 @@ def load_resume_point(
             "there is nothing to resume"
         )
     current = config_sha256(config)
-    if current != doc.config_sha256:
+    if doc.config_sha256 not in (current, legacy_config_sha256(config)):
         raise FederationError(
             f"run {run_dir.name}: the job's config (sha256 {current[:12]}…) is not the one the "
             f"run started with ({doc.config_sha256[:12]}…); resuming would mix two jobs. "

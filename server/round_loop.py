@@ -74,7 +74,8 @@ def run_rounds(
         else:
             outcome = secure(server_round, messages, arrays)
             replies = outcome.replies
-            # Nodes that left mid-protocol are failures with their stage (the strategy's).
+            # Nodes that left mid-protocol are failures with their stage (the strategy's);
+            # survivors silent at unmasking have their stage-3 reply.
             sent_to = [node for node in sent_to if node not in outcome.dropped]
             _secure_strategy(strategy).secure_round = outcome
         del messages

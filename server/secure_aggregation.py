@@ -30,6 +30,7 @@ ChaCha20 keystreams over the one running sum (common/secagg/masks.py).
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -75,7 +76,10 @@ class Plan:
                 f"secure aggregation needs at least 2 nodes per round, the cohort has {n}"
             )
         degree = graph.effective_degree(settings.neighbours or graph.default_degree(n), n)
-        threshold = settings.threshold_for(degree)
+        try:
+            threshold = settings.threshold_for(degree)
+        except ValueError as exc:
+            raise FederationError(f"a cohort of {n} nodes: {exc}") from None
         return cls(
             node_ids=ids,
             neighbours=graph.neighbours(range(n), degree, rng),
@@ -100,7 +104,7 @@ class SecureRound:
     mean_update: dict[str, np.ndarray] | None = None  # None: the round could not be unmasked
     failure: str | None = None
     mean_error_bound: float = 0.0  # fixed-point error of `mean_update`, per entry
-    encoded_sum: np.ndarray | None = None  # the unmasked integer sum mod 2^bits (for audits)
+    encoded_sum: np.ndarray | None = None  # the exact integer sum mod 2^bits, before decoding
 
     def aggregate(self, global_arrays: ArrayRecord) -> ArrayRecord | None:
         """Global model + mean update, in the global model's dtypes."""
@@ -149,13 +153,14 @@ def run_secure_round(
             outcome.dropped[reply.metadata.src_node_id] = exc.message
             continue
         bound = bound_of(reply)
-        if isinstance(bound, str):
-            outcome.dropped[reply.metadata.src_node_id] = bound
+        if isinstance(bound, str) or not 0 < bound < math.inf:
+            why = bound if isinstance(bound, str) else f"its update bound is {bound}"
+            outcome.dropped[reply.metadata.src_node_id] = why
             continue
         cipher_keys[pos], mask_keys[pos], bounds[pos] = keys.cipher_key, keys.mask_key, bound
     u1 = sorted(cipher_keys)
     if not u1:
-        return _failed(outcome, "no node trained and sent its keys")
+        return _failed(outcome, "no node took part and sent its keys")
     encoding = FixedPoint(bits=plan.bits, bound=max(bounds.values()), summands=len(u1))
     # -------- stage 2: share keys
     requests = {
@@ -205,6 +210,14 @@ def run_secure_round(
     survived, left = set(u3), set(u2) - set(u3)
     if len(u3) < 1:
         return _failed(outcome, "no node sent its masked update")
+    if (groups := _groups(plan, survived)) > 1:
+        # Pairwise masks cancel within each group: unmasking would reveal each group's
+        # sum, more than the one sum the protocol promises. An honest coordinator stops.
+        return _failed(
+            outcome,
+            f"dropouts split the {len(u3)} remaining nodes into {groups} groups that share "
+            "no masks; unmasking would reveal each group's sum",
+        )
     # -------- stage 4: unmask
     asks = {
         pos: wire.Unmask(
@@ -214,7 +227,10 @@ def run_secure_round(
         for pos in u3
     }
     seed_shares: dict[int, list[shamir.Share]] = {pos: [] for pos in u3}
-    key_shares: dict[int, list[shamir.Share]] = {pos: [] for pos in left}
+    # Only a dropped node masked against a survivor has masks in the sum to remove.
+    key_shares: dict[int, list[shamir.Share]] = {
+        pos: [] for pos in left if survived.intersection(plan.neighbours[pos])
+    }
     for pos, reply in _stage(grid, plan, asks, timeout_s, outcome):
         try:
             answer = _unmask_reply(reply, asks[pos])
@@ -224,7 +240,8 @@ def run_secure_round(
         for owner, data in zip(answer.seed_owners, answer.seed_shares, strict=True):
             seed_shares[owner].append(shamir.Share.from_bytes(pos + 1, data))
         for owner, data in zip(answer.key_owners, answer.key_shares, strict=True):
-            key_shares[owner].append(shamir.Share.from_bytes(pos + 1, data))
+            if owner in key_shares:
+                key_shares[owner].append(shamir.Share.from_bytes(pos + 1, data))
     problem = _unmask(total, plan, seed_shares, key_shares, mask_keys, survived)
     if problem is not None:
         return _failed(outcome, problem)
@@ -234,6 +251,20 @@ def run_secure_round(
     outcome.mean_update = layout.split(mean)
     outcome.mean_error_bound = encoding.mean_error_bound
     return outcome
+
+
+def _groups(plan: Plan, survived: set[int]) -> int:
+    """How many connected groups the survivors form in the graph (edges between survivors)."""
+    unseen, groups = set(survived), 0
+    while unseen:
+        groups += 1
+        frontier = [unseen.pop()]
+        while frontier:
+            for q in plan.neighbours[frontier.pop()]:
+                if q in unseen:
+                    unseen.discard(q)
+                    frontier.append(q)
+    return groups
 
 
 def _shared_with(plan: Plan, pos: int, u2: Sequence[int]) -> list[int]:

@@ -17,8 +17,9 @@ The engine's dispatcher also sleeps a fixed 0.1 s between polls, so every
 exchange waits up to 0.1 s before a node even sees its message: a plain
 round pays it twice (train, evaluate), a secure-aggregation round five
 times. `_dispatch_messages` is Flower's loop with the sleep replaced by a
-wait on the state's arrival event (set by `store_message_ins`), still
-bounded by 0.1 s so a stop request is seen as soon as before.
+wait on the state's arrival event (set by `store_message_ins`), in slices
+of 20 ms so that a stop request is seen within 20 ms (Flower's own wait
+ends at once on stop, ours can't wait on both events).
 
 `indexed_link_state()` installs both for the simulation engine's run only.
 """
@@ -85,6 +86,7 @@ class IndexedInMemoryLinkState(InMemoryLinkState):
 
 
 DISPATCH_WAIT_S = 0.1  # Flower's fixed poll interval, now the longest wait
+_STOP_CHECK_S = 0.02
 
 
 def _dispatch_messages(
@@ -110,8 +112,11 @@ def _dispatch_messages(
             for message in state.get_message_ins(node_id=node_id, limit=1):
                 queue.put(message)
                 dispatched = True
-        if not dispatched:
-            state.arrived.wait(DISPATCH_WAIT_S)
+        waited = 0.0
+        while not dispatched and waited < DISPATCH_WAIT_S and not f_stop.is_set():
+            if state.arrived.wait(_STOP_CHECK_S):
+                break
+            waited += _STOP_CHECK_S
 
 
 _VCE_API = importlib.import_module("flwr.server.superlink.fleet.vce.vce_api")

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import numpy as np
 from flwr.app import (
@@ -101,7 +101,7 @@ class ConsortiaStrategy(FedAvg):
     # Set by the round loop for a round run under secure aggregation: its replies then
     # carry metrics only, and the aggregate is the unmasked mean (server/secure_aggregation.py).
     secure_round: SecureRound | None = None
-    secure_on_failure: str = "stop"
+    secure_on_failure: Literal["stop", "skip-round"] = "stop"
 
     def attach(self, cohort: Cohort, run_log: RunLog, federated_evaluation: bool) -> None:
         self.cohort = cohort
@@ -183,19 +183,20 @@ class ConsortiaStrategy(FedAvg):
 
         The replies carry each node's DP spend and loss, no update (or its
         refusal); the per-update value checks happened on the nodes (an
-        update outside the range derived from the same bound is refused
-        there). Nodes that left mid-protocol are failures with the stage and
+        update whose entries or L2 norm exceed the same derived bound is
+        refused there). Nodes that left mid-protocol are failures with the stage and
         reason, once each.
         """
         accepted, failures = self._screen(replies, with_arrays=False)
         survivors = set(secure.survivors)
         used = [(name, r) for name, r in accepted if r.metadata.src_node_id in survivors]
         roster = self.cohort.roster
+        # A survivor silent at unmasking is still in the sum: a participant, not a failure.
         noted = {failure.node for failure in failures}
         failures += [
             NodeFailure(node=name, reason=f"secure aggregation: {why}")
             for node_id, why in secure.dropped.items()
-            if (name := roster.name_of(node_id)) not in noted
+            if node_id not in survivors and (name := roster.name_of(node_id)) not in noted
         ]
         contents = [reply.content for _, reply in used]
         metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key) if contents else None

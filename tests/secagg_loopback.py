@@ -19,6 +19,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from consortia.client import secure_aggregation as secagg
 from consortia.common import protocol as p
 from consortia.common.config import SecureAggregationConfig
+from consortia.common.secagg.fixed_point import EncodingRangeError
 from consortia.common.secagg.wire import SECAGG_KEY, Setup, read_stage
 from consortia.server.secure_aggregation import SecureRound, run_secure_round
 
@@ -34,6 +35,7 @@ class Node:
     drop_at: str | None = None
     store: RecordDict = field(default_factory=RecordDict)
     silent: bool = False
+    min_summands: int = 1
 
     def handle(self, message: Message) -> RecordDict | None:
         request = read_stage(message.content.config_records[SECAGG_KEY])
@@ -42,11 +44,13 @@ class Node:
             return None
         try:
             if isinstance(request, Setup):
-                keys = secagg.begin_round(request, self.store)
+                keys = secagg.begin_round(request, self.store, self.min_summands)
                 return RecordDict({SECAGG_KEY: keys, p.METRICS_KEY: MetricRecord({p.WEIGHT: 1.0})})
             return secagg.answer(request, self.store, lambda: self.update)
-        except Exception as exc:  # as the ClientApp turns it into a refusal
+        except secagg.REFUSED as exc:  # exactly what the ClientApp turns into refusals
             return p.refusal_record("secagg-refused", str(exc))
+        except EncodingRangeError as exc:
+            return p.refusal_record("update-out-of-range", str(exc))
 
 
 class LoopbackGrid:
@@ -113,5 +117,6 @@ def run_round(
 
 
 def updates(count: int, size: int, seed: int) -> list[np.ndarray]:
+    """Random updates within the range: every entry, and so the L2 norm, at most BOUND."""
     rng = np.random.default_rng(seed)
-    return [rng.uniform(-BOUND, BOUND, size) for _ in range(count)]
+    return [rng.uniform(-BOUND, BOUND, size) / np.sqrt(size) for _ in range(count)]

@@ -416,3 +416,29 @@ def test_exchange_stops_at_the_timeout_with_what_arrived() -> None:
     assert len(replies) == 1
     assert 0.5 <= time.monotonic() - started < 1.5
     assert exchange(grid, [], timeout_s=1) == []  # type: ignore[arg-type]
+
+
+def test_the_config_hash_leaves_out_unset_blocks_and_accepts_the_one_runs_carried_before() -> None:
+    """Adding an optional block to the schema changes no hash of a config that leaves it
+    unset; runs checkpointed when every None was hashed stay resumable (legacy hash)."""
+    import hashlib
+    import json
+
+    from consortia.common.config import SecureAggregationConfig
+    from consortia.server.manifest import legacy_config_sha256
+
+    assert CONFIG.secure_aggregation is None
+    before = {k: v for k, v in CONFIG.model_dump(mode="json").items() if k != "secure_aggregation"}
+    canonical = json.dumps(before, sort_keys=True, separators=(",", ":")).encode()
+    assert legacy_config_sha256(CONFIG) == hashlib.sha256(canonical).hexdigest()
+    assert config_sha256(CONFIG) != legacy_config_sha256(CONFIG)
+    secure = CONFIG.model_copy(update={"secure_aggregation": SecureAggregationConfig()})
+    assert config_sha256(secure) != config_sha256(CONFIG)
+    assert (
+        legacy_config_sha256(secure)
+        == hashlib.sha256(
+            json.dumps(
+                secure.model_dump(mode="json"), sort_keys=True, separators=(",", ":")
+            ).encode()
+        ).hexdigest()
+    )

@@ -11,10 +11,12 @@ reason, never an update, and it leaves no release in the ledger.
 from __future__ import annotations
 
 import json
+import struct
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from conftest import CliRunner
 from federation import add_site, write_job
@@ -29,7 +31,7 @@ from consortia.common import protocol as p
 from consortia.common.config import JobConfig
 from consortia.common.models import architecture_hash, build_model
 from consortia.common.privacy import histogram_release
-from consortia.common.secagg import wire
+from consortia.common.secagg import crypto, wire
 from consortia.common.weights import model_to_arrays
 
 DATASET = "cancer"
@@ -366,3 +368,80 @@ def test_an_unmask_request_outside_a_round_is_refused_and_audited(deployed_node:
     ]
     refusals = [e for e in entries if e["event"] == "node.refusal"]
     assert refusals and refusals[-1]["details"]["code"] == "secagg-refused"
+
+
+def _secure_stage_3(node_toml: Path, run_id: int, *, bound: float, tamper: bool) -> Message:
+    """Drive the real ClientApp through stages 1–3 of a secure round as node 0 of 3.
+
+    The test plays the coordinator and the two neighbours: their keys are made
+    here, and their shares sealed to the node as a neighbour would seal them.
+    """
+    job = _job(secure_aggregation={})
+    context = _context(node_toml, run_id)  # one Context: the SuperNode keeps it per run
+    task = ConfigRecord({p.TASK_KEY: p.TaskSpec(job=job).encode(), p.ROUND_KEY: 1})
+    action = f"{MessageType.TRAIN}.{wire.MESSAGE_ACTION}"
+    tag = "run round 1"
+    setup = wire.Setup(
+        context=tag, position=0, cohort_size=3, neighbours=[1, 2], threshold=2, bits=32
+    )
+    first = app(
+        Message(RecordDict({p.CONFIG_KEY: task, wire.SECAGG_KEY: setup.to_record()}), 7, action),
+        context,
+    )
+    node = wire.read(wire.SetupReply, first.content[wire.SECAGG_KEY], "setup reply")
+    peers = {q: (crypto.new_private_key(), crypto.new_private_key()) for q in (1, 2)}
+    share_keys = wire.ShareKeys(
+        peers=[1, 2],
+        cipher_keys=[crypto.public_key(c) for c, _ in peers.values()],
+        mask_keys=[crypto.public_key(m) for _, m in peers.values()],
+        bound=bound,
+        summands=3,
+    )
+    second = app(Message(RecordDict({wire.SECAGG_KEY: share_keys.to_record()}), 7, action), context)
+    assert p.read_refusal(second.content) is None, second.content
+    sealed = []
+    for q, (cipher, _) in peers.items():
+        key = crypto.PrivateKey(cipher).agree(node.cipher_key, crypto.SHARE_KEY, tag.encode())
+        box = crypto.seal(key, struct.pack(">II", q, 0) + bytes(132), tag.encode(), q, 0)
+        sealed.append(box[:-1] + bytes([box[-1] ^ 1]) if tamper else box)
+    registration = DatasetRegistry(node_toml.parent / "state").get(DATASET)
+    model = build_model(job.model, registration.feature_shape, registration.num_classes, job.seed)
+    masked = wire.MaskedInput(senders=[1, 2], sealed=sealed)
+    content = RecordDict(
+        {
+            p.ARRAYS_KEY: model_to_arrays(model),
+            p.CONFIG_KEY: task,
+            wire.SECAGG_KEY: masked.to_record(),
+        }
+    )
+    return app(Message(content, 7, action), context)
+
+
+def test_a_tampered_share_is_refused_before_the_node_trains(deployed_node: Node) -> None:
+    node_toml = deployed_node()
+    reply = _secure_stage_3(node_toml, 35, bound=100.0, tamper=True)
+    reason = _assert_refused(node_toml, reply, 35, "secagg-refused")  # nothing spent
+    assert "does not open" in reason
+
+
+def test_a_secure_round_masks_the_update_and_records_the_spend_first(deployed_node: Node) -> None:
+    node_toml = deployed_node()
+    reply = _secure_stage_3(node_toml, 36, bound=100.0, tamper=False)
+    assert p.read_refusal(reply.content) is None, reply.content
+    masked = reply.content[wire.MASKED_KEY][wire.MASKED_ARRAY].numpy()
+    assert masked.dtype == np.uint32 and masked.size == 62  # logreg: 30 features x 2 classes + 2
+    assert p.ARRAYS_KEY not in reply.content.array_records  # no update in the clear
+    assert len(_releases_of(node_toml, 36)) == 1
+    assert reply.content[p.METRICS_KEY][p.EPSILON] > 0
+
+
+def test_an_update_out_of_range_is_refused_with_its_recorded_spend(deployed_node: Node) -> None:
+    """Trained and recorded, then the update does not fit: no update leaves, but the ε
+    of the recorded release does, so the coordinator's account does not under-count."""
+    node_toml = deployed_node()
+    reply = _secure_stage_3(node_toml, 37, bound=1e-9, tamper=False)
+    refusal = p.read_refusal(reply.content)
+    assert refusal is not None and refusal[0] == "update-out-of-range", reply.content
+    assert not reply.content.array_records
+    (release,) = _releases_of(node_toml, 37)
+    assert reply.content[p.METRICS_KEY][p.EPSILON] == pytest.approx(release.epsilon)  # type: ignore[attr-defined]

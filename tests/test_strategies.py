@@ -168,10 +168,10 @@ def _secure_replies(strategy: ConsortiaStrategy) -> list[Message]:
 
 
 def _secure_round(replies: list[Message], failure: str | None = None) -> SecureRound:
-    survivors = [r.metadata.src_node_id for r in replies][1:]  # the first dropped after setup
+    """The first node dropped before stage 3 (no reply, nothing spent); the rest are summed."""
     outcome = SecureRound(
-        replies=replies,
-        survivors=survivors,
+        replies=replies[1:],
+        survivors=[r.metadata.src_node_id for r in replies[1:]],
         dropped={replies[0].metadata.src_node_id: "no masked-input reply within 5 s"},
         failure=failure,
         mean_error_bound=1e-7,
@@ -184,17 +184,21 @@ def _secure_round(replies: list[Message], failure: str | None = None) -> SecureR
 def test_a_secure_round_aggregates_the_unmasked_mean_and_counts_every_spend() -> None:
     strategy, run_log = _strategy()
     replies = _secure_replies(strategy)
-    strategy.secure_round = _secure_round(replies)
-    arrays, _ = strategy.aggregate_train(1, replies)
+    secure = _secure_round(replies)
+    secure.dropped[replies[1].metadata.src_node_id] = "no unmask reply within 5 s"
+    strategy.secure_round = secure
+    arrays, _ = strategy.aggregate_train(1, secure.replies)
     assert arrays is not None
     assert np.array_equal(arrays["w"].numpy(), np.full((3, 2), 0.25, np.float32))
     assert arrays["b"].numpy().dtype == np.float32
     record = run_log.current(1)
     dropped = strategy.cohort.roster.name_of(replies[0].metadata.src_node_id)
+    # Silent at unmasking but in the sum: a participant, not a failure.
     assert dropped not in record.participants and len(record.participants) == 3
     assert [f.node for f in record.failures] == [dropped]
     assert "secure aggregation: no masked-input reply" in record.failures[0].reason
-    assert set(run_log.epsilon) == set(NAMES) and all(e == 0.5 for e in run_log.epsilon.values())
+    spent = {name: e for name, e in run_log.epsilon.items() if e > 0}
+    assert set(spent) == set(NAMES) - {dropped} and all(e == 0.5 for e in spent.values())
     assert record.quantization_error == 1e-7
 
 
@@ -222,7 +226,7 @@ def test_a_server_optimiser_steps_on_the_secure_mean_as_on_the_clear_one() -> No
     secure, _ = _strategy(job)
     replies = _secure_replies(secure)
     secure.secure_round = _secure_round(replies)
-    arrays, _ = secure.aggregate_train(1, replies)
+    arrays, _ = secure.aggregate_train(1, replies[1:])
     assert arrays is not None and expected is not None
     for key in ("w", "b"):
         assert arrays[key].numpy().dtype == np.float32

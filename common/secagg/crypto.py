@@ -50,11 +50,6 @@ def public_key(private: bytes) -> bytes:
     )
 
 
-def agree(private: bytes, peer_public: bytes, purpose: bytes, context: bytes) -> bytes:
-    """The 32-byte key both ends derive: HKDF(X25519(private, peer), info = purpose ‖ context)."""
-    return PrivateKey(private).agree(peer_public, purpose, context)
-
-
 class PrivateKey:
     """One X25519 private key, loaded once for the several agreements of a stage."""
 
@@ -62,7 +57,7 @@ class PrivateKey:
         self._key = X25519PrivateKey.from_private_bytes(private)
 
     def agree(self, peer_public: bytes, purpose: bytes, context: bytes) -> bytes:
-        """As `agree`, without re-reading the private key."""
+        """The 32-byte key both ends derive: HKDF(X25519(self, peer), info = purpose ‖ context)."""
         try:
             shared = self._key.exchange(X25519PublicKey.from_public_bytes(peer_public))
         except ValueError as exc:  # wrong length, or a low-order point (all-zero secret)

@@ -49,8 +49,12 @@ class FixedPoint:
 
     @property
     def levels(self) -> int:
-        """M: the largest magnitude one encoded value may have."""
-        return (2 ** (self.bits - 1) - 1) // self.summands
+        """M: the largest magnitude one encoded value may have.
+
+        At least two summands are assumed, so that M ≤ 2^62 and ±M·(1 + float
+        rounding) still casts to int64 in 64-bit words.
+        """
+        return (2 ** (self.bits - 1) - 1) // max(self.summands, 2)
 
     @property
     def step(self) -> float:
@@ -64,24 +68,26 @@ class FixedPoint:
     def encode(self, values: np.ndarray) -> np.ndarray:
         """`values` (any float array) as a new 1-D unsigned vector; raises if out of range.
 
-        One float64 buffer: scaled by 1/step, range-checked there (|v| ≤ R is
-        |v/step| ≤ M; NaN fails the check), rounded in place, then cast to
-        int64 and wrapped to the word (two's complement).
+        The range check is on the values themselves (|v| ≤ R, NaN fails it).
+        The scaled values are rounded in one float64 buffer and cast to int64;
+        the integer clip to [−M, M] only undoes float rounding at ±R (R/s may
+        round to M + 1 in float64 when M > 2^53), never an out-of-range value.
         """
-        scaled = np.multiply(np.ravel(values), 1.0 / self.step, dtype=np.float64)
-        if scaled.size and not float(np.max(np.abs(scaled))) <= self.levels * (1 + 1e-12):
-            flat = np.ravel(values)
-            i = int(np.flatnonzero(~(np.abs(flat) <= self.bound))[0])
-            count = int(np.count_nonzero(~(np.abs(flat) <= self.bound)))
+        flat = np.ravel(values)
+        if flat.size and not float(np.max(np.abs(flat))) <= self.bound:
+            outside = np.flatnonzero(~(np.abs(flat) <= self.bound))
+            first = int(outside[0])
             raise EncodingRangeError(
-                f"{count} update value(s) outside the secure-aggregation range "
-                f"[−{self.bound:.6g}, {self.bound:.6g}] (first: entry {i} = {float(flat[i])!r}); "
-                "the range is the job's derived update bound: check the learning rate, "
-                "clipping norm and steps, or set update_checks.max_update_norm"
+                f"{outside.size} update value(s) outside the secure-aggregation range "
+                f"[−{self.bound:.6g}, {self.bound:.6g}] (first: entry {first} = "
+                f"{float(flat[first])!r}); the range is the job's derived update bound: check "
+                "the learning rate, clipping norm and steps, or set update_checks.max_update_norm"
             )
+        scaled = np.multiply(flat, 1.0 / self.step, dtype=np.float64)
         np.rint(scaled, out=scaled)
-        np.clip(scaled, -self.levels, self.levels, out=scaled)  # only float rounding at ±R
-        return scaled.astype(np.int64).astype(self.dtype)
+        integers = scaled.astype(np.int64)
+        np.clip(integers, -self.levels, self.levels, out=integers)
+        return integers.astype(self.dtype)
 
     def decode_sum(self, total: np.ndarray) -> np.ndarray:
         """The float64 sum of the encoded vectors whose mod-2^bits sum is `total`."""

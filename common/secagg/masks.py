@@ -50,15 +50,3 @@ def apply_masks(vector: np.ndarray, masks: Sequence[tuple[bytes, bool]]) -> None
                 np.subtract(part, keystream[:size], out=part)
             else:
                 np.add(part, keystream[:size], out=part)
-
-
-def apply_mask(vector: np.ndarray, seed: bytes, *, subtract: bool = False) -> None:
-    """Add (or subtract) the mask of one `seed` to the unsigned 1-D `vector`, in place."""
-    apply_masks(vector, [(seed, subtract)])
-
-
-def mask_of(seed: bytes, size: int, dtype: type[np.unsignedinteger]) -> np.ndarray:
-    """The whole mask of `seed` (tests and small vectors; the protocol uses `apply_mask`)."""
-    vector = np.zeros(size, dtype=dtype)
-    apply_mask(vector, seed)
-    return vector

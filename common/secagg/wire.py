@@ -56,11 +56,11 @@ def _same_length(*columns: list[object]) -> None:
         raise ValueError("parallel lists differ in length")
 
 
-# ------------------------------------------------------------- stage 1: setup (+ training)
+# ------------------------------------------------------------------ stage 1: setup
 
 
 class Setup(_Payload):
-    """Coordinator → node, with the global model: train, make this round's keys."""
+    """Coordinator → node: the round's graph and parameters; make this round's keys."""
 
     stage: Literal["setup"] = "setup"
     context: str = Field(min_length=1, description="run and round; bound into every derived key")
@@ -77,8 +77,14 @@ class Setup(_Payload):
             raise ValueError("neighbours must be distinct and exclude the node itself")
         if any(not 0 <= q < self.cohort_size for q in peers) or self.position >= self.cohort_size:
             raise ValueError("positions outside the cohort")
-        if not 1 <= self.threshold <= len(self.neighbours):
-            raise ValueError(f"threshold {self.threshold} needs 1..{len(self.neighbours)}")
+        k = len(self.neighbours)
+        # t > k/2: otherwise a coordinator could collect t seed shares of a node from
+        # some neighbours and t key shares from the others, and unmask its update.
+        if not k / 2 < self.threshold <= k:
+            raise ValueError(
+                f"threshold {self.threshold} must be above half of the {k} neighbours and at "
+                "most their number"
+            )
         return self
 
 
@@ -99,7 +105,9 @@ class ShareKeys(_Payload):
     peers: list[int]
     cipher_keys: list[bytes]
     mask_keys: list[bytes]
-    bound: float = Field(gt=0, description="per-entry range R of the fixed-point encoding")
+    bound: float = Field(
+        gt=0, allow_inf_nan=False, description="range R of the fixed-point encoding"
+    )
     summands: int = Field(ge=1, description="most updates the sum can hold")
 
     @model_validator(mode="after")
@@ -162,7 +170,6 @@ class UnmaskReply(_Payload):
         return self
 
 
-Stage = Setup | ShareKeys | MaskedInput | Unmask
 STAGES: dict[str, type[_Payload]] = {
     "setup": Setup,
     "share-keys": ShareKeys,
