@@ -51,7 +51,7 @@ from worker_process import (
     simulate,
 )
 
-BOUND = 1.0  # the fixed-point range R of the secure runs
+BOUND = 10.0  # the range R of the secure runs: an L2 bound (a 1M-parameter update has norm ≈ 1)
 _SCRIPT = Path(__file__).resolve()
 _RUN: dict[str, Any] = {}
 
@@ -77,44 +77,57 @@ def consortia_run(
 # ------------------------------------------------------------------ the worker side
 
 
-def _client_app() -> Any:
-    from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
-    from flwr.clientapp import ClientApp
+def _delta(message: Any, context: Any) -> np.ndarray:
+    """The node's update this round (`stock_secagg.node_delta`, float32 as a real node's)."""
+    from consortia.common import protocol as p
+
+    partition = int(context.node_config["partition-id"])
+    server_round = int(message.content[p.CONFIG_KEY][p.ROUND_KEY])
+    size = message.content[p.ARRAYS_KEY]["w"].numpy().size  # stage 3 carries the model
+    return node_delta(partition, server_round, size)
+
+
+# The handlers live at module level, as consortia's own ClientApp does, so that Ray
+# pickles them by reference (`secure_aggregation._train`), not by value on every message.
+def _train(message: Any, context: Any) -> Any:
+    from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+
+    from consortia.common import protocol as p
+
+    local = message.content[p.ARRAYS_KEY]["w"].numpy() + _delta(message, context)
+    content = RecordDict(
+        {
+            p.ARRAYS_KEY: ArrayRecord({"w": Array(local)}),
+            p.METRICS_KEY: MetricRecord({p.WEIGHT: 1.0}),
+        }
+    )
+    return Message(content, reply_to=message)
+
+
+def _secure(message: Any, context: Any) -> Any:
+    from flwr.app import Message, MetricRecord, RecordDict
 
     from consortia.client import secure_aggregation as secagg
     from consortia.common import protocol as p
-    from consortia.common.secagg.wire import MESSAGE_ACTION, SECAGG_KEY, Setup, read_stage
+    from consortia.common.secagg.wire import SECAGG_KEY, Setup, read_stage
+
+    request = read_stage(message.content[SECAGG_KEY])
+    if isinstance(request, Setup):
+        keys = secagg.begin_round(request, context.state)
+        content = RecordDict({SECAGG_KEY: keys, p.METRICS_KEY: MetricRecord({p.WEIGHT: 1.0})})
+        return Message(content, reply_to=message)
+    content = secagg.answer(request, context.state, lambda: _delta(message, context))
+    return Message(content, reply_to=message)
+
+
+def _client_app() -> Any:
+    from flwr.clientapp import ClientApp
+
+    from consortia.common.secagg.wire import MESSAGE_ACTION
 
     app = ClientApp()
-
-    def delta(message: Message, context: Context) -> np.ndarray:
-        partition = int(context.node_config["partition-id"])
-        server_round = int(message.content[p.CONFIG_KEY][p.ROUND_KEY])
-        size = message.content[p.ARRAYS_KEY]["w"].numpy().size  # stage 3 carries the model
-        return node_delta(partition, server_round, size)
-
-    @app.train()
-    def train(message: Message, context: Context) -> Message:
-        local = message.content[p.ARRAYS_KEY]["w"].numpy() + delta(message, context)
-        content = RecordDict(
-            {
-                p.ARRAYS_KEY: ArrayRecord({"w": Array(local)}),
-                p.METRICS_KEY: MetricRecord({p.WEIGHT: 1.0}),
-            }
-        )
-        return Message(content, reply_to=message)
-
-    @app.train(MESSAGE_ACTION)
-    def secure(message: Message, context: Context) -> Message:
-        request = read_stage(message.content[SECAGG_KEY])
-        if isinstance(request, Setup):
-            keys = secagg.begin_round(request, context.state)
-            content = RecordDict({SECAGG_KEY: keys, p.METRICS_KEY: MetricRecord({p.WEIGHT: 1.0})})
-            return Message(content, reply_to=message)
-        # Stage 3 carries the model; the update is float32, as a real node's.
-        content = secagg.answer(request, context.state, lambda: delta(message, context))
-        return Message(content, reply_to=message)
-
+    app.train()(_train)
+    app.train(MESSAGE_ACTION)(_secure)
     return app
 
 

@@ -36,6 +36,7 @@ NODES = ("st-mary", "riverside", "northgate")
 
 def run_jobs(root: Path, rounds: int, local_epochs: int) -> dict[str, list[float]]:
     """Round seconds of the plain and the secure job on one fresh consortium."""
+    root.mkdir(parents=True)
     consortium = Consortium(root)
     node_tomls = cancer_sites(consortium, NODES, budget=100.0)
     for toml in node_tomls.values():  # allow the job's epochs
