@@ -753,6 +753,16 @@ class ScenarioConfig(JobConfig):
             check_cohort(self, self.simulation.nodes, "simulation.nodes")
         return self
 
+    @model_validator(mode="after")
+    def _attacks_need_clear_updates(self) -> ScenarioConfig:
+        if self.secure_aggregation is not None and self.simulation.adversaries is not None:
+            raise ValueError(
+                "'[simulation.adversaries]' alter updates in the clear, and "
+                "'[secure_aggregation]' hides them (and rules out the robust aggregators "
+                "that resist attacks): use one or the other"
+            )
+        return self
+
     def job(self) -> JobConfig:
         """The deployable part of the scenario (everything but `[simulation]`)."""
         return JobConfig.model_validate(self.model_dump(exclude={"simulation"}))

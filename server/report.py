@@ -44,7 +44,17 @@ _UNFOLDED_ROWS = 40  # longer per-node tables start folded
 # RoundRecord's fields that have their own section; any other field (dropouts,
 # adversaries, ... added later) is shown generically under failures.
 _ROUND_FIELDS = frozenset(
-    {"round", "accuracy", "loss", "epsilon", "participants", "failures", "train_loss", "seconds"}
+    {
+        "round",
+        "accuracy",
+        "loss",
+        "epsilon",
+        "participants",
+        "failures",
+        "train_loss",
+        "seconds",
+        "quantization_error",  # a column of "Every round" when secure aggregation ran
+    }
 )
 
 
@@ -401,6 +411,8 @@ def _manifest_section(manifest: Manifest | None) -> str:
 
 
 def _rounds_section(rounds: list[RoundRecord]) -> str:
+    """One row a round; secure-aggregation runs add the fixed-point error of each mean."""
+    secure = any(r.quantization_error is not None for r in rounds)
     rows = [
         [
             str(r.round),
@@ -411,10 +423,13 @@ def _rounds_section(rounds: list[RoundRecord]) -> str:
             str(len(r.participants)),
             str(len(r.failures)),
             _number(r.seconds, "{:.2f}"),
+            *([_number(r.quantization_error, "{:.2g}")] if secure else []),
         ]
         for r in rounds
     ]
     headers = ["round", "accuracy", "loss", "train loss", "max ε", "used", "failures", "seconds"]
+    if secure:
+        headers.append("secure-aggregation error")
     body = f"<details><summary>{len(rounds)} rounds</summary>{_table(headers, rows)}</details>"
     return _section("Every round", body)
 

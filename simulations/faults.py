@@ -48,6 +48,7 @@ from flwr.clientapp.typing import ClientAppCallable
 
 from consortia.common import protocol as p
 from consortia.common.config import FaultsConfig, SimulationConfig, StragglersConfig
+from consortia.common.secagg.wire import SECAGG_KEY
 
 DROPOUT = "simulated-dropout"
 LATE = "simulated-straggler"
@@ -205,6 +206,28 @@ def train_faults(message: Message, context: Context, call_next: ClientAppCallabl
         )
         return _fault_reply(message, LATE, reason, _spend_of(reply))
     return reply
+
+
+def secure_train_faults(
+    message: Message, context: Context, call_next: ClientAppCallable
+) -> Message:
+    """The same fates in a secure-aggregation round (`train.secagg`).
+
+    A node offline for the round misses its setup message (it is not in the
+    round's sum and spends nothing); a crash or a missed deadline strikes in
+    stage 3, after the node trained and recorded its spend, before its
+    masked update leaves (the coordinator then removes its pairwise masks
+    from the sum). The key-sharing and unmasking stages pass untouched.
+    """
+    record = message.content.config_records.get(SECAGG_KEY)
+    stage = record.get("stage") if record is not None else None
+    if stage == "setup":
+        drawn = _drawn_fate(message, context)
+        if drawn is not None and drawn[1].dropout:
+            return _dropout_reply(message, drawn[0], "train")
+    elif stage == "masked-input":
+        return train_faults(message, context, call_next)
+    return call_next(message, context)
 
 
 def evaluate_faults(message: Message, context: Context, call_next: ClientAppCallable) -> Message:

@@ -12,8 +12,9 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from consortia.common.config import SimulationConfig
+from consortia.common.secagg.wire import MESSAGE_ACTION
 from consortia.simulations.adversaries import attack
-from consortia.simulations.faults import evaluate_faults, train_faults
+from consortia.simulations.faults import evaluate_faults, secure_train_faults, train_faults
 
 
 def lab_client_app(inner: ClientApp, simulation: SimulationConfig) -> ClientApp:
@@ -21,7 +22,10 @@ def lab_client_app(inner: ClientApp, simulation: SimulationConfig) -> ClientApp:
 
     Order on a train message: faults outermost (a dropped node never reaches
     training; a crash or a missed deadline replaces the reply, attacked or
-    not), then the attack, then the node. Queries (the roster) pass untouched.
+    not), then the attack, then the node. A secure-aggregation round's
+    messages get the faults at their stages (`secure_train_faults`); attacks
+    need updates in the clear and are refused with secure aggregation (config).
+    Queries (the roster) pass untouched.
     """
     if simulation.faults is None and simulation.adversaries is None:
         return inner
@@ -33,6 +37,10 @@ def lab_client_app(inner: ClientApp, simulation: SimulationConfig) -> ClientApp:
 
     @app.train(mods=[train_faults, attack])
     def train(message: Message, context: Context) -> Message:
+        return inner(message, context)
+
+    @app.train(MESSAGE_ACTION, mods=[secure_train_faults])
+    def train_secure(message: Message, context: Context) -> Message:
         return inner(message, context)
 
     @app.evaluate(mods=[evaluate_faults])

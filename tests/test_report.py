@@ -210,6 +210,23 @@ def test_report_renders_fields_a_later_round_record_adds(tmp_path: Path) -> None
     assert "blocked" not in text  # empty in every round: nothing to show
 
 
+def test_a_secure_run_shows_its_quantization_error_per_round_and_its_failed_round(
+    tmp_path: Path,
+) -> None:
+    """The fixed-point error is a column of every round, not a 'failure'; a round that
+    could not be unmasked is listed with its reason under failures."""
+    rounds = synthetic_rounds()
+    for record in rounds:
+        record.quantization_error = 3.4e-7
+    rounds[1].quantization_error = None
+    rounds[1].aggregation_failure = "the self-mask seed of node 5 has 1 share(s), 2 needed"
+    page = render_run_report(MetricsFile(rounds=rounds), synthetic_manifest(tmp_path), None)
+    text = _visible_text(page)
+    assert "secure-aggregation error" in text and "3.4e-07" in text
+    assert "aggregation_failure" in text and "has 1 share(s), 2 needed" in text
+    assert "quantization_error" not in text
+
+
 def test_interrupted_run_and_deployed_run(tmp_path: Path) -> None:
     """No final block: 'not finished'; a deployment knows only the DP label histograms."""
     manifest = synthetic_manifest(tmp_path, simulated=False)

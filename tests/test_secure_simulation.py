@@ -55,3 +55,47 @@ def test_secure_aggregation_reaches_the_same_model_within_quantization_error(
     # Two rounds of a half-step error each, carried through FedAdam's normalised step.
     assert 0 < gap < 1e-3, gap
     assert step < 1e-6
+
+
+def test_faults_strike_a_secure_round_at_their_stages(
+    tmp_path: Path, consortia_cli: CliRunner
+) -> None:
+    """Dropouts miss the setup (no spend); crashes strike after training, before the
+    masked update leaves (spend recorded and reported, masks removed from the sum)."""
+    scenario = _scenario(tmp_path, secure=True)
+    text = (
+        scenario.read_text().replace("rounds = 2", "rounds = 4").replace("nodes = 5", "nodes = 8")
+    )
+    text = text.replace(
+        "[secure_aggregation]\n", '[secure_aggregation]\non_failure = "skip-round"\n'
+    )
+    scenario.write_text(text + "\n[simulation.faults]\ndropout = 0.15\ncrash = 0.15\n")
+    done = consortia_cli("simulate", str(scenario), "--out", "faulty", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rounds = json.loads((tmp_path / "faulty" / "metrics.json").read_text())["rounds"]
+    dropouts = [name for r in rounds for name in r["dropouts"]]
+    crashes = [name for r in rounds for name in r["crashes"]]
+    assert dropouts and crashes  # the scenario's seed draws both
+    for record in rounds:
+        assert not set(record["dropouts"]) & set(record["participants"])
+        assert not set(record["crashes"]) & set(record["participants"])
+        assert (record["aggregation_failure"] is None) == (record["quantization_error"] is not None)
+    aggregated = [r for r in rounds if r["aggregation_failure"] is None]
+    assert aggregated and all(len(r["participants"]) >= 3 for r in aggregated)
+    # A crashed node spent its privacy: its ε moved in that round.
+    for i, record in enumerate(rounds):
+        before = rounds[i - 1]["epsilon"] if i else {}
+        for name in record["crashes"]:
+            assert record["epsilon"][name] > before.get(name, 0.0)
+
+
+def test_a_scenario_cannot_mix_secure_aggregation_and_attacks(tmp_path: Path) -> None:
+    from consortia.common.config_io import load_scenario
+    from consortia.common.errors import ConfigError
+
+    scenario = _scenario(tmp_path, secure=True)
+    scenario.write_text(
+        scenario.read_text() + '\n[simulation.adversaries]\nfraction = 0.2\nattack = "sign_flip"\n'
+    )
+    with pytest.raises(ConfigError, match="alter updates in the clear"):
+        load_scenario(scenario)
