@@ -97,19 +97,12 @@ _RESULT_KEY = "round_seconds"
 # ------------------------------------------------------------------ public API
 
 
-def flower_round_seconds(
-    nodes: int,
-    params: int,
-    *,
-    secagg: bool,
-    rounds: int = 3,
-    num_shares: int = 3,
-    threshold: int = 2,
-) -> list[float]:
-    """Per-round wall times (all rounds, round 1 first) of one Flower simulation run."""
-    result = flower_run(
-        nodes, params, secagg=secagg, rounds=rounds, num_shares=num_shares, threshold=threshold
-    )
+def flower_round_seconds(nodes: int, params: int, *, secagg: bool, **settings: int) -> list[float]:
+    """Per-round wall times (all rounds, round 1 first) of one Flower simulation run.
+
+    `settings`: `flower_run`'s rounds, num_shares and threshold.
+    """
+    result = flower_run(nodes, params, secagg=secagg, **settings)
     return [float(seconds) for seconds in result[_RESULT_KEY]]
 
 

@@ -83,15 +83,14 @@ def print_machine() -> dict[str, Any]:
 
 
 def one_cpu_per_node() -> dict[str, Any]:
-    """Flower's Ray backend config: one CPU per virtual node, Ray quiet, every core usable."""
+    """Flower's Ray backend config: one CPU per virtual node, Ray started as `consortia
+    simulate` starts it (quiet, every core of this machine: `ray_init_args`)."""
+    from consortia.common.config import BackendConfig
+    from consortia.server.ray_start import ray_init_args
+
     return {
         "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-        "init_args": {
-            "num_cpus": os.cpu_count() or 1,
-            "logging_level": "ERROR",
-            "log_to_driver": False,
-            "include_dashboard": False,
-        },
+        "init_args": ray_init_args(BackendConfig()),
     }
 
 

@@ -271,13 +271,13 @@ class SecureAggregationConfig(StrictModel):
     """`[secure_aggregation]`: SecAgg+ in every training round (docs/secure-aggregation.md).
 
     `neighbours` (k): each node shares its secrets with, and masks against, k
-    others of the round's cohort (a random k-regular graph); default
-    2·⌈log2 n⌉, at most n − 1 (then every pair masks: the original SecAgg).
-    An odd k is rounded up to even (the circulant graph joins each node to
-    k/2 on either side). `threshold` (t): shares needed to rebuild a node's
+    others of the round's cohort (a circulant graph over a random order);
+    default 2·⌈log2 n⌉, at most n − 1 (then every pair masks: the original
+    SecAgg). An odd k is rounded up to even (the graph joins each node to k/2
+    on either side). `threshold` (t): shares needed to rebuild a node's
     secret; a round survives up to k − t dropped neighbours per node.
-    Default ⌊k/2⌋ + 1; it must exceed k/2, so that no coordinator can collect t shares of a node's
-    seed *and* t of its key from disjoint neighbours. `bits`: word size of the
+    Default ⌊k/2⌋ + 1; it must exceed k/2, so that no coordinator can collect
+    t shares of a node's seed *and* t of its key from disjoint neighbours. `bits`: word size of the
     fixed-point sum (32: half the traffic; 64: a step 2^32 times finer).
     `on_failure`: a round whose masks cannot be removed (too many dropouts)
     either stops the run or leaves the model unchanged and goes on.
@@ -287,6 +287,11 @@ class SecureAggregationConfig(StrictModel):
     threshold: int | None = Field(default=None, ge=1, description="t, shares to rebuild a secret")
     bits: Literal[32, 64] = 32
     on_failure: Literal["stop", "skip-round"] = "stop"
+
+    def graph_for(self, cohort: int) -> tuple[int, int]:
+        """(k, t) of a round of `cohort` nodes; ValueError if the set t cannot work there."""
+        degree = effective_degree(self.neighbours or default_degree(cohort), cohort)
+        return degree, self.threshold_for(degree)
 
     def threshold_for(self, degree: int) -> int:
         """t for a round whose graph has `degree` (raises if the set t cannot work with it)."""
@@ -369,9 +374,8 @@ def check_secure_cohort(settings: SecureAggregationConfig, cohort: int, source: 
         raise ValueError(
             f"secure aggregation needs at least 2 nodes per round ({source}: {cohort})"
         )
-    degree = effective_degree(settings.neighbours or default_degree(cohort), cohort)
     try:
-        settings.threshold_for(degree)
+        settings.graph_for(cohort)
     except ValueError as exc:
         raise ValueError(
             f"{exc} ({source}: {cohort} nodes; an odd `neighbours` is rounded up to even)"

@@ -38,10 +38,10 @@ def flatten_update(local: ArrayRecord, global_arrays: ArrayRecord) -> np.ndarray
     float64: the difference of two float32 weights is exact there, so the only
     error a secure round adds is its fixed-point step.
     """
-    out = np.empty(sum(array.numpy().size for array in global_arrays.values()), np.float64)
+    bases = {key: array.numpy() for key, array in global_arrays.items()}  # deserialised once
+    out = np.empty(sum(base.size for base in bases.values()), np.float64)
     start = 0
-    for key, array in global_arrays.items():
-        base = array.numpy()
+    for key, base in bases.items():
         stop = start + base.size
         np.subtract(
             local[key].numpy(), base, out=out[start:stop].reshape(base.shape), dtype=np.float64

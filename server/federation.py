@@ -171,7 +171,6 @@ def _secure_trainer(
     settings = job.secure_aggregation
     if settings is None:
         return None
-    strategy.secure_on_failure = settings.on_failure
     run_id = grid.run.run_id
 
     def bound_of(reply: Message) -> float | str:

@@ -34,6 +34,8 @@ import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
+from typing import TypeVar
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, RecordDict
@@ -49,6 +51,8 @@ from consortia.server.exchange import exchange
 
 SECAGG_MESSAGE_TYPE = f"train.{wire.MESSAGE_ACTION}"
 BoundOf = Callable[[Message], "float | str"]  # a setup reply → its update's range bound, or why not
+Request = TypeVar("Request", wire.ShareKeys, wire.MaskedInput, wire.Unmask)
+Answer = TypeVar("Answer")
 
 
 @dataclass(frozen=True)
@@ -75,9 +79,8 @@ class Plan:
             raise FederationError(
                 f"secure aggregation needs at least 2 nodes per round, the cohort has {n}"
             )
-        degree = graph.effective_degree(settings.neighbours or graph.default_degree(n), n)
         try:
-            threshold = settings.threshold_for(degree)
+            degree, threshold = settings.graph_for(n)
         except ValueError as exc:
             raise FederationError(f"a cohort of {n} nodes: {exc}") from None
         return cls(
@@ -88,8 +91,12 @@ class Plan:
             context=context,
         )
 
+    @cached_property
+    def _positions(self) -> dict[int, int]:
+        return {node_id: pos for pos, node_id in enumerate(self.node_ids)}
+
     def position(self, node_id: int) -> int:
-        return self.node_ids.index(node_id)
+        return self._positions[node_id]
 
 
 @dataclass
@@ -175,12 +182,7 @@ def run_secure_round(
     }
     sealed: dict[int, dict[int, bytes]] = {pos: {} for pos in u1}  # recipient → sender → box
     u2 = []
-    for pos, reply in _stage(grid, plan, requests, timeout_s, outcome):
-        try:
-            answer = _share_keys_reply(reply, requests[pos])
-        except wire.SecAggProtocolError as exc:
-            outcome.dropped[plan.node_ids[pos]] = exc.message
-            continue
+    for pos, answer in _stage(grid, plan, requests, timeout_s, outcome, _share_keys_reply):
         for recipient, box in zip(answer.recipients, answer.sealed, strict=True):
             sealed[recipient][pos] = box
         u2.append(pos)
@@ -195,15 +197,17 @@ def run_secure_round(
     total = np.zeros(layout.size, dtype=encoding.dtype)
     u3 = []
     model = train_messages[0].content if train_messages else RecordDict()
-    stage_3 = _stage(
-        grid, plan, inputs, timeout_s, outcome, with_content=model, collect=outcome.replies
+    vectors = _stage(
+        grid,
+        plan,
+        inputs,
+        timeout_s,
+        outcome,
+        lambda reply, _: _masked_vector(reply, layout.size, encoding.dtype),
+        with_content=model,
+        collect=outcome.replies,
     )
-    for pos, reply in stage_3:
-        try:
-            vector = _masked_vector(reply, layout.size, encoding.dtype)
-        except wire.SecAggProtocolError as exc:
-            outcome.dropped[plan.node_ids[pos]] = exc.message
-            continue
+    for pos, vector in vectors:
         np.add(total, vector, out=total)
         u3.append(pos)
     del sealed, inputs
@@ -219,10 +223,11 @@ def run_secure_round(
             "no masks; unmasking would reveal each group's sum",
         )
     # -------- stage 4: unmask
+    # Survivors and dropped nodes all shared keys in stage 2 (both sets lie in U2).
     asks = {
         pos: wire.Unmask(
-            survivors=[q for q in _shared_with(plan, pos, u2) if q in survived],
-            dropped=[q for q in _shared_with(plan, pos, u2) if q in left],
+            survivors=[q for q in plan.neighbours[pos] if q in survived],
+            dropped=[q for q in plan.neighbours[pos] if q in left],
         )
         for pos in u3
     }
@@ -231,12 +236,7 @@ def run_secure_round(
     key_shares: dict[int, list[shamir.Share]] = {
         pos: [] for pos in left if survived.intersection(plan.neighbours[pos])
     }
-    for pos, reply in _stage(grid, plan, asks, timeout_s, outcome):
-        try:
-            answer = _unmask_reply(reply, asks[pos])
-        except wire.SecAggProtocolError as exc:
-            outcome.dropped[plan.node_ids[pos]] = exc.message
-            continue
+    for pos, answer in _stage(grid, plan, asks, timeout_s, outcome, _unmask_reply):
         for owner, data in zip(answer.seed_owners, answer.seed_shares, strict=True):
             seed_shares[owner].append(shamir.Share.from_bytes(pos + 1, data))
         for owner, data in zip(answer.key_owners, answer.key_shares, strict=True):
@@ -265,11 +265,6 @@ def _groups(plan: Plan, survived: set[int]) -> int:
                     unseen.discard(q)
                     frontier.append(q)
     return groups
-
-
-def _shared_with(plan: Plan, pos: int, u2: Sequence[int]) -> list[int]:
-    """The neighbours of `pos` that shared keys in stage 2 (and so masked against it)."""
-    return [q for q in plan.neighbours[pos] if q in u2]
 
 
 def _unmask(
@@ -344,17 +339,22 @@ def _setup_message(train: Message, plan: Plan) -> Message:
 def _stage(
     grid: Grid,
     plan: Plan,
-    requests: dict[int, wire.ShareKeys | wire.MaskedInput | wire.Unmask],
+    requests: dict[int, Request],
     timeout_s: float,
     outcome: SecureRound,
+    read: Callable[[Message, Request], Answer],
+    *,
     with_content: RecordDict | None = None,
     collect: list[Message] | None = None,
-) -> list[tuple[int, Message]]:
-    """Send one stage's requests; the usable replies by position, the rest noted as dropped.
+) -> list[tuple[int, Answer]]:
+    """Send one stage's requests; each usable reply `read`, by position; the rest dropped.
 
-    `with_content`: records every request also carries (stage 3: the model
-    and the round's config, one shared record, as the strategy sends them).
-    `collect`: where every reply that came back goes, refusals and errors too.
+    A node that does not answer, answers with an error or a refusal, or
+    whose reply `read` rejects (`SecAggProtocolError`) is noted in
+    `outcome.dropped` with the stage and why. `with_content`: records every
+    request also carries (stage 3: the model and the round's config, one
+    shared record, as the strategy sends them). `collect`: where every reply
+    that came back goes, refusals and errors too.
     """
     shared = dict(with_content.items()) if with_content is not None else {}
     messages = [
@@ -380,7 +380,10 @@ def _stage(
         elif (refusal := p.read_refusal(reply.content)) is not None:
             outcome.dropped[node] = f"{stage}: refused [{refusal[0]}]: {refusal[1]}"
         else:
-            usable.append((pos, reply))
+            try:
+                usable.append((pos, read(reply, requests[pos])))
+            except wire.SecAggProtocolError as exc:
+                outcome.dropped[node] = exc.message
     return usable
 
 

@@ -163,15 +163,7 @@ class ConsortiaStrategy(FedAvg):
             failures += dropped
         used = combination.used if combination is not None else []
         notes = combination.notes if combination is not None else []
-        contents = [reply.content for _, reply in used]
-        metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key) if contents else None
-        self.run_log.record_train(
-            server_round,
-            participants=[name for name, _ in used],
-            epsilons=self._reported_epsilons(replies),
-            train_loss=_metric(metrics, p.TRAIN_LOSS),
-            failures=sorted(failures + notes, key=lambda f: f.node),
-        )
+        metrics = self._record_train(server_round, used, replies, failures + notes)
         if combination is None:
             raise FederationError(self._too_few(server_round, accepted, failures))
         return combination.arrays, metrics
@@ -198,15 +190,7 @@ class ConsortiaStrategy(FedAvg):
             for node_id, why in secure.dropped.items()
             if node_id not in survivors and (name := roster.name_of(node_id)) not in noted
         ]
-        contents = [reply.content for _, reply in used]
-        metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key) if contents else None
-        self.run_log.record_train(
-            server_round,
-            participants=[name for name, _ in used],
-            epsilons=self._reported_epsilons(replies),
-            train_loss=_metric(metrics, p.TRAIN_LOSS),
-            failures=sorted(failures, key=lambda f: f.node),
-        )
+        metrics = self._record_train(server_round, used, replies, failures)
         record = self.run_log.current(server_round)
         if secure.failure is not None:
             record.aggregation_failure = secure.failure
@@ -219,6 +203,28 @@ class ConsortiaStrategy(FedAvg):
             raise FederationError(self._too_few(server_round, used, failures))
         record.quantization_error = secure.mean_error_bound
         return secure.aggregate(self._global), metrics
+
+    def _record_train(
+        self,
+        server_round: int,
+        used: Accepted,
+        replies: list[Message],
+        failures: list[NodeFailure],
+    ) -> MetricRecord | None:
+        """The round's train metrics over `used`, noted in the run log with every failure.
+
+        ε is taken from every reply, used or not: the spend happened.
+        """
+        contents = [reply.content for _, reply in used]
+        metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key) if contents else None
+        self.run_log.record_train(
+            server_round,
+            participants=[name for name, _ in used],
+            epsilons=self._reported_epsilons(replies),
+            train_loss=_metric(metrics, p.TRAIN_LOSS),
+            failures=sorted(failures, key=lambda f: f.node),
+        )
+        return metrics
 
     def _too_few(self, server_round: int, accepted: Accepted, failures: list[NodeFailure]) -> str:
         """Why the round cannot aggregate: the usable count and every rejected node's reason."""
@@ -534,6 +540,8 @@ def build_strategy(job: JobConfig) -> ConsortiaStrategy:
     """The strategy named in the job, configured from its `[strategy]` block."""
     strategy = _flower_strategy(job)
     strategy.update_checks = UpdateChecks(job)
+    if job.secure_aggregation is not None:
+        strategy.secure_on_failure = job.secure_aggregation.on_failure
     return strategy
 
 

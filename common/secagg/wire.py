@@ -11,7 +11,7 @@ with what was wrong, never an index error deep in the protocol.
 
 from __future__ import annotations
 
-from typing import Literal, TypeVar
+from typing import ClassVar, Literal, Self, TypeVar
 
 from flwr.app import ConfigRecord
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -30,6 +30,15 @@ class SecAggProtocolError(FederationError):
 
 class _Payload(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+    # Groups of fields that are columns of one table: each group's lists have one length.
+    parallel: ClassVar[tuple[tuple[str, ...], ...]] = ()
+
+    @model_validator(mode="after")
+    def _columns(self) -> Self:
+        for group in self.parallel:
+            if len({len(getattr(self, name)) for name in group}) > 1:
+                raise ValueError(f"{', '.join(group)} differ in length")
+        return self
 
     def to_record(self) -> ConfigRecord:
         return ConfigRecord(self.model_dump())
@@ -49,11 +58,6 @@ def read(model: type[Model], record: object, what: str) -> Model:
             f"{'.'.join(map(str, e['loc'])) or 'payload'}: {e['msg']}" for e in exc.errors()
         )
         raise SecAggProtocolError(f"{what}: malformed payload ({problems})") from None
-
-
-def _same_length(*columns: list[object]) -> None:
-    if len({len(column) for column in columns}) > 1:
-        raise ValueError("parallel lists differ in length")
 
 
 # ------------------------------------------------------------------ stage 1: setup
@@ -109,11 +113,7 @@ class ShareKeys(_Payload):
         gt=0, allow_inf_nan=False, description="range R of the fixed-point encoding"
     )
     summands: int = Field(ge=1, description="most updates the sum can hold")
-
-    @model_validator(mode="after")
-    def _columns(self) -> ShareKeys:
-        _same_length(self.peers, self.cipher_keys, self.mask_keys)
-        return self
+    parallel = (("peers", "cipher_keys", "mask_keys"),)
 
 
 class ShareKeysReply(_Payload):
@@ -121,11 +121,7 @@ class ShareKeysReply(_Payload):
 
     recipients: list[int]
     sealed: list[bytes]
-
-    @model_validator(mode="after")
-    def _columns(self) -> ShareKeysReply:
-        _same_length(self.recipients, self.sealed)
-        return self
+    parallel = (("recipients", "sealed"),)
 
 
 # ------------------------------------------------------------ stage 3: masked input
@@ -137,11 +133,7 @@ class MaskedInput(_Payload):
     stage: Literal["masked-input"] = "masked-input"
     senders: list[int]
     sealed: list[bytes]
-
-    @model_validator(mode="after")
-    def _columns(self) -> MaskedInput:
-        _same_length(self.senders, self.sealed)
-        return self
+    parallel = (("senders", "sealed"),)
 
 
 # ------------------------------------------------------------------ stage 4: unmask
@@ -162,12 +154,7 @@ class UnmaskReply(_Payload):
     seed_shares: list[bytes]
     key_owners: list[int]
     key_shares: list[bytes]
-
-    @model_validator(mode="after")
-    def _columns(self) -> UnmaskReply:
-        _same_length(self.seed_owners, self.seed_shares)
-        _same_length(self.key_owners, self.key_shares)
-        return self
+    parallel = (("seed_owners", "seed_shares"), ("key_owners", "key_shares"))
 
 
 STAGES: dict[str, type[_Payload]] = {
