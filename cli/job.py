@@ -92,6 +92,46 @@ def submit(
             raise typer.Exit(_follow(control, run_id))
 
 
+@job_app.command("stats")
+def stats(
+    job: Annotated[Path, typer.Argument(help="The job TOML, with a [statistics] block.")],
+    coordinator: CoordinatorOption = None,
+    root_certificates: RootCertificatesOption = None,
+    insecure: InsecureOption = False,
+    config: ConfigOption = None,
+    wait: Annotated[
+        bool,
+        typer.Option("--wait", help="Follow the run to its end (--config: print its summary)."),
+    ] = False,
+) -> None:
+    """Ask every node the job's DP statistics query; its run folder gets stats.json and .html."""
+    from consortia.cli.statistics import require_statistics
+    from consortia.common.config_io import read_job
+    from consortia.server.coordinator.control import Control
+    from consortia.server.coordinator.jobs import STATISTICS_KIND, build_job_fab
+
+    text, loaded = read_job(job)
+    require_statistics(loaded)
+    target = _target(coordinator, root_certificates, insecure, config)
+    fab, fab_hash = build_job_fab(text, str(job), kind=STATISTICS_KIND)
+    with Control(target) as control:
+        run_id = control.start_run(fab, fab_hash)
+        console.print(f"submitted statistics job {loaded.config.name} as run {run_id}")
+        sys.stdout.flush()
+        if not wait:
+            return
+        code = _follow(control, run_id)
+    if config is not None and code == 0:
+        from consortia.cli.statistics import print_statistics
+        from consortia.server.coordinator.config import load_coordinator_config
+        from consortia.server.coordinator.jobs import run_dir
+        from consortia.server.statistics_job import read_statistics
+
+        folder = run_dir(load_coordinator_config(config), run_id)
+        print_statistics(console, read_statistics(folder), folder)
+    raise typer.Exit(code)
+
+
 @job_app.command("resume")
 def resume(
     run: RunArgument,

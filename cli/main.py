@@ -100,6 +100,14 @@ def simulate(
             "--seeds", min=1, help="Runs per sweep point, with seeds seed, seed+1, ... (a sweep)."
         ),
     ] = None,
+    stats: Annotated[
+        bool,
+        typer.Option(
+            "--stats",
+            help="Run the scenario's [statistics] query instead of training: DP label, feature "
+            "and missing-value statistics (and a model's accuracy) per node, in stats.html.",
+        ),
+    ] = False,
     ray_address: Annotated[
         str | None,
         typer.Option(
@@ -113,6 +121,8 @@ def simulate(
     if quiet and json_lines:
         raise ConsortiaError("--quiet and --json exclude each other; choose one")
     sweeping = bool(sweep) or seeds is not None
+    if stats and (sweeping or resume is not None or json_lines):
+        raise ConsortiaError("--stats cannot be combined with --sweep, --seeds, --resume or --json")
     if sweeping and (resume is not None or json_lines):
         raise ConsortiaError("--sweep and --seeds cannot be combined with --resume or --json")
     from consortia.common.config_io import load_scenario
@@ -139,6 +149,9 @@ def simulate(
 
     loaded = scenario_with_data(loaded, data)
     config = loaded.config
+    if stats:
+        _simulate_statistics(loaded, out_dir, quiet, ray_address)
+        return
     if sweeping:
         from consortia.cli.sweep import run_sweep
 
@@ -183,6 +196,23 @@ def simulate(
         print(summary.out_dir.resolve())
     else:
         _print_summary(summary, config)
+
+
+def _simulate_statistics(
+    loaded: object, out_dir: Path, quiet: bool, ray_address: str | None
+) -> None:
+    from consortia.cli.statistics import print_statistics, require_statistics
+    from consortia.server.simulation import simulate_statistics
+
+    require_statistics(loaded)  # type: ignore[arg-type]
+    if not quiet:
+        config = loaded.config  # type: ignore[attr-defined]
+        console.print(f"[bold]{config.name}[/]: statistics of {config.simulation.nodes} nodes")
+    result = simulate_statistics(loaded, out_dir, ray_address=ray_address)  # type: ignore[arg-type]
+    if quiet:
+        print(out_dir.resolve())
+    else:
+        print_statistics(console, result, out_dir)
 
 
 def _check_new_run_dir(out_dir: Path) -> None:

@@ -6,6 +6,8 @@
 - `train.secagg`: the same training inside a SecAgg+ round, whose update
   leaves the node only masked (client/secure_aggregation.py).
 - `evaluate`: loss and accuracy of the global model on the node's test split.
+- `query.statistics`: the job's federated statistics, DP-noised, charged to
+  the node's account first (client/statistics.py).
 """
 
 from __future__ import annotations
@@ -48,8 +50,16 @@ from consortia.client.spend import (
     PrivacyAccount,
     planned_release,
 )
+from consortia.client.statistics import (
+    DataFacts,
+    Predictions,
+    deployed_facts,
+    release_statistics,
+    select_features,
+    simulated_facts,
+)
 from consortia.common import protocol as p
-from consortia.common.arrays import LabeledArrays
+from consortia.common.arrays import LabeledArrays, concat
 from consortia.common.audit import AuditError
 from consortia.common.config import JobConfig
 from consortia.common.errors import (
@@ -58,9 +68,9 @@ from consortia.common.errors import (
     FederationError,
     PrivacyError,
 )
-from consortia.common.evaluation import evaluate_model
+from consortia.common.evaluation import evaluate_model, predict
 from consortia.common.models import architecture_hash, build_model
-from consortia.common.privacy import Release
+from consortia.common.privacy import Release, epsilon
 from consortia.common.secagg.fixed_point import EncodingRangeError
 from consortia.common.secagg.wire import (
     MESSAGE_ACTION,
@@ -69,7 +79,15 @@ from consortia.common.secagg.wire import (
     Setup,
     read_stage,
 )
-from consortia.common.simulated_data import simulated_node_data
+from consortia.common.simulated_data import simulated_node_data, source_of
+from consortia.common.statistics import MESSAGE_ACTION as STATISTICS_ACTION
+from consortia.common.statistics import (
+    STATISTICS_KEY,
+    Block,
+    StatisticsRelease,
+    query_noise,
+    sensitivities,
+)
 from consortia.common.weights import flatten_update, load_arrays, model_to_arrays
 
 app = ClientApp()
@@ -86,6 +104,7 @@ class _NodeView:
     fingerprint: str
     job: JobConfig
     account: PrivacyAccount
+    facts: Callable[[], DataFacts]  # what a statistics query describes (computed on demand)
     policy: NodePolicy | None = None  # a deployed node's operator policy
 
     @property
@@ -109,6 +128,7 @@ def _node_view(message: Message, context: Context) -> _NodeView:
 def _simulated_view(spec: p.TaskSpec, partition_id: int, context: Context) -> _NodeView:
     assert spec.simulation is not None
     data = simulated_node_data(spec.simulation, spec.job.seed, partition_id)
+    simulation = spec.simulation
     return _NodeView(
         name=spec.simulation.node_name(partition_id),
         train=data.train,
@@ -117,6 +137,7 @@ def _simulated_view(spec: p.TaskSpec, partition_id: int, context: Context) -> _N
         fingerprint=data.fingerprint(),
         job=spec.job,
         account=JobAccount(context, spec.job),
+        facts=lambda: simulated_facts(source_of(simulation), concat([data.train, data.test]).x),
     )
 
 
@@ -126,7 +147,7 @@ def _deployed_view(job: JobConfig, node_toml: Path, context: Context) -> _NodeVi
     dataset = served_dataset(job, node)
     registry = DatasetRegistry(node.state_dir)
     registration = registry.get(dataset)
-    data = registry.load(dataset)  # re-checks the fingerprint: a changed file is refused
+    data, inspection = registry.load_inspected(dataset)  # a changed file is refused
     return _NodeView(
         name=node.name,
         train=data.train,
@@ -142,6 +163,7 @@ def _deployed_view(job: JobConfig, node_toml: Path, context: Context) -> _NodeVi
             audit=node_audit_log(node),
             job=job.name,
         ),
+        facts=lambda: deployed_facts(data, inspection),
         policy=node.policy,
     )
 
@@ -158,16 +180,21 @@ def _identity(view: _NodeView) -> ConfigRecord:
     )
 
 
-def _round_seed(job_seed: int, node_name: str, server_round: int, secret: int | None) -> int:
+def _round_seed(
+    job_seed: int, node_name: str, server_round: int, secret: int | None, stream: bytes = b""
+) -> int:
     """The seed of a round's Poisson sampling and DP noise.
 
     Simulation (`secret` None): derived from (job seed, node, round) alone, so
     a run is reproducible. Deployment: mixed with a secret the coordinator
     cannot compute (HMAC of the question under the node's noise key, see
     client/noise_key.py); it knows the job seed and the node's name and must
-    not be able to regenerate, and subtract, the node's noise.
+    not be able to regenerate, and subtract, the node's noise. `stream`
+    names a release other than training (a statistics query).
     """
     words = [job_seed, zlib.crc32(node_name.encode()), server_round]
+    if stream:  # another kind of release than a round's (its noise must not repeat one's)
+        words.append(zlib.crc32(stream))
     if secret is None:
         return int(np.random.SeedSequence(words).generate_state(1, dtype=np.uint32)[0])
     # 63 bits: a 32-bit seed could be searched; torch takes up to 64 and training adds 1.
@@ -440,6 +467,86 @@ def _secure_setup(message: Message, context: Context, setup: Setup) -> Message:
     keys = secagg.begin_round(setup, context.state, minimum)
     content = RecordDict({SECAGG_KEY: keys, p.METRICS_KEY: metrics, p.NODE_KEY: _identity(view)})
     return Message(content, reply_to=message)
+
+
+@app.query(STATISTICS_ACTION)
+@_answer_refusals
+def statistics(message: Message, context: Context) -> Message:
+    """The job's statistics query: its ε recorded first, then the noisy release (never exact)."""
+    view = _node_view(message, context)
+    config = view.job.statistics
+    if config is None:
+        raise NodeRefusedError(
+            Refusal(code="no-statistics-query", reason="the job has no [statistics] block")
+        )
+    facts = view.facts()
+    selection = select_features(facts, config)
+    if isinstance(selection, Refusal):
+        raise NodeRefusedError(selection)
+    model_bytes: list[bytes] = []
+    predictions = None
+    if config.model is not None:
+        arrays = message.content.array_records.get(p.ARRAYS_KEY)
+        if arrays is None:
+            raise FederationError("the statistics query names a model but carries none")
+        predictions = _predictions(view, arrays, facts, config.group_column)
+        model_bytes = _array_bytes(arrays)
+    missing_columns = None if facts.missing is None else len(facts.missing[1])
+    blocks = sensitivities(
+        len(selection.columns), missing_columns, predictions is not None, bool(config.group_column)
+    )
+    account = view.account
+    sigma, release = query_noise(config, len(blocks), account.delta, account.accountant)
+    cost = epsilon([release], account.delta, account.accountant)
+    account.check_statistics(cost)
+    spent = account.record(release, server_round=0, mechanism="gaussian")  # before any release
+    secret = account.noise_secret(_question(view, b"statistics", *model_bytes))
+    rng = np.random.default_rng(_round_seed(view.job.seed, view.name, 0, secret, b"statistics"))
+
+    def noise(block: Block, size: int) -> np.ndarray:
+        return rng.normal(0.0, sigma * blocks[block], size=size)
+
+    labels = np.concatenate([view.train.y, view.test.y])
+    fields = release_statistics(
+        labels, view.num_classes, facts, selection, predictions, config, noise
+    )
+    answer = StatisticsRelease.model_validate(
+        {
+            **fields,
+            "noise_multiplier": sigma,
+            "sensitivity": blocks,
+            "epsilon": cost,
+            "epsilon_spent": spent,
+            "delta": account.delta,
+        }
+    )
+    record = ConfigRecord({STATISTICS_KEY: answer.encode()})
+    return Message(
+        RecordDict({STATISTICS_KEY: record, p.NODE_KEY: _identity(view)}), reply_to=message
+    )
+
+
+def _predictions(
+    view: _NodeView, arrays: ArrayRecord, facts: DataFacts, group_column: str | None
+) -> Predictions:
+    """The global model's predictions on the node's test split (a model the node would run)."""
+    job = view.job
+    model = build_model(job.model, view.feature_shape, view.num_classes, job.seed)
+    view.account.check_model(job, architecture_hash(model))
+    load_arrays(model, arrays)
+    predicted = predict(model, view.test, resolve_device(job.training.device))
+    if group_column is None:
+        return Predictions(predicted=predicted, labels=view.test.y)
+    if group_column not in facts.test_groups:
+        raise NodeRefusedError(
+            Refusal(
+                code="unknown-group-column",
+                reason=f"'{group_column}' is not a category column of this node's dataset"
+                + (f" (it has {', '.join(facts.test_groups)})" if facts.test_groups else ""),
+            )
+        )
+    names, groups = facts.test_groups[group_column]
+    return Predictions(predicted=predicted, labels=view.test.y, groups=groups, group_names=names)
 
 
 @app.evaluate()

@@ -40,6 +40,12 @@ class NodePolicy(StrictModel):
         default=False, description="refuse jobs whose updates would reach the coordinator alone"
     )
     share_label_histogram: bool = False
+    answer_statistics: bool = Field(
+        default=False, description="answer federated statistics queries (`consortia job stats`)"
+    )
+    max_statistics_epsilon: float = Field(
+        default=0.5, gt=0, description="largest ε one statistics query may cost, at `delta`"
+    )
 
 
 class Refusal(StrictModel):
@@ -121,5 +127,21 @@ def check_budget(
             code="budget-exhausted",
             reason=f"dataset {dataset!r} has spent ε = {spent:.4g} of {policy.epsilon_budget:g}; "
             f"this round would bring it to {projected:.4g}",
+        )
+    return None
+
+
+def check_statistics(query_epsilon: float, policy: NodePolicy) -> Refusal | None:
+    """Refuse a statistics query the policy does not answer, or one that costs too much ε."""
+    if not policy.answer_statistics:
+        return Refusal(
+            code="statistics-not-answered",
+            reason="this node's policy does not answer statistics queries (answer_statistics)",
+        )
+    if query_epsilon > policy.max_statistics_epsilon:
+        return Refusal(
+            code="statistics-too-costly",
+            reason=f"the query would cost ε = {query_epsilon:.4g}, above this node's limit of "
+            f"{policy.max_statistics_epsilon:g} per statistics query",
         )
     return None

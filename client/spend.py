@@ -32,6 +32,7 @@ from consortia.client.policy import (
     check_budget,
     check_job,
     check_noise,
+    check_statistics,
 )
 from consortia.client.privacy_state import JobPrivacyState, load_state, save_state
 from consortia.common.audit import AuditLog
@@ -63,6 +64,7 @@ class PrivacyAccount(Protocol):
     """What the ClientApp needs from the node's privacy bookkeeping."""
 
     delta: float
+    accountant: AccountantName
 
     def admit(
         self, job: JobConfig, num_records: int, architecture: str
@@ -86,6 +88,10 @@ class PrivacyAccount(Protocol):
 
     def histogram_withheld(self, job: JobConfig) -> str | None:
         """Why the node's policy withholds the job's label histogram; None if it may share it."""
+        ...
+
+    def check_statistics(self, query_epsilon: float) -> None:
+        """`NodeRefusedError` if the node's policy does not answer a statistics query of this ε."""
         ...
 
     def noise_secret(self, material: Iterable[bytes]) -> int | None:
@@ -157,6 +163,7 @@ class JobAccount:
         self.context = context
         self.job = job
         self.delta = job.privacy.delta
+        self.accountant: AccountantName = job.privacy.accountant
         self.state = load_state(context)
 
     def admit(
@@ -180,6 +187,9 @@ class JobAccount:
 
     def histogram_withheld(self, job: JobConfig) -> str | None:
         return None  # a simulated node has no operator policy; the scenario decides
+
+    def check_statistics(self, query_epsilon: float) -> None:
+        return None  # likewise
 
     def noise_secret(self, material: Iterable[bytes]) -> int | None:
         return None
@@ -210,6 +220,7 @@ class LedgerAccount:
         self.policy = policy
         self.state = load_state(context)
         self.delta = policy.delta
+        self.accountant: AccountantName = policy.accountant
         self.audit = audit
         self.job = job
 
@@ -266,6 +277,11 @@ class LedgerAccount:
 
     def histogram_withheld(self, job: JobConfig) -> str | None:
         return histogram_refusal(job, self.policy)
+
+    def check_statistics(self, query_epsilon: float) -> None:
+        refusal = check_statistics(query_epsilon, self.policy)
+        if refusal is not None:
+            raise NodeRefusedError(refusal)
 
     def noise_secret(self, material: Iterable[bytes]) -> int | None:
         # Keyed by the node's noise key (client/noise_key.py): unpredictable to the

@@ -57,6 +57,10 @@ class SourceData:
     kind: Literal["tabular", "image"]
     columns: Mapping[str, np.ndarray] = field(default_factory=dict)
     nodes: tuple[tuple[LabeledArrays, LabeledArrays], ...] | None = None
+    # What a statistics query describes: a name per feature (per channel of an
+    # image) and the public range of each, on the scale the features are given.
+    feature_names: tuple[str, ...] = ()
+    ranges: Mapping[str, tuple[float, float]] = field(default_factory=dict)
 
     @property
     def feature_shape(self) -> tuple[int, ...]:
@@ -110,7 +114,16 @@ def _sklearn_tabular() -> SourceData:
     scaler = LogRangeScaler(low=bunch.data.min(axis=0), high=bunch.data.max(axis=0))
     pool = LabeledArrays(scaler(bunch.data), bunch.target.astype(np.int64))
     columns = {str(name): bunch.data[:, j] for j, name in enumerate(bunch.feature_names)}
-    return SourceData(pool=pool, test=None, num_classes=2, kind="tabular", columns=columns)
+    names = tuple(str(name) for name in bunch.feature_names)
+    return SourceData(
+        pool=pool,
+        test=None,
+        num_classes=2,
+        kind="tabular",
+        columns=columns,
+        feature_names=names,
+        ranges=dict.fromkeys(names, (-1.0, 1.0)),  # LogRangeScaler's codomain
+    )
 
 
 def _sklearn_digits() -> SourceData:
@@ -120,7 +133,14 @@ def _sklearn_digits() -> SourceData:
     # 8x8 images with values 0..16: scale to [0, 1] with the public maximum.
     images = (bunch.images.astype(np.float32) / 16.0)[:, None, :, :]
     pool = LabeledArrays(images, bunch.target.astype(np.int64))
-    return SourceData(pool=pool, test=None, num_classes=10, kind="image")
+    return SourceData(
+        pool=pool,
+        test=None,
+        num_classes=10,
+        kind="image",
+        feature_names=("gray",),
+        ranges={"gray": (0.0, 1.0)},
+    )
 
 
 def _idx_folder(folder: Path) -> SourceData:
@@ -135,7 +155,15 @@ def _idx_folder(folder: Path) -> SourceData:
     test_pair = find_idx_pair(folder, "t10k")
     test = _idx_images(*test_pair) if test_pair else None
     num_classes = int(max(pool.y.max(), test.y.max() if test else 0)) + 1
-    return SourceData(pool=pool, test=test, num_classes=num_classes, kind="image")
+    low, high = (0.0 - _MNIST_MEAN) / _MNIST_STD, (1.0 - _MNIST_MEAN) / _MNIST_STD
+    return SourceData(
+        pool=pool,
+        test=test,
+        num_classes=num_classes,
+        kind="image",
+        feature_names=("gray",),
+        ranges={"gray": (low, high)},
+    )
 
 
 def _idx_images(images_path: Path, labels_path: Path) -> LabeledArrays:
@@ -192,12 +220,16 @@ def _node_files(config: DataConfig, folder: Path) -> SourceData:
     if len(shapes) > 1:  # pragma: no cover - one schema fixes the columns and their encoding
         raise DataError(f"{schema_path}: the node files give different feature shapes {shapes}")
     splits = tuple((p.train, p.test) for p in nodes)
+    spec = _node_spec(template, schema_path, folder / Path(config.files[0]).expanduser())
     return SourceData(
         pool=concat([part for split in splits for part in split]),
         test=None,
         num_classes=max(p.num_classes for p in nodes),
         kind="tabular",
         nodes=splits,
+        feature_names=nodes[0].feature_names,
+        # Standardised per node, the features have no common public scale.
+        ranges={} if spec.standardize else spec.feature_ranges(),
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -23,3 +24,16 @@ def evaluate_model(
         correct += int((logits.argmax(dim=1) == labels).sum())
     count = max(len(data), 1)
     return loss_sum / count, correct / count
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module, data: LabeledArrays, device: torch.device, batch_size: int = 1024
+) -> np.ndarray:
+    """The class `model` predicts for each record of `data` (int64)."""
+    model.to(device).eval()
+    parts = [
+        model(torch.from_numpy(data.x[start : start + batch_size]).to(device)).argmax(dim=1)
+        for start in range(0, len(data), batch_size)
+    ]
+    return torch.cat(parts).cpu().numpy() if parts else np.zeros(0, dtype=np.int64)

@@ -19,10 +19,12 @@ from consortia.common.config import ScenarioConfig
 from consortia.common.config_io import LoadedConfig, load_job, load_job_text, load_scenario
 from consortia.common.errors import ConsortiaError, FederationError
 from consortia.server.coordinator.jobs import (
+    JOB_KIND_KEY,
     JOB_SOURCE_KEY,
     JOB_TOML_KEY,
     OUT_DIR_KEY,
     RESUME_KEY,
+    STATISTICS_KIND,
     keep_job_text,
 )
 from consortia.server.coordinator.service import audit_log, coordinator_from_environment
@@ -35,6 +37,7 @@ from consortia.server.roster import Roster
 from consortia.server.run_audit import AuditedListener
 from consortia.server.run_dirs import default_run_dir
 from consortia.server.run_log import RoundRecord
+from consortia.server.statistics_job import run_statistics
 
 app = ServerApp()
 _log = logging.getLogger("consortia")
@@ -85,6 +88,9 @@ def main(grid: Grid, context: Context) -> None:
         _log.warning("consortia: resuming %s", resume.resolve())
     elif context.run_config.get(JOB_TOML_KEY):
         keep_job_text(out_dir, str(context.run_config[JOB_TOML_KEY]))
+    if context.run_config.get(JOB_KIND_KEY) == STATISTICS_KIND:
+        _statistics(grid, context.run_id, loaded, out_dir)
+        return
     audited = _audited(context.run_id, loaded, resume)
     listener = LogListener() if audited is None else audited
     try:
@@ -96,6 +102,36 @@ def main(grid: Grid, context: Context) -> None:
     if audited is not None:
         audited.finished(summary)
     _log.warning("consortia: run written to %s", summary.out_dir.resolve())
+
+
+def _statistics(grid: Grid, run_id: int, loaded: LoadedConfig, out_dir: Path) -> None:
+    """A statistics job (`consortia job stats`): one query to every node, no training."""
+    service = coordinator_from_environment()
+    audit = audit_log(service) if service is not None else None
+    name = loaded.config.name
+    if audit is not None:
+        audit.append(
+            "statistics.started",
+            run_id=str(run_id),
+            job=name,
+            config_sha256=config_sha256(loaded.config),
+        )
+    runs_base = service.runs_dir if service is not None else Path()
+    result = run_statistics(grid, loaded, out_dir, runs_base)
+    spend = result.summary.spend if result.summary is not None else {}
+    spent = {node: s.epsilon for node, s in spend.items()}
+    if audit is not None:
+        audit.append(
+            "statistics.finished",
+            run_id=str(run_id),
+            job=name,
+            answered=result.answered,
+            refused={r.node: r.code for r in result.refusals},
+            epsilon=spent,
+        )
+    for refusal in result.refusals:
+        _log.warning("consortia: %s refused [%s]: %s", refusal.node, refusal.code, refusal.reason)
+    _log.warning("consortia: statistics of %d node(s) written to %s", len(spent), out_dir.resolve())
 
 
 def _audited(run_id: int, loaded: LoadedConfig, resume: Path | None) -> AuditedListener | None:

@@ -180,6 +180,46 @@ def privacy_utility_png(curves: Mapping[str, Sequence[CurvePoint]]) -> bytes:
     return _png(fig)
 
 
+def estimates_png(
+    rows: Mapping[str, tuple[float, float]], title: str, xlabel: str, limits: tuple[float, float]
+) -> bytes:
+    """One horizontal bar per row (value ± error bar): e.g. each node's noisy accuracy."""
+    names = list(rows)
+    fig, ax = plt.subplots(figsize=(7, 0.9 + 0.35 * max(len(names), 2)))
+    ax.barh(
+        names,
+        [rows[n][0] for n in names],
+        xerr=[rows[n][1] for n in names],
+        capsize=3,
+        color="#4c72b0",
+    )
+    ax.set(xlabel=xlabel, xlim=limits, title=title)
+    ax.invert_yaxis()
+    ax.grid(alpha=0.3, axis="x")
+    return _png(fig)
+
+
+def shift_heatmap_png(
+    shifts: Sequence[Sequence[float]], nodes: Sequence[str], features: Sequence[str]
+) -> bytes:
+    """Features × nodes: each node's mean minus the pooled mean, in pooled standard deviations.
+
+    `shifts` is indexed [node][feature]; features run down the page (there are often many).
+    """
+    rows = [[shifts[n][f] for n in range(len(nodes))] for f in range(len(features))]
+    fig, ax = plt.subplots(figsize=(8, 1.6 + 0.22 * min(max(len(features), 4), 120)))
+    bound = max((abs(v) for row in rows for v in row), default=1.0) or 1.0
+    image = ax.imshow(
+        rows, aspect="auto", interpolation="nearest", cmap="RdBu_r", vmin=-bound, vmax=bound
+    )
+    step = max(1, len(features) // 120)
+    ax.set_yticks(range(0, len(features), step), labels=list(features)[::step], fontsize="small")
+    ax.set_xticks(range(len(nodes)), labels=list(nodes), rotation=45, ha="right")
+    ax.set(title="Feature shift: (node mean − pooled mean) / pooled std")
+    fig.colorbar(image, ax=ax, label="pooled standard deviations")
+    return _png(fig)
+
+
 def finite(value: float | None) -> float:
     """A plottable number: None and NaN become 0 (a missing error bar, a run without ε)."""
     return 0.0 if value is None or math.isnan(value) else value

@@ -12,11 +12,10 @@ report of the rounds it finished.
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
 import html
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +25,7 @@ from pydantic import BaseModel, Field, ValidationError
 from consortia.common.atomic import write_bytes_atomic
 from consortia.common.errors import ConsortiaError
 from consortia.common.membership import PrivacyAudit, read_audit
+from consortia.server import html_page as h
 from consortia.server import plots
 from consortia.server.manifest import Manifest
 from consortia.server.run_log import NodeFailure, RoundRecord
@@ -39,7 +39,6 @@ REPORT_FILE = "report.html"
 # Rewrite the report after a round only while that costs at most this share of the run's time.
 _REPORT_TIME_SHARE = 0.1
 _FIRST_COST_GUESS_S = 0.5
-_UNFOLDED_ROWS = 40  # longer per-node tables start folded
 
 # RoundRecord's fields that have their own section; any other field (dropouts,
 # adversaries, ... added later) is shown generically under failures.
@@ -180,11 +179,11 @@ def render_run_report(
         label_png = plots.label_mix_png(labels.proportions, "Labels per node")
     sections = [
         _run_summary(metrics, manifest),
-        _section(
+        h.section(
             "Accuracy and loss per round",
-            _figure(plots.accuracy_loss_png(rounds), "accuracy and loss per round")
+            h.figure(plots.accuracy_loss_png(rounds), "accuracy and loss per round")
             if rounds
-            else _note("No round has finished yet."),
+            else h.note("No round has finished yet."),
         ),
         _epsilon_section(metrics, manifest),
         _labels_section(labels, label_png),
@@ -193,7 +192,7 @@ def render_run_report(
         _manifest_section(manifest),
         _rounds_section(rounds),
     ]
-    return page(f"Consortia run {title}", sections)
+    return h.page(f"Consortia run {title}", sections)
 
 
 def _run_summary(metrics: MetricsFile, manifest: Manifest | None) -> str:
@@ -207,61 +206,61 @@ def _run_summary(metrics: MetricsFile, manifest: Manifest | None) -> str:
     final = metrics.final
     last = metrics.rounds[-1] if metrics.rounds else None
     accuracy = final.accuracy if final is not None else last.accuracy if last else None
-    rows.append(("accuracy", _number(accuracy)))
+    rows.append(("accuracy", h.number(accuracy)))
     epsilon = max(last.epsilon.values(), default=0.0) if last is not None else None
     delta = _delta(manifest)
     rows.append(
-        ("max ε per node", _number(epsilon) + (f" at δ = {delta:g}" if delta is not None else ""))
+        ("max ε per node", h.number(epsilon) + (f" at δ = {delta:g}" if delta is not None else ""))
     )
     if manifest is not None:
         rows.append(("scenario", manifest.scenario_source))
         rows.append(("started (UTC)", manifest.created_utc))
     rows.append(("report written (UTC)", _now()))
-    return _section("Summary", _key_values(rows))
+    return h.section("Summary", h.key_values(rows))
 
 
 def _epsilon_section(metrics: MetricsFile, manifest: Manifest | None) -> str:
     rounds = metrics.rounds
     if not rounds:
-        return _section("Privacy spent (ε) per node", _note("No round has finished yet."))
+        return h.section("Privacy spent (ε) per node", h.note("No round has finished yet."))
     delta = _delta(manifest)
     last = rounds[-1].epsilon
-    table = _table(
+    table = h.table(
         ["node", f"ε after round {rounds[-1].round}"],
         [[name, f"{value:.4f}"] for name, value in sorted(last.items())],
     )
     note = (
-        _note("Training without differential privacy: ε is not bounded.")
+        h.note("Training without differential privacy: ε is not bounded.")
         if delta is None
-        else _note(
+        else h.note(
             f"ε so far under DP-SGD at δ = {delta:g}; a node keeps its ε in rounds it sits out."
         )
     )
-    body = _figure(plots.epsilon_png(rounds, delta), "ε per node per round") + note
-    body += _folded(table, len(last), "nodes")
-    return _section("Privacy spent (ε) per node", body)
+    body = h.figure(plots.epsilon_png(rounds, delta), "ε per node per round") + note
+    body += h.folded(table, len(last), "nodes")
+    return h.section("Privacy spent (ε) per node", body)
 
 
 def _labels_section(labels: LabelMix | None, label_png: bytes | None) -> str:
     title = "Label distribution per node"
     if labels is None:
-        return _section(
+        return h.section(
             title,
-            _note(
+            h.note(
                 "Not known: a deployed coordinator sees no labels unless the job asks the nodes "
                 "for DP label histograms ([label_histogram])."
             ),
         )
-    body = _note(f"From {labels.source}.")
+    body = h.note(f"From {labels.source}.")
     if label_png is not None and labels.proportions:
-        body += _figure(label_png, "label distribution per node")
+        body += h.figure(label_png, "label distribution per node")
     classes = max((len(v) for v in labels.proportions.values()), default=0)
     source = labels.counts if labels.counts is not None else labels.proportions
     cells = (lambda v: str(v)) if labels.counts is not None else (lambda v: f"{v:.3f}")
     rows = [[name, *(cells(v) for v in values)] for name, values in source.items()]
     rows += [[name, f"withheld: {reason}"] for name, reason in labels.withheld.items()]
-    table = _table(["node", *(f"class {c}" for c in range(classes))], rows)
-    return _section(title, body + _folded(table, len(rows), "nodes"))
+    table = h.table(["node", *(f"class {c}" for c in range(classes))], rows)
+    return h.section(title, body + h.folded(table, len(rows), "nodes"))
 
 
 def _audit_section(audit: PrivacyAudit | None) -> str:
@@ -270,7 +269,7 @@ def _audit_section(audit: PrivacyAudit | None) -> str:
         return ""
     claimed = "no DP" if audit.claimed_epsilon is None else f"{audit.claimed_epsilon:.4g}"
     members = audit.attacks[0].members if audit.attacks else 0
-    body = _note(
+    body = h.note(
         f"Membership-inference attacks on round {audit.round}'s model: {members} of the "
         f"nodes' training records against {members} records they held out. Claimed ε: "
         f"{claimed} at δ = {audit.delta:g}. An ε lower bound above the claim would mean the "
@@ -291,7 +290,7 @@ def _audit_section(audit: PrivacyAudit | None) -> str:
         for a in audit.attacks
     ]
     headers = ["attack", "AUC", "TPR at 0.1% FPR", "TPR at 1% FPR", "ε lower bound (95%)"]
-    return _section("Privacy audit (membership inference)", body + _table(headers, rows))
+    return h.section("Privacy audit (membership inference)", body + h.table(headers, rows))
 
 
 def failure_kind(failure: NodeFailure) -> str:
@@ -326,16 +325,18 @@ def _failures_section(rounds: list[RoundRecord]) -> str:
         [str(r.round), key, _text(value)] for r in rounds for key, value in _extras_of(r, extras)
     ]
     if not rows and not extra_rows:
-        return _section(title, _note("None: every node asked answered, and every update was used."))
+        return h.section(
+            title, h.note("None: every node asked answered, and every update was used.")
+        )
     chart = plots.counts_png(
         _failure_counts(rounds, extras), [r.round for r in rounds], "Failures per round"
     )
-    body = _figure(chart, "failures per round")
+    body = h.figure(chart, "failures per round")
     if rows:
-        body += _table(["round", "node", "kind", *fields, "reason"], rows)
+        body += h.table(["round", "node", "kind", *fields, "reason"], rows)
     if extra_rows:
-        body += _table(["round", "field", "value"], extra_rows)
-    return _section(title, body)
+        body += h.table(["round", "field", "value"], extra_rows)
+    return h.section(title, body)
 
 
 def _failure_fields(rounds: list[RoundRecord]) -> list[str]:
@@ -386,7 +387,7 @@ def _count(value: Any) -> int | None:
 def _manifest_section(manifest: Manifest | None) -> str:
     title = "Manifest"
     if manifest is None:
-        return _section(title, _note("manifest.json has not been written yet."))
+        return h.section(title, h.note("manifest.json has not been written yet."))
     packages = manifest.packages
     rows = [
         ("run", manifest.run_name),
@@ -401,13 +402,13 @@ def _manifest_section(manifest: Manifest | None) -> str:
         ("python", manifest.python),
         ("model architecture", manifest.model_architecture),
     ]
-    fingerprints = _table(
+    fingerprints = h.table(
         ["node", "data fingerprint (sha256)"],
-        [[name, _code(value)] for name, value in sorted(manifest.data_fingerprints.items())],
+        [[name, h.code(value)] for name, value in sorted(manifest.data_fingerprints.items())],
         raw=True,
     )
-    fingerprints = _folded(fingerprints, len(manifest.data_fingerprints), "nodes")
-    return _section(title, _key_values(rows) + "<h3>Data fingerprints</h3>" + fingerprints)
+    fingerprints = h.folded(fingerprints, len(manifest.data_fingerprints), "nodes")
+    return h.section(title, h.key_values(rows) + "<h3>Data fingerprints</h3>" + fingerprints)
 
 
 def _rounds_section(rounds: list[RoundRecord]) -> str:
@@ -416,22 +417,22 @@ def _rounds_section(rounds: list[RoundRecord]) -> str:
     rows = [
         [
             str(r.round),
-            _number(r.accuracy),
-            _number(r.loss),
-            _number(r.train_loss),
-            _number(max(r.epsilon.values(), default=None)),
+            h.number(r.accuracy),
+            h.number(r.loss),
+            h.number(r.train_loss),
+            h.number(max(r.epsilon.values(), default=None)),
             str(len(r.participants)),
             str(len(r.failures)),
-            _number(r.seconds, "{:.2f}"),
-            *([_number(r.quantization_error, "{:.2g}")] if secure else []),
+            h.number(r.seconds, "{:.2f}"),
+            *([h.number(r.quantization_error, "{:.2g}")] if secure else []),
         ]
         for r in rounds
     ]
     headers = ["round", "accuracy", "loss", "train loss", "max ε", "used", "failures", "seconds"]
     if secure:
         headers.append("secure-aggregation error")
-    body = f"<details><summary>{len(rounds)} rounds</summary>{_table(headers, rows)}</details>"
-    return _section("Every round", body)
+    body = f"<details><summary>{len(rounds)} rounds</summary>{h.table(headers, rows)}</details>"
+    return h.section("Every round", body)
 
 
 def _delta(manifest: Manifest | None) -> float | None:
@@ -455,7 +456,7 @@ def write_sweep_report(folder: Path, sweep: SweepFile, curve_png: bytes) -> Path
 
 def render_sweep_report(sweep: SweepFile, curve_png: bytes) -> str:
     keys = [axis.key for axis in sweep.axes]
-    summary = _key_values(
+    summary = h.key_values(
         [
             ("scenario", f"{sweep.scenario} ({sweep.source})"),
             (
@@ -474,30 +475,30 @@ def render_sweep_report(sweep: SweepFile, curve_png: bytes) -> str:
             ("report written (UTC)", _now()),
         ]
     )
-    points = _table(
+    points = h.table(
         [*keys, "runs", "accuracy mean", "± std", "max ε mean", "± std", "wall s / run"],
         [
             [
                 *(_text(p.point.get(k)) for k in keys),
                 f"{p.runs_ok}/{len(sweep.seeds)}",
-                _number(p.accuracy_mean),
-                _number(p.accuracy_std),
-                _number(p.epsilon_max_mean),
-                _number(p.epsilon_max_std),
-                _number(p.wall_s_mean, "{:.1f}"),
+                h.number(p.accuracy_mean),
+                h.number(p.accuracy_std),
+                h.number(p.epsilon_max_mean),
+                h.number(p.epsilon_max_std),
+                h.number(p.wall_s_mean, "{:.1f}"),
             ]
             for p in sweep.points
         ],
     )
-    runs = _table(
+    runs = h.table(
         ["run", "seed", "accuracy", "max ε", "wall s", "result"],
         [
             [
                 f'<a href="{html.escape(r.folder)}/{REPORT_FILE}">{html.escape(r.folder)}</a>',
                 str(r.seed),
-                _number(r.accuracy),
-                _number(r.epsilon_max),
-                _number(r.wall_s, "{:.1f}"),
+                h.number(r.accuracy),
+                h.number(r.epsilon_max),
+                h.number(r.wall_s, "{:.1f}"),
                 html.escape(r.error or "ok"),
             ]
             for r in sweep.runs
@@ -505,82 +506,16 @@ def render_sweep_report(sweep: SweepFile, curve_png: bytes) -> str:
         raw=True,
     )
     sections = [
-        _section("Sweep", summary),
-        _section(
+        h.section("Sweep", summary),
+        h.section(
             "Privacy–utility",
-            _figure(curve_png, "final accuracy against max ε, mean ± std over seeds")
-            + _note("Mean ± sample standard deviation over seeds (none with one seed).")
+            h.figure(curve_png, "final accuracy against max ε, mean ± std over seeds")
+            + h.note("Mean ± sample standard deviation over seeds (none with one seed).")
             + points,
         ),
-        _section("Runs", runs),
+        h.section("Runs", runs),
     ]
-    return page(f"Consortia sweep {sweep.scenario}", sections)
-
-
-# ------------------------------------------------------------------ HTML pieces
-
-_CSS = """
-body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;padding:0 1em;color:#222}
-h1{font-size:1.5em}
-h2{font-size:1.2em;border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:2em}
-h3{font-size:1em}
-table{border-collapse:collapse;margin:.6em 0;font-size:.9em}
-th,td{border:1px solid #ddd;padding:.25em .6em;text-align:left;vertical-align:top}
-th{background:#f4f4f4}td.num{text-align:right}
-img{max-width:100%;height:auto;display:block;margin:.5em 0}
-code{font-size:.85em;word-break:break-all}.note{color:#555}
-"""
-
-
-def page(title: str, sections: Iterable[str]) -> str:
-    """A complete HTML document with the inline stylesheet."""
-    body = "\n".join(sections)
-    return (
-        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head>\n"
-        f"<body><h1>{html.escape(title)}</h1>\n{body}\n</body></html>\n"
-    )
-
-
-def _section(title: str, body: str) -> str:
-    return f"<section><h2>{html.escape(title)}</h2>\n{body}</section>"
-
-
-def _figure(png: bytes, alt: str) -> str:
-    data = base64.b64encode(png).decode("ascii")
-    return f'<img class="chart" alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
-
-
-def _note(text: str) -> str:
-    return f'<p class="note">{html.escape(text)}</p>'
-
-
-def _code(text: str) -> str:
-    return f"<code>{html.escape(text)}</code>"
-
-
-def _key_values(rows: Sequence[tuple[str, str]]) -> str:
-    cells = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows)
-    return f"<table>{cells}</table>"
-
-
-def _folded(table: str, count: int, what: str) -> str:
-    """A long table (a consortium of hundreds of nodes) starts folded, the page stays short."""
-    if count <= _UNFOLDED_ROWS:
-        return table
-    return f"<details><summary>{count} {html.escape(what)}</summary>{table}</details>"
-
-
-def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], raw: bool = False) -> str:
-    """A table; cells are escaped unless `raw` (then the caller escaped them)."""
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
-    cell = (lambda v: v) if raw else html.escape
-    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-def _number(value: float | None, pattern: str = "{:.4f}") -> str:
-    return "n/a" if value is None else pattern.format(value)
+    return h.page(f"Consortia sweep {sweep.scenario}", sections)
 
 
 def _text(value: Any) -> str:

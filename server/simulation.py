@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from flwr.app import Context
+from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 
@@ -23,7 +26,10 @@ from consortia.server.ray_start import check_ray_address, ray_init_args
 from consortia.server.resume import load_resume_point
 from consortia.server.simulated_privacy import resumed_client_app
 from consortia.server.simulation_state import indexed_link_state
+from consortia.server.statistics_job import StatisticsFile, run_statistics
 from consortia.simulations.lab import lab_client_app
+
+_Result = TypeVar("_Result")
 
 
 def simulate(
@@ -58,9 +64,6 @@ def _simulate(
     ray_address: str | None,
 ) -> RunSummary:
     _preflight(loaded)
-    address = ray_address or loaded.config.simulation.backend.ray_address
-    if address:
-        check_ray_address(address)
     app = client_app
     if resume is not None:
         # Fails here, before Ray starts, on a finished run or a changed job.
@@ -68,12 +71,45 @@ def _simulate(
         app = resumed_client_app(point.checkpoint.doc.releases)
     # The scenario's faults and adversaries, if any (simulations/lab.py).
     app = lab_client_app(app, loaded.config.simulation)
-    summaries: list[RunSummary] = []
+    return _on_engine(
+        loaded,
+        app,
+        lambda grid: run_federation(grid, loaded, out_dir, listener, resume=resume),
+        ray_address,
+    )
+
+
+def simulate_statistics(
+    loaded: LoadedScenario, out_dir: Path, ray_address: str | None = None
+) -> StatisticsFile:
+    """Run the scenario's `[statistics]` query over its virtual nodes; write stats.json/html.
+
+    A relative `[statistics] model` run folder is found from the working folder.
+    """
+    try:
+        _preflight(loaded)
+        body = functools.partial(run_statistics, loaded=loaded, out_dir=out_dir, runs_base=Path())
+        return _on_engine(loaded, client_app, body, ray_address)
+    finally:
+        _shutdown_ray()
+
+
+def _on_engine(
+    loaded: LoadedScenario,
+    app: ClientApp,
+    body: Callable[[Grid], _Result],
+    ray_address: str | None,
+) -> _Result:
+    """Run `body` as the ServerApp of a simulation of `loaded`'s nodes; its result."""
+    address = ray_address or loaded.config.simulation.backend.ray_address
+    if address:
+        check_ray_address(address)
+    results: list[_Result] = []
     server_app = ServerApp()
 
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
-        summaries.append(run_federation(grid, loaded, out_dir, listener, resume=resume))
+        results.append(body(grid))
 
     simulation = loaded.config.simulation
     _quiet_flower()
@@ -84,9 +120,9 @@ def _simulate(
             num_supernodes=simulation.nodes,
             backend_config=backend_config(simulation.backend, ray_address),
         )
-    if not summaries:
+    if not results:
         raise FederationError("the simulation ended before the run finished (see the log above)")
-    return summaries[0]
+    return results[0]
 
 
 def _preflight(loaded: LoadedScenario) -> None:

@@ -13,6 +13,7 @@ from flwr.clientapp import ClientApp
 
 from consortia.common.config import SimulationConfig
 from consortia.common.secagg.wire import MESSAGE_ACTION
+from consortia.common.statistics import MESSAGE_ACTION as STATISTICS_ACTION
 from consortia.simulations.adversaries import attack
 from consortia.simulations.faults import evaluate_faults, secure_train_faults, train_faults
 
@@ -25,7 +26,7 @@ def lab_client_app(inner: ClientApp, simulation: SimulationConfig) -> ClientApp:
     not), then the attack, then the node. A secure-aggregation round's
     messages get the faults at their stages (`secure_train_faults`); attacks
     need updates in the clear and are refused with secure aggregation (config).
-    Queries (the roster) pass untouched.
+    Queries (the roster, a statistics query) pass untouched.
     """
     if simulation.faults is None and simulation.adversaries is None:
         return inner
@@ -33,6 +34,10 @@ def lab_client_app(inner: ClientApp, simulation: SimulationConfig) -> ClientApp:
 
     @app.query()
     def query(message: Message, context: Context) -> Message:
+        return inner(message, context)
+
+    @app.query(STATISTICS_ACTION)
+    def statistics(message: Message, context: Context) -> Message:
         return inner(message, context)
 
     @app.train(mods=[train_faults, attack])

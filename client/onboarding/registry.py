@@ -30,7 +30,7 @@ from consortia.client.onboarding.fingerprint import check_unchanged, inspection_
 from consortia.client.onboarding.prepare import PreparedDataset, prepare
 from consortia.client.onboarding.quality import QualityReport
 from consortia.client.onboarding.schema import DatasetSpec, load_spec
-from consortia.client.onboarding.validation import CHECK_FAILED, inspect
+from consortia.client.onboarding.validation import CHECK_FAILED, Inspection, inspect
 from consortia.common.atomic import fsync_dir, write_bytes_atomic, write_json_atomic
 from consortia.common.audit import AuditError, AuditLog
 from consortia.common.errors import ConfigError, DataError
@@ -250,9 +250,13 @@ class DatasetRegistry:
 
     def load(self, name: str) -> PreparedDataset:
         """The prepared train/test data of `name`, after checking it is unchanged."""
+        return self.load_inspected(name)[0]
+
+    def load_inspected(self, name: str) -> tuple[PreparedDataset, Inspection]:
+        """`load`, and the inspection it was prepared from (per-record columns, missing values)."""
         registration = self.get(name)
         inspection = check_unchanged(registration.fingerprint, registration.spec, name=name)
-        return prepare(registration.spec, inspection)
+        return prepare(registration.spec, inspection), inspection
 
     def spec(self, name: str) -> DatasetSpec:
         """The validated schema stored at registration (absolute paths)."""

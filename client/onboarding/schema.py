@@ -285,6 +285,20 @@ class DatasetSpec(StrictModel):
     def feature_columns(self) -> tuple[ColumnSpec, ...]:
         return tuple(c for c in self.columns if c.is_feature)
 
+    def feature_ranges(self) -> dict[str, tuple[float, float]]:
+        """The public range of each prepared feature the schema bounds (unstandardised units).
+
+        A numeric column with both `min` and `max` set; each one-hot column
+        ("column=category") of a category column is 0 or 1.
+        """
+        ranges: dict[str, tuple[float, float]] = {}
+        for column in self.feature_columns:
+            if column.categories is not None:
+                ranges.update({f"{column.name}={c}": (0.0, 1.0) for c in column.categories})
+            elif column.min is not None and column.max is not None and column.min < column.max:
+                ranges[column.name] = (column.min, column.max)
+        return ranges
+
     def declared_num_classes(self) -> int | None:
         """The class count the schema fixes, or None when only the data can tell."""
         if self.num_classes is not None:

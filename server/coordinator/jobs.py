@@ -26,6 +26,8 @@ JOB_TOML_KEY = "job-toml"
 JOB_SOURCE_KEY = "job-source"
 RESUME_KEY = "resume"
 OUT_DIR_KEY = "out-dir"
+JOB_KIND_KEY = "job-kind"  # "train" (`job submit`) or "statistics" (`job stats`)
+STATISTICS_KIND = "statistics"
 
 _PYPROJECT = """\
 [build-system]
@@ -56,7 +58,9 @@ def toml_string(value: str) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
-def build_job_fab(job_text: str, source: str, resume: str = "") -> tuple[bytes, str]:
+def build_job_fab(
+    job_text: str, source: str, resume: str = "", kind: str = "train"
+) -> tuple[bytes, str]:
     """The FAB (bytes, sha256) of a job: a pyproject.toml and nothing else."""
     from flwr.cli.build import build_fab_from_disk
 
@@ -67,6 +71,7 @@ def build_job_fab(job_text: str, source: str, resume: str = "") -> tuple[bytes, 
             (JOB_SOURCE_KEY, source),
             (RESUME_KEY, resume),
             (OUT_DIR_KEY, ""),
+            (JOB_KIND_KEY, kind),
         )
     )
     with tempfile.TemporaryDirectory(prefix="consortia-job-") as folder:

@@ -1,0 +1,238 @@
+"""A node's answer to a statistics query: exact statistics of its records, then Gaussian noise.
+
+The exact values never leave this module: `release_statistics` adds the
+noise of each block (common/statistics.py) before building the reply, and
+the ClientApp records the query's ε in the node's account before calling it.
+What is described: the node's usable records (train and test split), their
+labels, and each feature on its public range — a tabular column, or an
+image channel's mean intensity per record. With a model, its predictions on
+the node's test split.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from consortia.client.onboarding.prepare import PreparedDataset
+from consortia.client.onboarding.validation import Inspection, TableRecords
+from consortia.client.policy import Refusal
+from consortia.common.config import StatisticsConfig
+from consortia.common.datasets import SourceData
+from consortia.common.statistics import (
+    AccuracyRelease,
+    Block,
+    FeatureRelease,
+    MissingRelease,
+    StatisticsRelease,
+)
+
+MISSING_GROUP = "(missing)"
+
+
+@dataclass(frozen=True)
+class DataFacts:
+    """What a node's statistics describe, besides its labels.
+
+    `features`: one row per record (train then test, as the labels), one
+    column per name in `names`, in the schema's own units. `ranges`: the
+    public range the node knows for a feature. `missing`: records read and
+    missing values per column of the source (None where the source has no
+    such notion). `test_groups`: per category column, its declared categories
+    (public: the schema's, plus one for a missing value) and each test record's.
+    """
+
+    features: np.ndarray
+    names: tuple[str, ...]
+    ranges: Mapping[str, tuple[float, float]]
+    missing: tuple[int, Mapping[str, int]] | None = None
+    test_groups: Mapping[str, tuple[tuple[str, ...], np.ndarray]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """The model's predicted class of each test record, its true class, and its group.
+
+    `group_names` are the group column's declared categories: every node
+    releases a count for each, so the set of names says nothing of its data.
+    """
+
+    predicted: np.ndarray
+    labels: np.ndarray
+    groups: np.ndarray | None = None
+    group_names: tuple[str, ...] = ()
+
+
+def described(x: np.ndarray) -> np.ndarray:
+    """The features a statistics query describes: a table's columns, an image's channel means."""
+    if x.ndim == 2:
+        return x.astype(np.float64, copy=False)
+    if x.ndim == 4:  # (records, channels, height, width)
+        return x.mean(axis=(2, 3), dtype=np.float64)
+    return x.reshape(len(x), 1, -1).mean(axis=2, dtype=np.float64)
+
+
+def simulated_facts(source: SourceData, x: np.ndarray) -> DataFacts:
+    """A simulated node: the bundled source's public scale; no raw file, so no missing values."""
+    features = described(x)
+    names = source.feature_names or tuple(f"x{j}" for j in range(features.shape[1]))
+    return DataFacts(features=features, names=names, ranges=source.ranges)
+
+
+def deployed_facts(prepared: PreparedDataset, inspection: Inspection) -> DataFacts:
+    """A registered dataset: its schema's ranges, its file's missing values and groups."""
+    records = inspection.records
+    features = described(prepared.raw_features())
+    names = prepared.feature_names
+    if len(names) != features.shape[1]:  # an array source without per-column names
+        names = tuple(f"x{j}" for j in range(features.shape[1]))
+    groups: dict[str, tuple[tuple[str, ...], np.ndarray]] = {}
+    if isinstance(records, TableRecords):
+        missing = {name: int(column.missing.sum()) for name, column in records.columns.items()}
+        rows = prepared.test_rows if prepared.test_rows is not None else np.zeros(0, np.int64)
+        for name, column in records.columns.items():
+            categories = column.spec.categories
+            if column.texts is not None and categories is not None:
+                values = np.where(column.missing[rows], MISSING_GROUP, column.texts[rows])
+                groups[name] = ((*categories, MISSING_GROUP), values.astype(str))
+    else:
+        missing = {records.raw.features_name: int(records.missing_rows.sum())}
+    return DataFacts(
+        features=features,
+        names=names,
+        ranges=inspection.spec.feature_ranges(),
+        missing=(len(records), missing),
+        test_groups=groups,
+    )
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The features a query releases (with the range each is binned over) and those it cannot."""
+
+    columns: tuple[int, ...]
+    ranges: tuple[tuple[float, float], ...]
+    unranged: tuple[str, ...]
+
+
+def select_features(facts: DataFacts, config: StatisticsConfig) -> Selection | Refusal:
+    """The job's features (default: every one) that have a range, from the job or the node."""
+    wanted = config.features if config.features is not None else facts.names
+    unknown = [name for name in wanted if name not in facts.names]
+    if unknown:
+        return Refusal(
+            code="unknown-feature",
+            reason=f"the query names feature(s) {unknown} this node's data does not have "
+            f"(it has {len(facts.names)}: {', '.join(facts.names[:8])}"
+            + (", …)" if len(facts.names) > 8 else ")"),
+        )
+    columns, ranges, unranged = [], [], []
+    for name in wanted:
+        span = config.ranges.get(name) or facts.ranges.get(name)
+        if span is None:
+            unranged.append(name)
+            continue
+        columns.append(facts.names.index(name))
+        ranges.append((float(span[0]), float(span[1])))
+    return Selection(tuple(columns), tuple(ranges), tuple(unranged))
+
+
+Noise = Callable[[Block, int], np.ndarray]
+
+
+def release_statistics(
+    labels: np.ndarray,
+    num_classes: int,
+    facts: DataFacts,
+    selection: Selection,
+    predictions: Predictions | None,
+    config: StatisticsConfig,
+    noise: Noise,
+) -> dict[str, object]:
+    """Every block's noisy values (`noise(block, size)` draws its noise), as release fields."""
+    counts = np.bincount(labels.astype(np.int64), minlength=num_classes)[:num_classes]
+    fields: dict[str, object] = {
+        "label_counts": _tuple(counts + noise("labels", num_classes)),
+        "unranged": selection.unranged,
+    }
+    if selection.columns:
+        fields["features"] = _feature_releases(facts, selection, config.bins, noise)
+    if facts.missing is not None:
+        read, per_column = facts.missing
+        noisy = np.asarray([read, *per_column.values()], dtype=np.float64)
+        noisy = noisy + noise("missing", len(noisy))
+        fields["missing"] = MissingRelease(
+            records_read=float(noisy[0]),
+            per_column={name: float(v) for name, v in zip(per_column, noisy[1:], strict=True)},
+        )
+    if predictions is not None:
+        fields["accuracy"] = _accuracy_release(predictions, num_classes, config, noise)
+    return fields
+
+
+def _feature_releases(
+    facts: DataFacts, selection: Selection, bins: int, noise: Noise
+) -> tuple[FeatureRelease, ...]:
+    values = facts.features[:, list(selection.columns)]
+    low = np.asarray([r[0] for r in selection.ranges])
+    high = np.asarray([r[1] for r in selection.ranges])
+    present = ~np.isnan(values)
+    # u in [−1, 1]: the value's place in its range; clipping is what bounds the sensitivity.
+    u = np.clip(2.0 * (np.nan_to_num(values) - low) / (high - low) - 1.0, -1.0, 1.0)
+    u = np.where(present, u, 0.0)
+    index = np.minimum(((u + 1.0) / 2.0 * bins).astype(np.int64), bins - 1)
+    count = len(selection.columns)
+    histograms = np.zeros((count, bins))
+    for j in range(count):
+        histograms[j] = np.bincount(index[present[:, j], j], minlength=bins)
+    histograms += noise("histograms", count * bins).reshape(count, bins)
+    sums = u.sum(axis=0) + noise("sums", count)
+    squares = (u * u).sum(axis=0) + noise("squares", count)
+    return tuple(
+        FeatureRelease(
+            name=facts.names[column],
+            low=float(low[j]),
+            high=float(high[j]),
+            histogram=_tuple(histograms[j]),
+            sum=float(sums[j]),
+            sum_squares=float(squares[j]),
+        )
+        for j, column in enumerate(selection.columns)
+    )
+
+
+def _accuracy_release(
+    predictions: Predictions, num_classes: int, config: StatisticsConfig, noise: Noise
+) -> AccuracyRelease:
+    labels = predictions.labels.astype(np.int64)
+    right = predictions.predicted == labels
+    total = np.bincount(labels, minlength=num_classes)[:num_classes].astype(np.float64)
+    correct = np.bincount(labels[right], minlength=num_classes)[:num_classes].astype(np.float64)
+    noisy = np.concatenate([total, correct]) + noise("accuracy", 2 * num_classes)
+    release = AccuracyRelease(
+        total=_tuple(noisy[:num_classes]), correct=_tuple(noisy[num_classes:])
+    )
+    if config.group_column is None or predictions.groups is None:
+        return release
+    names = predictions.group_names
+    group_total = np.asarray([(predictions.groups == g).sum() for g in names], dtype=np.float64)
+    group_right = np.asarray(
+        [(right & (predictions.groups == g)).sum() for g in names], dtype=np.float64
+    )
+    noisy = np.concatenate([group_total, group_right]) + noise("groups", 2 * len(names))
+    return release.model_copy(
+        update={
+            "group_column": config.group_column,
+            "group_total": dict(zip(names, noisy[: len(names)].tolist(), strict=True)),
+            "group_correct": dict(zip(names, noisy[len(names) :].tolist(), strict=True)),
+        }
+    )
+
+
+def _tuple(values: np.ndarray) -> tuple[float, ...]:
+    return tuple(float(v) for v in values)
+
+
+__all__ = ["StatisticsRelease"]
