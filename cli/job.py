@@ -116,7 +116,7 @@ def stats(
     fab, fab_hash = build_job_fab(text, str(job), kind=STATISTICS_KIND)
     with Control(target) as control:
         run_id = control.start_run(fab, fab_hash)
-        console.print(f"submitted statistics job {loaded.config.name} as run {run_id}")
+        console.print(f"submitted job {loaded.config.name} as run {run_id} (statistics)")
         sys.stdout.flush()
         if not wait:
             return

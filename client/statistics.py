@@ -210,9 +210,13 @@ def _accuracy_release(
     right = predictions.predicted == labels
     total = np.bincount(labels, minlength=num_classes)[:num_classes].astype(np.float64)
     correct = np.bincount(labels[right], minlength=num_classes)[:num_classes].astype(np.float64)
-    noisy = np.concatenate([total, correct]) + noise("accuracy", 2 * num_classes)
+    overall = np.asarray([len(labels), right.sum()], dtype=np.float64) + noise("accuracy", 2)
+    noisy = np.concatenate([total, correct]) + noise("classes", 2 * num_classes)
     release = AccuracyRelease(
-        total=_tuple(noisy[:num_classes]), correct=_tuple(noisy[num_classes:])
+        total=float(overall[0]),
+        correct=float(overall[1]),
+        class_total=_tuple(noisy[:num_classes]),
+        class_correct=_tuple(noisy[num_classes:]),
     )
     if config.group_column is None or predictions.groups is None:
         return release

@@ -13,8 +13,10 @@ or removing one record (the neighbouring relation of the node's DP-SGD):
   range onto [−1, 1] (clipped); one record moves each by at most 1 (Δ₂ = √F).
 - `missing`: the records read and each column's missing values; one record
   moves the first by 1 and each of the k others by at most 1 (Δ₂ = √(k+1)).
-- `accuracy`: per class, the test records and those the model got right
-  (Δ₂ = √2); `groups`: the same per group of a sensitive column (Δ₂ = √2).
+- `accuracy`: the test records and those the model got right (Δ₂ = √2);
+  `classes`: the same per class (Δ₂ = √2), and `groups` per group of a
+  sensitive column (Δ₂ = √2). A node's accuracy comes from `accuracy`, not
+  from the per-class counts, whose summed noise grows with the classes.
 
 B blocks of one σ compose, under RDP as under PLD, exactly like one Gaussian
 mechanism of noise multiplier σ/√B (the privacy losses of Gaussians add up
@@ -33,7 +35,9 @@ from consortia.common.config import StatisticsConfig, StrictModel
 from consortia.common.errors import FederationError
 from consortia.common.privacy import AccountantName, Release, calibrate_noise
 
-Block = Literal["labels", "histograms", "sums", "squares", "missing", "accuracy", "groups"]
+Block = Literal[
+    "labels", "histograms", "sums", "squares", "missing", "accuracy", "classes", "groups"
+]
 
 STATISTICS_KEY = "statistics"  # ConfigRecord key of the release (node -> coordinator)
 MESSAGE_ACTION = "statistics"  # the query's message type is "query.statistics"
@@ -59,10 +63,12 @@ class MissingRelease(StrictModel):
 
 
 class AccuracyRelease(StrictModel):
-    """Noisy per-class test records and correct predictions, and the same per group."""
+    """Noisy test records and correct predictions: in all, per class, and per group."""
 
-    total: tuple[float, ...]
-    correct: tuple[float, ...]
+    total: float
+    correct: float
+    class_total: tuple[float, ...]
+    class_correct: tuple[float, ...]
     group_column: str | None = None
     group_total: dict[str, float] = Field(default_factory=dict)
     group_correct: dict[str, float] = Field(default_factory=dict)
@@ -116,7 +122,7 @@ def sensitivities(
     if missing_columns is not None:
         blocks["missing"] = math.sqrt(missing_columns + 1)
     if accuracy:
-        blocks["accuracy"] = math.sqrt(2.0)
+        blocks["accuracy"] = blocks["classes"] = math.sqrt(2.0)
     if groups:
         blocks["groups"] = math.sqrt(2.0)
     return blocks

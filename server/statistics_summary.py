@@ -335,23 +335,27 @@ def _accuracy(release: StatisticsRelease, z: float) -> AccuracyView:
 
 
 def _pooled_accuracy(releases: dict[str, StatisticsRelease], z: float) -> AccuracyView:
-    parts = [r for r in releases.values() if r.accuracy is not None]
-    var = sum(r.std("accuracy") ** 2 for r in parts)
-    total = np.sum([r.accuracy.total for r in parts if r.accuracy], axis=0)
-    correct = np.sum([r.accuracy.correct for r in parts if r.accuracy], axis=0)
-    classes = len(total)
+    """Accuracy over the releases' test records: in all, per class, per group."""
+    parts = [(r.accuracy, r) for r in releases.values() if r.accuracy is not None]
+    var = sum(r.std("accuracy") ** 2 for _, r in parts)
+    var_class = sum(r.std("classes") ** 2 for _, r in parts)
+    total = np.sum([a.class_total for a, _ in parts], axis=0)
+    correct = np.sum([a.class_correct for a, _ in parts], axis=0)
     per_group: dict[str, Estimate] = {}
-    groups = [r for r in parts if r.accuracy and r.accuracy.group_total]
+    groups = [(a, r) for a, r in parts if a.group_total]
     if groups:
-        var_g = sum(r.std("groups") ** 2 for r in groups)
-        for name in sorted({g for r in groups if r.accuracy for g in r.accuracy.group_total}):
-            g_total = sum(r.accuracy.group_total.get(name, 0.0) for r in groups if r.accuracy)
-            g_right = sum(r.accuracy.group_correct.get(name, 0.0) for r in groups if r.accuracy)
+        var_g = sum(r.std("groups") ** 2 for _, r in groups)
+        for name in sorted({g for a, _ in groups for g in a.group_total}):
+            g_total = sum(a.group_total.get(name, 0.0) for a, _ in groups)
+            g_right = sum(a.group_correct.get(name, 0.0) for a, _ in groups)
             per_group[name] = _ratio(g_right, g_total, var_g, var_g, z)
     return AccuracyView(
-        accuracy=_ratio(float(correct.sum()), float(total.sum()), classes * var, classes * var, z),
+        accuracy=_ratio(
+            sum(a.correct for a, _ in parts), sum(a.total for a, _ in parts), var, var, z
+        ),
         per_class=[
-            _ratio(float(c), float(t), var, var, z) for c, t in zip(correct, total, strict=True)
+            _ratio(float(c), float(t), var_class, var_class, z)
+            for c, t in zip(correct, total, strict=True)
         ],
         per_group=per_group,
     )

@@ -4,13 +4,11 @@ content and, in headless Chromium, for charts that actually render."""
 from __future__ import annotations
 
 import html
-import json
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
+from chromium import rendered_charts
 from pydantic import Field
 
 from consortia.common.config_io import load_scenario
@@ -64,7 +62,6 @@ FAILURES = {
         NodeFailure(node="node-3", reason="privacy budget spent", refusal="budget-exhausted"),
     ],
 }
-INSTALL_HINT = "apt-get install -y chromium chromium-driver"
 
 
 def tiny_scenario(folder: Path) -> Path:
@@ -262,64 +259,6 @@ def test_rewrites_after_a_round_only_when_cheap(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------ Chromium
-
-_CHECK_SCRIPT = """
-<script>
-window.addEventListener("load", () => {
-  const images = Array.from(document.images);
-  const broken = images
-    .filter((i) => !(i.complete && i.naturalWidth > 0 && i.naturalHeight > 0
-                     && i.getBoundingClientRect().width > 0))
-    .map((i) => i.alt || i.src.slice(0, 40));
-  const svgs = Array.from(document.querySelectorAll("svg"));
-  const emptySvgs = svgs.filter((s) => { const b = s.getBBox(); return !(b.width && b.height); });
-  const out = document.createElement("pre");
-  out.id = "chart-check";
-  out.textContent = JSON.stringify(
-    {images: images.length, svgs: svgs.length, broken: broken, empty_svgs: emptySvgs.length});
-  document.body.appendChild(out);
-});
-</script>
-"""
-
-
-def _chromium() -> str:
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        found = shutil.which(name)
-        if found:
-            return found
-    pytest.fail(f"headless Chromium is needed to check report.html's charts: {INSTALL_HINT}")
-
-
-def rendered_charts(page: Path, scratch: Path) -> dict[str, object]:
-    """Open a copy of `page` (plus a checking script) in headless Chromium; what it found."""
-    probe = scratch / f"probe-{page.parent.name}-{page.name}"
-    probe.write_text(
-        page.read_text(encoding="utf-8").replace("</body>", _CHECK_SCRIPT + "</body>"),
-        encoding="utf-8",
-    )
-    result = subprocess.run(
-        [
-            _chromium(),
-            "--headless",
-            "--no-sandbox",  # tests run as root in CI containers
-            "--disable-gpu",
-            "--disable-dev-shm-usage",
-            f"--user-data-dir={scratch / 'chromium-profile'}",
-            "--virtual-time-budget=10000",
-            "--dump-dom",
-            probe.resolve().as_uri(),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    found = re.search(r'<pre id="chart-check">(.*?)</pre>', result.stdout, re.DOTALL)
-    assert found, (
-        f"Chromium did not run the check (exit {result.returncode}): {result.stderr[-2000:]}"
-    )
-    return json.loads(html.unescape(found.group(1)))
 
 
 def test_run_report_charts_render_in_chromium(run_report: Path, tmp_path: Path) -> None:

@@ -1,0 +1,115 @@
+"""Statistics on the deployment engine: real SuperLink and SuperNodes on 127.0.0.1 (TLS, node auth).
+
+Three hospitals; two answer statistics queries, northgate's policy does
+not. A training job runs first; `consortia job stats` then asks every node
+for DP statistics of its registered dataset and the trained model's
+accuracy, and each answer is paid from the same per-dataset ledger.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import CliRunner
+from consortium import Consortium, run_id_of, start_consortium
+from federation import add_site, write_job
+from sklearn.datasets import load_breast_cancer
+
+from consortia.client.ledger import PrivacyLedger, ledger_path
+
+pytestmark = pytest.mark.slow
+
+NODES = ("st-mary", "riverside", "northgate")
+SILENT = "northgate"
+ANSWERS = "answer_statistics = true\nmax_statistics_epsilon = 1.0\n"
+
+
+@pytest.fixture(scope="module")
+def federation(
+    tmp_path_factory: pytest.TempPathFactory, consortia_cli: CliRunner
+) -> Iterator[tuple[Consortium, dict[str, Path]]]:
+    fed = Consortium(tmp_path_factory.mktemp("insight"))
+    data = load_breast_cancer()
+    columns = [f"f{i:02d}" for i in range(data.data.shape[1])]
+    node_tomls = {
+        name: add_site(
+            fed.root / name,
+            name,
+            data.data[i::3],
+            data.target[i::3],
+            columns,
+            superlink_port=fed.port,
+            budget=5.0,
+            cli=consortia_cli,
+            root_certificates=fed.ca,
+            policy="" if name == SILENT else ANSWERS,
+        )
+        for i, name in enumerate(NODES)
+    }
+    try:
+        start_consortium(fed, node_tomls)
+        yield fed, node_tomls
+    finally:
+        fed.stop()
+
+
+def _ledger(node_toml: Path) -> list[object]:
+    with PrivacyLedger(ledger_path(node_toml.parent / "state")) as ledger:
+        if "cancer" not in [budget.name for budget in ledger.datasets()]:
+            return []
+        return list(ledger.history("cancer"))
+
+
+def test_a_statistics_job_with_a_trained_model(
+    federation: tuple[Consortium, dict[str, Path]],
+) -> None:
+    fed, node_tomls = federation
+    trained = fed.submit(write_job(fed.root / "train.toml", 1.0, rounds=1))
+    assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]
+    train_run = run_id_of(trained)
+    before = {name: len(_ledger(toml)) for name, toml in node_tomls.items()}
+
+    job = write_job(fed.root / "stats.toml", 1.0, name="insight")
+    job.write_text(
+        job.read_text()
+        + f'\n[statistics]\ntarget_epsilon = 0.5\nmin_count = 5\nmodel = "run-{train_run}"\n'
+    )
+    result = fed.consortia("job", "stats", str(job), "--config", str(fed.config), "--wait")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "statistics-not-answered" in result.stdout  # the summary names the refusal
+    run = run_id_of(result)
+    folder = fed.state / "runs" / f"run-{run}"
+    stats = json.loads((folder / "stats.json").read_text())
+    assert (folder / "stats.html").is_file()
+
+    assert stats["answered"] == ["riverside", "st-mary"]
+    (refusal,) = stats["refusals"]
+    assert (refusal["node"], refusal["code"]) == (SILENT, "statistics-not-answered")
+    assert stats["model"]["run_dir"].endswith(f"run-{train_run}") and stats["model"]["round"] == 1
+
+    summary = stats["summary"]
+    for name in ("riverside", "st-mary"):
+        entries = _ledger(node_tomls[name])
+        assert len(entries) == before[name] + 1
+        entry = entries[-1]
+        assert entry.run_id == str(run) and entry.mechanism == "gaussian"  # type: ignore[attr-defined]
+        assert summary["spend"][name]["epsilon_spent"] == pytest.approx(entry.epsilon)  # type: ignore[attr-defined]
+        assert summary["spend"][name]["epsilon"] <= 0.5
+        accuracy = summary["accuracy"][name]["accuracy"]
+        assert accuracy["error"] > 0
+        records = summary["labels"][name]["records"]
+        assert abs(records["value"] - 190) < records["error"] + 5  # 569 / 3 records each
+    assert len(_ledger(node_tomls[SILENT])) == before[SILENT]
+
+    # Feature means come back in the schema's units, standardisation undone.
+    features = {f["name"]: f for f in summary["features"]}
+    assert features["f00"]["low"] == 0 and features["f00"]["high"] == 5000
+    assert summary["missing"]["st-mary"]["records_read"]["value"] is not None
+
+    events = [e for e in fed.audit_events() if e["details"].get("run_id") == str(run)]
+    kinds = [e["event"] for e in events]
+    assert kinds == ["statistics.started", "statistics.finished"]
+    assert events[-1]["details"]["refused"] == {SILENT: "statistics-not-answered"}
