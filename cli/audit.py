@@ -11,11 +11,14 @@ problem. Exit 2: the file cannot be read (one error message, as everywhere).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.markup import escape
+
+if TYPE_CHECKING:
+    from consortia.common.membership import PrivacyAudit
 
 audit_app = typer.Typer(
     help="Check tamper-evident audit logs; test a run's privacy claim with attacks.",
@@ -89,16 +92,24 @@ def privacy(
 
     Writes RUN/privacy-audit.json. See docs/privacy-audit.md for how to read it.
     """
-    from rich.table import Table
-
     from consortia.common.membership import AUDIT_FILE
     from consortia.server.privacy_audit import audit_run
 
     audit = audit_run(run, server_round, shadows)
-    claimed = "no DP" if audit.claimed_epsilon is None else f"{audit.claimed_epsilon:.4g}"
-    table = Table(
-        title=f"{escape(audit.run)}, round {audit.round}: claimed ε {claimed} at δ {audit.delta:g}"
+    print_audit(console, audit, f"{audit.run}, round {audit.round}")
+    members = audit.attacks[0].members
+    console.print(
+        f"{members} members (the nodes' training records) vs {members} non-members (their "
+        f"held-out records); written to {escape(str(run / AUDIT_FILE))}"
     )
+
+
+def print_audit(out: Console, audit: PrivacyAudit, title: str) -> None:
+    """The attacks' figures beside the claimed ε (shared with `consortia node audit`)."""
+    from rich.table import Table
+
+    claimed = "no DP" if audit.claimed_epsilon is None else f"{audit.claimed_epsilon:.4g}"
+    table = Table(title=f"{escape(title)}: claimed ε {claimed} at δ {audit.delta:g}")
     for heading in ("attack", "AUC", "TPR @ 0.1% FPR", "TPR @ 1% FPR", "ε lower bound (95%)"):
         table.add_column(heading, justify="left" if heading == "attack" else "right")
     for attack in audit.attacks:
@@ -109,14 +120,17 @@ def privacy(
             _rate(attack.tpr_at_fpr_1pct),
             f"{attack.epsilon_lower_bound:.3f}",
         )
-    console.print(table)
+    out.print(table)
     members = audit.attacks[0].members
     if any(a.tpr_at_fpr_0_1pct is None or a.tpr_at_fpr_1pct is None for a in audit.attacks):
-        console.print(f"n/a: {members} non-members cannot resolve so small a false-positive rate")
-    console.print(
-        f"{members} members (the nodes' training records) vs {members} non-members (their "
-        f"held-out records); written to {escape(str(run / AUDIT_FILE))}"
-    )
+        out.print(f"n/a: {members} non-members cannot resolve so small a false-positive rate")
+    claim = audit.claimed_epsilon
+    proved = max(a.epsilon_lower_bound for a in audit.attacks)
+    if claim is not None and proved > claim:
+        out.print(
+            f"[bold red]the attacks prove ε ≥ {proved:.3f}, above the claimed {claim:.4g}[/]: "
+            "the model saw these records through more than the accounted releases"
+        )
 
 
 def _rate(value: float | None) -> str:

@@ -144,6 +144,37 @@ def check_job(
     console.print("[green]this node would take part[/]")
 
 
+@node_app.command("audit")
+def audit(
+    model: Annotated[
+        Path, typer.Argument(help="The global model: a run's model/round-NNN.safetensors.")
+    ],
+    job: Annotated[Path, typer.Option("--job", help="The job file the model was trained with.")],
+    node: NodeOption,
+    shadows: Annotated[
+        int,
+        typer.Option("--shadows", min=2, help="Shadow models for the likelihood-ratio attack."),
+    ] = 8,
+) -> None:
+    """Membership-inference attacks on a global model with this node's records; nothing leaves.
+
+    Members: the job dataset's train split; non-members: its test split.
+    The ε the attacks prove stands beside the dataset's ε in the ledger.
+    Writes <state_dir>/privacy-audits/ and an audit-log entry.
+    """
+    from consortia.cli.audit import print_audit
+    from consortia.client.node_privacy_audit import audit_on_node
+
+    result, path = audit_on_node(_node(node), _load_job(job), model, shadows)
+    print_audit(console, result.audit, f"{result.node} / {result.dataset}: {result.audit.run}")
+    members = result.audit.attacks[0].members
+    console.print(
+        f"claimed ε: the dataset's in this node's ledger (every release ever made from it); "
+        f"{members} members (train split) vs {members} non-members (test split); "
+        f"written to {escape(str(path))}"
+    )
+
+
 @keys_app.command("init")
 def keys_init(
     node: NodeOption,
