@@ -125,23 +125,39 @@ def check_job(
     job: Annotated[Path, typer.Argument(help="The job's job.toml, as the coordinator runs it.")],
     node: NodeOption,
 ) -> None:
-    """Would this node take part in JOB? Runs the node's policy checks; trains nothing.
+    """Would this node take part in JOB (or answer its statistics query)? Trains nothing.
 
     Prints the architecture hash of the job's model (pin it in the policy's
     `architectures`), the noise the node would calibrate, and the dataset's ε
     after one round and after every planned round. Exit code 1 if refused.
     """
-    from consortia.client.admission import preview_admission
+    from consortia.client.admission import preview_admission, preview_statistics
+    from consortia.client.policy import Refusal
 
-    preview = preview_admission(_load_job(job), _node(node))
-    table = Table("", "", show_header=False, box=None)
-    for label, value in preview.rows():
-        table.add_row(label, value)
-    console.print(table)
+    config, settings = _load_job(job), _node(node)
+    statistics = preview_statistics(config, settings)
+    if statistics is not None:  # a statistics job (`consortia job stats`): no training
+        refusal = statistics if isinstance(statistics, Refusal) else statistics.refusal
+        if not isinstance(statistics, Refusal):
+            _print_rows(statistics.rows())
+        if refusal is not None:
+            console.print(f"[red]refused[/] {escape(str(refusal))}", highlight=False)
+            raise typer.Exit(1)
+        console.print("[green]this node would answer the statistics query[/]")
+        return
+    preview = preview_admission(config, settings)
+    _print_rows(preview.rows())
     if preview.refusal is not None:
         console.print(f"[red]refused[/] {escape(str(preview.refusal))}", highlight=False)
         raise typer.Exit(1)
     console.print("[green]this node would take part[/]")
+
+
+def _print_rows(rows: list[tuple[str, str]]) -> None:
+    table = Table("", "", show_header=False, box=None)
+    for label, value in rows:
+        table.add_row(label, value)
+    console.print(table)
 
 
 @node_app.command("audit")

@@ -3,7 +3,8 @@
 The node operator runs this (`consortia node check-job`) before agreeing to
 a consortium's job: it names the model's architecture hash to pin in the
 policy, the noise the node would calibrate, and where the dataset's budget
-would stand after one round and after the whole job.
+would stand after one round and after the whole job; for a statistics job,
+whether it would answer the query and what that would cost.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pydantic import BaseModel
 from consortia.client.ledger import PrivacyLedger, ledger_path
 from consortia.client.node_config import NodeConfig
 from consortia.client.onboarding.registry import DatasetRegistry
-from consortia.client.policy import Refusal
+from consortia.client.policy import Refusal, check_budget, check_statistics
 from consortia.client.privacy_state import JobPrivacyState
 from consortia.client.spend import (
     NodeRefusedError,
@@ -23,9 +24,11 @@ from consortia.client.spend import (
     planned_release,
     register_budget,
 )
+from consortia.client.statistics import deployed_facts, query_blocks, select_features
 from consortia.common.config import JobConfig
 from consortia.common.models import architecture_hash, build_model
 from consortia.common.privacy import epsilon
+from consortia.common.statistics import query_noise
 
 
 def served_dataset(job: JobConfig, node: NodeConfig) -> str:
@@ -120,3 +123,65 @@ def preview_admission(job: JobConfig, node: NodeConfig) -> AdmissionPreview:
 
 def _fmt(value: float | None) -> str | None:
     return None if value is None else f"{value:.4g}"
+
+
+class StatisticsPreview(BaseModel):
+    """Would the node answer the job's statistics query, and at what cost?"""
+
+    blocks: int
+    noise_multiplier: float  # σ of every block
+    query_epsilon: float
+    epsilon_after: float | None = None
+    unranged: tuple[str, ...] = ()
+    refusal: Refusal | None = None
+
+    def rows(self) -> list[tuple[str, str]]:
+        rows = [
+            ("statistics blocks", str(self.blocks)),
+            ("σ per block", f"{self.noise_multiplier:.4g}"),
+            ("ε of the query", f"{self.query_epsilon:.4g}"),
+        ]
+        if self.epsilon_after is not None:
+            rows.append(("ε after the query", f"{self.epsilon_after:.4g}"))
+        if self.unranged:
+            rows.append(("not released (no range)", ", ".join(self.unranged)))
+        return rows
+
+
+def preview_statistics(job: JobConfig, node: NodeConfig) -> StatisticsPreview | Refusal | None:
+    """The node's answer to the job's `[statistics]` query (None without one); nothing is spent.
+
+    The checks of a query: the dataset served, the features known, the
+    policy's `answer_statistics` and per-query limit, the dataset's budget.
+    A query with a model is also checked against the model policy when it
+    arrives, with the model.
+    """
+    config = job.statistics
+    if config is None:
+        return None
+    try:
+        dataset = served_dataset(job, node)
+    except NodeRefusedError as refused:
+        return refused.refusal
+    facts = deployed_facts(*DatasetRegistry(node.state_dir).load_inspected(dataset))
+    selection = select_features(facts, config)
+    if isinstance(selection, Refusal):
+        return selection
+    blocks = query_blocks(facts, selection, config)
+    policy = node.policy
+    sigma, release = query_noise(config, len(blocks), policy.delta, policy.accountant)
+    cost = epsilon([release], policy.delta, policy.accountant)
+    with PrivacyLedger(ledger_path(node.state_dir)) as ledger:
+        budget = register_budget(ledger, dataset, policy)
+        after = ledger.projected_epsilon(dataset, release)
+    refusal = check_statistics(cost, policy) or check_budget(
+        budget.epsilon_spent, after, policy, dataset
+    )
+    return StatisticsPreview(
+        blocks=len(blocks),
+        noise_multiplier=sigma,
+        query_epsilon=cost,
+        epsilon_after=after,
+        unranged=selection.unranged,
+        refusal=refusal,
+    )

@@ -54,6 +54,7 @@ from consortia.client.statistics import (
     DataFacts,
     Predictions,
     deployed_facts,
+    query_blocks,
     release_statistics,
     select_features,
     simulated_facts,
@@ -86,7 +87,6 @@ from consortia.common.statistics import (
     Block,
     StatisticsRelease,
     query_noise,
-    sensitivities,
 )
 from consortia.common.weights import flatten_update, load_arrays, model_to_arrays
 
@@ -491,10 +491,7 @@ def statistics(message: Message, context: Context) -> Message:
             raise FederationError("the statistics query names a model but carries none")
         predictions = _predictions(view, arrays, facts, config.group_column)
         model_bytes = _array_bytes(arrays)
-    missing_columns = None if facts.missing is None else len(facts.missing[1])
-    blocks = sensitivities(
-        len(selection.columns), missing_columns, predictions is not None, bool(config.group_column)
-    )
+    blocks = query_blocks(facts, selection, config)
     account = view.account
     sigma, release = query_noise(config, len(blocks), account.delta, account.accountant)
     cost = epsilon([release], account.delta, account.accountant)

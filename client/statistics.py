@@ -27,6 +27,7 @@ from consortia.common.statistics import (
     FeatureRelease,
     MissingRelease,
     StatisticsRelease,
+    sensitivities,
 )
 
 MISSING_GROUP = "(missing)"
@@ -137,6 +138,19 @@ def select_features(facts: DataFacts, config: StatisticsConfig) -> Selection | R
         columns.append(facts.names.index(name))
         ranges.append((float(span[0]), float(span[1])))
     return Selection(tuple(columns), tuple(ranges), tuple(unranged))
+
+
+def query_blocks(
+    facts: DataFacts, selection: Selection, config: StatisticsConfig
+) -> dict[Block, float]:
+    """The blocks the node releases for the query, with their L2 sensitivities."""
+    missing_columns = None if facts.missing is None else len(facts.missing[1])
+    return sensitivities(
+        len(selection.columns),
+        missing_columns,
+        accuracy=config.model is not None,
+        groups=config.group_column is not None,
+    )
 
 
 Noise = Callable[[Block, int], np.ndarray]

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import CliRunner
 from federation import free_port
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
@@ -172,3 +173,18 @@ def test_model_accuracy_per_class_and_group_is_released_with_its_spend(tmp_path:
     assert _ledger(node_toml)[0].epsilon == pytest.approx(release.epsilon_spent)
     unknown = _job(model="unused-here", group_column="outcome")
     assert _refusal(_ask(node_toml, unknown, run_id=6, model=True)) == "unknown-group-column"
+
+
+def test_check_job_says_whether_the_node_would_answer(
+    tmp_path: Path, consortia_cli: CliRunner
+) -> None:
+    job = tmp_path / "stats.toml"
+    job.write_text('name = "insight"\ndataset = "registry"\n\n[statistics]\ntarget_epsilon = 0.5\n')
+    answers, _ = _write_site(tmp_path / "answers", ANSWERS)
+    result = consortia_cli("node", "check-job", str(job), "--node", str(answers), cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "would answer the statistics query" in result.stdout
+    assert "ε of the query" in result.stdout and _ledger(answers) == []  # nothing spent
+    silent, _ = _write_site(tmp_path / "silent", "")
+    result = consortia_cli("node", "check-job", str(job), "--node", str(silent), cwd=tmp_path)
+    assert result.returncode == 1 and "statistics-not-answered" in result.stdout
