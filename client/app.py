@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -137,7 +138,7 @@ def _simulated_view(spec: p.TaskSpec, partition_id: int, context: Context) -> _N
         fingerprint=data.fingerprint(),
         job=spec.job,
         account=JobAccount(context, spec.job),
-        facts=lambda: simulated_facts(source_of(simulation), concat([data.train, data.test]).x),
+        facts=lambda: simulated_facts(source_of(simulation), concat([data.train, data.test])),
     )
 
 
@@ -497,16 +498,17 @@ def statistics(message: Message, context: Context) -> Message:
     cost = epsilon([release], account.delta, account.accountant)
     account.check_statistics(cost)
     spent = account.record(release, server_round=0, mechanism="gaussian")  # before any release
-    secret = account.noise_secret(_question(view, b"statistics", *model_bytes))
-    rng = np.random.default_rng(_round_seed(view.job.seed, view.name, 0, secret, b"statistics"))
+    question = _question(view, b"statistics", *model_bytes)
+    secret = account.noise_secret(question)
+    # The question itself in the stream too: in simulation (no secret) two different
+    # queries must not share their noise, or their difference would cancel it.
+    stream = hashlib.sha256(b"\0".join(question)).digest()
+    rng = np.random.default_rng(_round_seed(view.job.seed, view.name, 0, secret, stream))
 
     def noise(block: Block, size: int) -> np.ndarray:
         return rng.normal(0.0, sigma * blocks[block], size=size)
 
-    labels = np.concatenate([view.train.y, view.test.y])
-    fields = release_statistics(
-        labels, view.num_classes, facts, selection, predictions, config, noise
-    )
+    fields = release_statistics(view.num_classes, facts, selection, predictions, config, noise)
     answer = StatisticsRelease.model_validate(
         {
             **fields,

@@ -17,8 +17,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from consortia.client.onboarding.prepare import PreparedDataset
+from consortia.client.onboarding.schema import ColumnSpec
 from consortia.client.onboarding.validation import Inspection, TableRecords
 from consortia.client.policy import Refusal
+from consortia.common.arrays import LabeledArrays
 from consortia.common.config import StatisticsConfig
 from consortia.common.datasets import SourceData
 from consortia.common.statistics import (
@@ -35,19 +37,24 @@ MISSING_GROUP = "(missing)"
 
 @dataclass(frozen=True)
 class DataFacts:
-    """What a node's statistics describe, besides its labels.
+    """What a node's statistics describe: its usable records, feature by feature.
 
-    `features`: one row per record (train then test, as the labels), one
-    column per name in `names`, in the schema's own units. `ranges`: the
+    `features`: one row per record (the same records as `labels`), one
+    column per name in `names`, NaN where the value is missing. On a
+    deployed node these are the values parsed from the file, never imputed
+    or standardised: an imputed median or a standardised value depends on
+    every other record, so one record could move many bins. `ranges`: the
     public range the node knows for a feature. `missing`: records read and
     missing values per column of the source (None where the source has no
-    such notion). `test_groups`: per category column, its declared categories
-    (public: the schema's, plus one for a missing value) and each test record's.
+    such notion). `test_groups`: per category column, its declared
+    categories (public: the schema's, plus one for a missing value) and each
+    test record's.
     """
 
     features: np.ndarray
     names: tuple[str, ...]
     ranges: Mapping[str, tuple[float, float]]
+    labels: np.ndarray
     missing: tuple[int, Mapping[str, int]] | None = None
     test_groups: Mapping[str, tuple[tuple[str, ...], np.ndarray]] = field(default_factory=dict)
 
@@ -75,38 +82,76 @@ def described(x: np.ndarray) -> np.ndarray:
     return x.reshape(len(x), 1, -1).mean(axis=2, dtype=np.float64)
 
 
-def simulated_facts(source: SourceData, x: np.ndarray) -> DataFacts:
+def simulated_facts(source: SourceData, data: LabeledArrays) -> DataFacts:
     """A simulated node: the bundled source's public scale; no raw file, so no missing values."""
-    features = described(x)
+    features = described(data.x)
     names = source.feature_names or tuple(f"x{j}" for j in range(features.shape[1]))
-    return DataFacts(features=features, names=names, ranges=source.ranges)
+    return DataFacts(features=features, names=names, ranges=source.ranges, labels=data.y)
 
 
 def deployed_facts(prepared: PreparedDataset, inspection: Inspection) -> DataFacts:
-    """A registered dataset: its schema's ranges, its file's missing values and groups."""
+    """A registered dataset's usable records as parsed: schema ranges, missing values, groups."""
     records = inspection.records
-    features = described(prepared.raw_features())
-    names = prepared.feature_names
-    if len(names) != features.shape[1]:  # an array source without per-column names
-        names = tuple(f"x{j}" for j in range(features.shape[1]))
+    keep = np.flatnonzero(records.keep)
     groups: dict[str, tuple[tuple[str, ...], np.ndarray]] = {}
     if isinstance(records, TableRecords):
+        features, names = _table_values(inspection.spec.feature_columns, records, keep)
         missing = {name: int(column.missing.sum()) for name, column in records.columns.items()}
+        ranges: Mapping[str, tuple[float, float]] = inspection.spec.feature_ranges()
         rows = prepared.test_rows if prepared.test_rows is not None else np.zeros(0, np.int64)
         for name, column in records.columns.items():
             categories = column.spec.categories
             if column.texts is not None and categories is not None:
-                values = np.where(column.missing[rows], MISSING_GROUP, column.texts[rows])
-                groups[name] = ((*categories, MISSING_GROUP), values.astype(str))
+                marker = _missing_marker(categories)
+                values = np.where(column.missing[rows], marker, column.texts[rows])
+                groups[name] = ((*categories, marker), values.astype(str))
     else:
+        features = described(records.x[keep])  # NaN stays NaN: a missing value
+        names = prepared.feature_names
+        if len(names) != features.shape[1]:  # an array source without per-column names
+            names = tuple(f"x{j}" for j in range(features.shape[1]))
+        # Decoded images are uint8 pixels / 255: [0, 1] by the format, not by the data.
+        ranges = dict.fromkeys(names, (0.0, 1.0)) if records.raw.image else {}
         missing = {records.raw.features_name: int(records.missing_rows.sum())}
     return DataFacts(
         features=features,
         names=names,
-        ranges=inspection.spec.feature_ranges(),
+        ranges=ranges,
+        labels=records.labels[keep],
         missing=(len(records), missing),
         test_groups=groups,
     )
+
+
+def _table_values(
+    columns: tuple[ColumnSpec, ...], records: TableRecords, keep: np.ndarray
+) -> tuple[np.ndarray, tuple[str, ...]]:
+    """The feature columns as the model sees them (one 0/1 column per category), NaN if missing."""
+    blocks: list[np.ndarray] = []
+    names: list[str] = []
+    for column in columns:
+        parsed = records.columns[column.name]
+        missing = parsed.missing[keep]
+        if parsed.numbers is not None:
+            values = parsed.numbers[keep].astype(np.float64)
+            blocks.append(np.where(missing, np.nan, values)[:, None])
+            names.append(column.name)
+            continue
+        categories = column.categories or ()
+        texts = parsed.texts[keep] if parsed.texts is not None else np.zeros(len(keep), str)
+        for category in categories:
+            blocks.append(np.where(missing, np.nan, texts == category).astype(np.float64)[:, None])
+            names.append(f"{column.name}={category}")
+    values = np.concatenate(blocks, axis=1) if blocks else np.zeros((len(keep), 0))
+    return values, tuple(names)
+
+
+def _missing_marker(categories: tuple[str, ...]) -> str:
+    """The group name of a missing value: never one of the declared categories."""
+    marker = MISSING_GROUP
+    while marker in categories:
+        marker += "'"
+    return marker
 
 
 @dataclass(frozen=True)
@@ -157,7 +202,6 @@ Noise = Callable[[Block, int], np.ndarray]
 
 
 def release_statistics(
-    labels: np.ndarray,
     num_classes: int,
     facts: DataFacts,
     selection: Selection,
@@ -166,7 +210,7 @@ def release_statistics(
     noise: Noise,
 ) -> dict[str, object]:
     """Every block's noisy values (`noise(block, size)` draws its noise), as release fields."""
-    counts = np.bincount(labels.astype(np.int64), minlength=num_classes)[:num_classes]
+    counts = np.bincount(facts.labels.astype(np.int64), minlength=num_classes)[:num_classes]
     fields: dict[str, object] = {
         "label_counts": _tuple(counts + noise("labels", num_classes)),
         "unranged": selection.unranged,

@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from pydantic import Field, ValidationError
+from pydantic import ConfigDict, Field, ValidationError
 
 from consortia.common.config import StatisticsConfig, StrictModel
 from consortia.common.errors import FederationError
@@ -44,7 +44,13 @@ MESSAGE_ACTION = "statistics"  # the query's message type is "query.statistics"
 MESSAGE_TYPE = f"query.{MESSAGE_ACTION}"
 
 
-class FeatureRelease(StrictModel):
+class _Released(StrictModel):
+    """A release from a node: strict, and every number finite (NaN or ∞ is malformed)."""
+
+    model_config = ConfigDict(allow_inf_nan=False)
+
+
+class FeatureRelease(_Released):
     """One feature's noisy histogram and moments (u-units: the range mapped onto [−1, 1])."""
 
     name: str
@@ -55,14 +61,14 @@ class FeatureRelease(StrictModel):
     sum_squares: float
 
 
-class MissingRelease(StrictModel):
+class MissingRelease(_Released):
     """Noisy count of the records read and of each column's missing values."""
 
     records_read: float
     per_column: dict[str, float]
 
 
-class AccuracyRelease(StrictModel):
+class AccuracyRelease(_Released):
     """Noisy test records and correct predictions: in all, per class, and per group."""
 
     total: float
@@ -74,7 +80,7 @@ class AccuracyRelease(StrictModel):
     group_correct: dict[str, float] = Field(default_factory=dict)
 
 
-class StatisticsRelease(StrictModel):
+class StatisticsRelease(_Released):
     """What one node sends back: every block, the noise it carries, and the ε it cost."""
 
     label_counts: tuple[float, ...]
@@ -89,6 +95,35 @@ class StatisticsRelease(StrictModel):
     epsilon: float = Field(ge=0, description="ε of this query alone, at `delta`")
     epsilon_spent: float = Field(ge=0, description="the dataset's ε after this query")
     delta: float = Field(gt=0, lt=1)
+
+    def problem(self, num_classes: int, bins: int) -> str | None:
+        """Why this release cannot be pooled with the others of the query, or None.
+
+        Every list must have the query's length and every block present its
+        sensitivity (the error bars are computed from it).
+        """
+        if len(self.label_counts) != num_classes:
+            return f"{len(self.label_counts)} label counts for {num_classes} classes"
+        blocks: set[str] = {"labels"}
+        if self.features:
+            blocks |= {"histograms", "sums", "squares"}
+        if any(len(f.histogram) != bins for f in self.features):
+            return f"a feature histogram without the query's {bins} bins"
+        if self.missing is not None:
+            blocks.add("missing")
+        accuracy = self.accuracy
+        if accuracy is not None:
+            blocks |= {"accuracy", "classes"}
+            if not len(accuracy.class_total) == len(accuracy.class_correct) == num_classes:
+                return f"per-class accuracy counts that are not {num_classes} long"
+            if set(accuracy.group_total) != set(accuracy.group_correct):
+                return "group counts with different groups for totals and correct"
+            if accuracy.group_total:
+                blocks.add("groups")
+        absent = sorted(b for b in blocks if self.sensitivity.get(b, 0.0) <= 0)
+        if absent:
+            return f"no positive sensitivity for block(s) {', '.join(absent)}"
+        return None
 
     def std(self, block: Block) -> float:
         """The noise std of every entry of `block`."""

@@ -86,6 +86,7 @@ def run_statistics(
     task = ConfigRecord({p.TASK_KEY: p.TaskSpec(job=job, simulation=simulation).encode()})
     expected = simulation.nodes if simulation is not None else config.min_nodes
     roster = discover(grid, task, expected, config.round_timeout_s)
+    _, num_classes = roster.data_shape()  # the nodes' layouts must agree, as for training
     manifest = build_manifest(
         out_dir.name,
         config,
@@ -96,6 +97,12 @@ def run_statistics(
     )
     replies = exchange(grid, _queries(roster, task, arrays), config.round_timeout_s)
     releases, refusals = _read_replies(replies, roster, config.round_timeout_s)
+    for node, release in list(releases.items()):
+        problem = release.problem(num_classes, query.bins)
+        if problem is not None:
+            del releases[node]
+            refusals.append(NodeRefusal(node=node, code="malformed-release", reason=problem))
+    refusals.sort(key=lambda r: r.node)
     result = StatisticsFile(
         manifest=manifest,
         query=query,
@@ -104,7 +111,11 @@ def run_statistics(
         answered=sorted(releases),
         refusals=refusals,
         releases=dict(sorted(releases.items())),
-        summary=summarize(releases, query.confidence, query.min_count) if releases else None,
+        summary=(
+            summarize(releases, query.confidence, query.min_count, query.group_column)
+            if releases
+            else None
+        ),
     )
     write_statistics(out_dir, result)
     return result

@@ -7,6 +7,7 @@ the job's `min_count` reads "suppressed". Figures are inline PNGs.
 
 from __future__ import annotations
 
+import html
 from typing import TYPE_CHECKING
 
 from consortia.server import html_page as h
@@ -150,6 +151,11 @@ def _features_section(summary: StatisticsSummary) -> str:
     body = h.figure(chart, "feature shift per node") + h.folded(
         h.table(headers, rows), len(rows), "features"
     )
+    if summary.not_pooled:
+        body += h.note(
+            "Released on different ranges or bins by different nodes, so not pooled: "
+            + ", ".join(summary.not_pooled)
+        )
     if summary.unranged:
         unranged = ", ".join(summary.unranged)
         body += h.note(f"Not released (no public range; set [statistics] ranges): {unranged}")
@@ -194,9 +200,8 @@ def _accuracy_section(result: StatisticsFile, summary: StatisticsSummary) -> str
     )
     if summary.accuracy_pooled.per_group:
         groups = [[g, _estimate(e, "{:.3f}")] for g, e in summary.accuracy_pooled.per_group.items()]
-        body += f"<h3>Per group of {summary.group_column} (pooled)</h3>" + h.table(
-            ["group", "accuracy"], groups
-        )
+        column = html.escape(summary.group_column or "")
+        body += f"<h3>Per group of {column} (pooled)</h3>" + h.table(["group", "accuracy"], groups)
     model = result.model
     title = "Model accuracy" + (f" (round {model.round})" if model is not None else "")
     return h.section(title, body)

@@ -61,6 +61,7 @@ class FeatureView(BaseModel):
     mean: Estimate
     std: float | None
     shift: float | None = None  # (node mean − pooled mean) / pooled std
+    shift_noise: float | None = None  # standard error of `shift` from the noise
     total_variation: float | None = None  # histogram, to the pooled one
 
 
@@ -108,6 +109,7 @@ class StatisticsSummary(BaseModel):
     labels: dict[str, LabelMix]
     most_skewed: str | None
     features: list[FeatureSummary]
+    not_pooled: list[str] = Field(default_factory=list)  # released on different ranges or bins
     unranged: list[str]
     missing: dict[str, MissingSummary]
     accuracy_pooled: AccuracyView | None = None
@@ -117,34 +119,39 @@ class StatisticsSummary(BaseModel):
 
 
 def summarize(
-    releases: dict[str, StatisticsRelease], confidence: float, min_count: float
+    releases: dict[str, StatisticsRelease],
+    confidence: float,
+    min_count: float,
+    group_column: str | None = None,
 ) -> StatisticsSummary:
     """Pool the nodes' releases (at least one) and compare every node with the pool."""
     z = NormalDist().inv_cdf((1 + confidence) / 2)
     names = sorted(releases)
-    labels_pooled = _label_mix(
-        np.sum([releases[n].label_counts for n in names], axis=0),
-        _pooled_std([releases[n].std("labels") for n in names]),
-        z,
-        min_count,
-    )
-    labels = {
-        n: _label_mix(np.asarray(r.label_counts), r.std("labels"), z, min_count)
+    pooled_counts = np.sum([releases[n].label_counts for n in names], axis=0)
+    pooled_std = _pooled_std([releases[n].std("labels") for n in names])
+    labels_pooled = _label_mix(pooled_counts, pooled_std, z, min_count)
+    pooled_shares, _ = _shares(pooled_counts, pooled_std)
+    labels: dict[str, LabelMix] = {}
+    skews: dict[str, tuple[float, float]] = {}  # node -> (skew, its noise scale)
+    for name in names:
+        counts, std = np.asarray(releases[name].label_counts), releases[name].std("labels")
+        mix = labels[name] = _label_mix(counts, std, z, min_count)
+        shares, variance = _shares(counts, std)
+        if shares is None or pooled_shares is None:
+            continue
+        # From every cell, suppressed or not: suppression is for display only.
+        mix.total_variation = 0.5 * float(np.abs(shares - pooled_shares).sum())
+        mix.jensen_shannon = _jensen_shannon(shares, pooled_shares)
+        excess = float(((shares - pooled_shares) ** 2).sum()) - variance
+        mix.skew = math.sqrt(max(0.0, excess))
+        skews[name] = (mix.skew, math.sqrt(variance))
+    features, not_pooled = _features(releases, z, min_count)
+    accuracy = {
+        n: _pooled_accuracy({n: r}, z, min_count)
         for n, r in sorted(releases.items())
+        if r.accuracy is not None
     }
-    pooled_shares = _shares(labels_pooled)
-    for mix in labels.values():
-        shares = _shares(mix)
-        if shares is not None and pooled_shares is not None:
-            mix.total_variation = 0.5 * float(np.abs(shares - pooled_shares).sum())
-            mix.jensen_shannon = _jensen_shannon(shares, pooled_shares)
-            variance = sum(((p.error or 0.0) / z) ** 2 for p in mix.proportions)
-            excess = float(((shares - pooled_shares) ** 2).sum()) - variance
-            mix.skew = math.sqrt(max(0.0, excess))
-    distances = {n: m.skew for n, m in labels.items() if m.skew is not None}
-    features = _features(releases, z, min_count)
-    first = releases[names[0]]
-    accuracy = {n: _accuracy(r, z) for n, r in sorted(releases.items()) if r.accuracy is not None}
+    most = max(skews, key=lambda n: skews[n][0], default=None)
     return StatisticsSummary(
         confidence=confidence,
         min_count=min_count,
@@ -159,14 +166,15 @@ def summarize(
         },
         labels_pooled=labels_pooled,
         labels=labels,
-        most_skewed=max(distances, key=lambda n: distances[n]) if distances else None,
+        most_skewed=most if most is not None and skews[most][0] > 0 else None,
         features=features,
+        not_pooled=not_pooled,
         unranged=sorted({name for r in releases.values() for name in r.unranged}),
         missing={n: _missing(r, z, min_count) for n, r in sorted(releases.items()) if r.missing},
-        accuracy_pooled=_pooled_accuracy(releases, z) if accuracy else None,
+        accuracy_pooled=_pooled_accuracy(releases, z, min_count) if accuracy else None,
         accuracy=accuracy,
-        group_column=first.accuracy.group_column if first.accuracy is not None else None,
-        outliers=_outliers(distances, features),
+        group_column=group_column,
+        outliers=_outliers(skews, features, z),
     )
 
 
@@ -175,19 +183,19 @@ def summarize(
 
 def _label_mix(counts: np.ndarray, std: float, z: float, min_count: float) -> LabelMix:
     classes = len(counts)
-    clipped = np.clip(counts, 0.0, None)
-    total = float(clipped.sum())
-    records = Estimate(value=float(counts.sum()), error=z * std * math.sqrt(classes))
+    total = float(counts.sum())
+    records = Estimate(value=total, error=z * std * math.sqrt(classes))
+    if not _shown(np.asarray([total]), min_count)[0]:
+        records = Estimate(value=None)
     shown = _shown(counts, min_count)
     cells = [
         Estimate(value=float(c), error=z * std) if keep else Estimate(value=None)
         for c, keep in zip(counts, shown, strict=True)
     ]
-    if total <= 0:
+    shares, _ = _shares(counts, std)
+    if shares is None:
         return LabelMix(records=records, counts=cells, proportions=[Estimate(value=None)] * classes)
-    shares = clipped / total
-    # p = a / (a + b), a one count, b the others: Var ≈ σ²((1 − p)² + p²(C − 1)) / N².
-    errors = z * std * np.sqrt((1 - shares) ** 2 + shares**2 * (classes - 1)) / total
+    errors = z * _share_errors(shares, std, counts)
     proportions = [
         Estimate(value=float(p), error=float(e)) if keep else Estimate(value=None)
         for p, e, keep in zip(shares, errors, shown, strict=True)
@@ -195,15 +203,26 @@ def _label_mix(counts: np.ndarray, std: float, z: float, min_count: float) -> La
     return LabelMix(records=records, counts=cells, proportions=proportions)
 
 
+def _shares(counts: np.ndarray, std: float) -> tuple[np.ndarray | None, float]:
+    """(proportions from the clipped noisy counts, the sum of their variances); None if all ≤ 0."""
+    clipped = np.clip(np.asarray(counts, dtype=np.float64), 0.0, None)
+    if clipped.sum() <= 0:
+        return None, 0.0
+    shares = clipped / clipped.sum()
+    return shares, float((_share_errors(shares, std, counts) ** 2).sum())
+
+
+def _share_errors(shares: np.ndarray, std: float, counts: np.ndarray) -> np.ndarray:
+    """Standard error of each share p = a / (a + b), a one count, b the others (delta method):
+    Var ≈ σ²((1 − p)² + p²(C − 1)) / N²."""
+    total = float(np.clip(counts, 0.0, None).sum())
+    classes = len(shares)
+    return std * np.sqrt((1 - shares) ** 2 + shares**2 * (classes - 1)) / total
+
+
 def _shown(counts: np.ndarray, min_count: float) -> np.ndarray:
     """Which noisy counts are shown: those at least `min_count` (all, when it is 0)."""
     return counts >= min_count if min_count > 0 else np.ones(len(counts), dtype=bool)
-
-
-def _shares(mix: LabelMix) -> np.ndarray | None:
-    """The mix's proportions with suppressed cells counted as 0 (None when all are)."""
-    values = np.asarray([p.value or 0.0 for p in mix.proportions])
-    return values / values.sum() if values.sum() > 0 else None
 
 
 def _jensen_shannon(p: np.ndarray, q: np.ndarray) -> float:
@@ -226,22 +245,23 @@ def _pooled_std(stds: Sequence[float]) -> float:
 
 def _features(
     releases: dict[str, StatisticsRelease], z: float, min_count: float
-) -> list[FeatureSummary]:
-    """Features every node released on one range (others could not be pooled bin by bin)."""
+) -> tuple[list[FeatureSummary], list[str]]:
+    """Features pooled bin by bin, and those the nodes released on different ranges."""
     by_name: dict[str, dict[str, tuple[FeatureRelease, StatisticsRelease]]] = {}
     for node, release in sorted(releases.items()):
         for feature in release.features:
             by_name.setdefault(feature.name, {})[node] = (feature, release)
-    summaries = []
+    summaries, not_pooled = [], []
     for name, per_node in by_name.items():
         spans = {(f.low, f.high, len(f.histogram)) for f, _ in per_node.values()}
         if len(spans) != 1:
+            not_pooled.append(name)
             continue
         low, high, bins = spans.pop()
         views = {node: _feature_view([pair], z, min_count) for node, pair in per_node.items()}
         pooled = _feature_view(list(per_node.values()), z, min_count)
         for view in views.values():
-            _compare(view, pooled)
+            _compare(view, pooled, z)
         summaries.append(
             FeatureSummary(
                 name=name,
@@ -252,7 +272,7 @@ def _features(
                 nodes=views,
             )
         )
-    return summaries
+    return summaries, not_pooled
 
 
 def _feature_view(
@@ -288,11 +308,12 @@ def _feature_view(
     )
 
 
-def _compare(view: FeatureView, pooled: FeatureView) -> None:
+def _compare(view: FeatureView, pooled: FeatureView, z: float) -> None:
     if view.mean.value is None or pooled.mean.value is None:
         return
     if pooled.std:
         view.shift = (view.mean.value - pooled.mean.value) / pooled.std
+        view.shift_noise = (view.mean.error or 0.0) / z / pooled.std
     mine = np.asarray([h or 0.0 for h in view.histogram])
     theirs = np.asarray([h or 0.0 for h in pooled.histogram])
     if mine.sum() > 0 and theirs.sum() > 0:
@@ -311,7 +332,7 @@ def _missing(release: StatisticsRelease, z: float, min_count: float) -> MissingS
         return Estimate(value=value, error=error) if shown else Estimate(value=None)
 
     return MissingSummary(
-        records_read=Estimate(value=release.missing.records_read, error=error),
+        records_read=estimate(release.missing.records_read),
         per_column={c: estimate(v) for c, v in release.missing.per_column.items()},
     )
 
@@ -320,21 +341,20 @@ def _missing(release: StatisticsRelease, z: float, min_count: float) -> MissingS
 
 
 def _ratio(
-    correct: float, total: float, var_correct: float, var_total: float, z: float
+    correct: float, total: float, var_correct: float, var_total: float, z: float, min_count: float
 ) -> Estimate:
-    """correct / total with its delta-method error bar; None when total is not positive."""
-    if total <= 0:
+    """correct / total with its delta-method error bar; None when total is below `min_count`
+    (or not positive): such a ratio is mostly noise."""
+    if total <= 0 or total < min_count:
         return Estimate(value=None)
     ratio = correct / total
     error = z * math.sqrt(var_correct + ratio**2 * var_total) / total
     return Estimate(value=float(np.clip(ratio, 0.0, 1.0)), error=error)
 
 
-def _accuracy(release: StatisticsRelease, z: float) -> AccuracyView:
-    return _pooled_accuracy({"": release}, z)
-
-
-def _pooled_accuracy(releases: dict[str, StatisticsRelease], z: float) -> AccuracyView:
+def _pooled_accuracy(
+    releases: dict[str, StatisticsRelease], z: float, min_count: float
+) -> AccuracyView:
     """Accuracy over the releases' test records: in all, per class, per group."""
     parts = [(r.accuracy, r) for r in releases.values() if r.accuracy is not None]
     var = sum(r.std("accuracy") ** 2 for _, r in parts)
@@ -348,13 +368,12 @@ def _pooled_accuracy(releases: dict[str, StatisticsRelease], z: float) -> Accura
         for name in sorted({g for a, _ in groups for g in a.group_total}):
             g_total = sum(a.group_total.get(name, 0.0) for a, _ in groups)
             g_right = sum(a.group_correct.get(name, 0.0) for a, _ in groups)
-            per_group[name] = _ratio(g_right, g_total, var_g, var_g, z)
+            per_group[name] = _ratio(g_right, g_total, var_g, var_g, z, min_count)
+    right, tested = sum(a.correct for a, _ in parts), sum(a.total for a, _ in parts)
     return AccuracyView(
-        accuracy=_ratio(
-            sum(a.correct for a, _ in parts), sum(a.total for a, _ in parts), var, var, z
-        ),
+        accuracy=_ratio(right, tested, var, var, z, min_count),
         per_class=[
-            _ratio(float(c), float(t), var_class, var_class, z)
+            _ratio(float(c), float(t), var_class, var_class, z, min_count)
             for c, t in zip(correct, total, strict=True)
         ],
         per_group=per_group,
@@ -364,17 +383,25 @@ def _pooled_accuracy(releases: dict[str, StatisticsRelease], z: float) -> Accura
 # ------------------------------------------------------------------ outliers
 
 
-def _outliers(distances: dict[str, float], features: list[FeatureSummary]) -> list[Outlier]:
-    """Nodes far from the others in label mix or in feature means (robust z-scores)."""
+def _outliers(
+    skews: dict[str, tuple[float, float]], features: list[FeatureSummary], z: float
+) -> list[Outlier]:
+    """Nodes far from the others in label mix or in feature means.
+
+    A robust z-score: the distance from the median node in units of the
+    nodes' spread (1.4826 × MAD), or of the node's own noise when that is
+    larger — a small node's skew or shift is noisier, and noise alone must
+    not make an outlier.
+    """
     found = [
         Outlier(node=n, why=f"label mix: skew {d:.3f} from the pool (robust z {s:.1f})")
-        for n, d, s in _robust_outliers(distances)
+        for n, d, s in _robust_outliers(skews)
     ]
-    shifts: dict[str, float] = {}
+    shifts: dict[str, tuple[float, float]] = {}
     for feature in features:
         for node, view in feature.nodes.items():
-            if view.shift is not None:
-                shifts[node] = max(shifts.get(node, 0.0), abs(view.shift))
+            if view.shift is not None and abs(view.shift) >= shifts.get(node, (0.0, 0.0))[0]:
+                shifts[node] = (abs(view.shift), view.shift_noise or 0.0)
     found += [
         Outlier(node=n, why=f"feature means: largest shift {d:.2f} pooled std (robust z {s:.1f})")
         for n, d, s in _robust_outliers(shifts)
@@ -382,15 +409,16 @@ def _outliers(distances: dict[str, float], features: list[FeatureSummary]) -> li
     return found
 
 
-def _robust_outliers(values: dict[str, float]) -> list[tuple[str, float, float]]:
+def _robust_outliers(values: dict[str, tuple[float, float]]) -> list[tuple[str, float, float]]:
+    """(node, value, z) of each node whose value is OUTLIER_Z robust z-scores above the median."""
     if len(values) < _MIN_NODES_FOR_OUTLIERS:
         return []
-    data = np.asarray(list(values.values()))
+    data = np.asarray([v for v, _ in values.values()])
     median = float(np.median(data))
     spread = 1.4826 * float(np.median(np.abs(data - median)))
-    spread = max(spread, 1e-3 + 0.05 * abs(median))  # identical nodes: no division by zero
-    return [
-        (node, value, (value - median) / spread)
-        for node, value in values.items()
-        if (value - median) / spread > OUTLIER_Z
-    ]
+    found = []
+    for node, (value, noise) in values.items():
+        scale = max(spread, noise, 1e-9)
+        if (value - median) / scale > OUTLIER_Z:
+            found.append((node, value, (value - median) / scale))
+    return found

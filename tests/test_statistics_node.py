@@ -8,6 +8,7 @@ Flower `query.statistics` messages, as its SuperNode would call it.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +34,15 @@ RECORDS = 400
 SITES = ("north", "south")
 
 
-def _write_site(folder: Path, policy: str, budget: float = 3.0) -> tuple[Path, dict[str, Any]]:
-    """A node with 400 records: age (0-100, 40 blank), site (category), a binary label."""
+def _write_site(
+    folder: Path, policy: str, budget: float = 3.0, extra: str | None = None
+) -> tuple[Path, dict[str, Any]]:
+    """A node with 400 records: age (0-100, 40 blank), site (category), a binary label.
+
+    `extra`: one more CSV line (a neighbouring dataset).
+    """
     rng = np.random.default_rng(3)
-    age = rng.uniform(20, 80, RECORDS)
+    age = rng.integers(20, 80, RECORDS).astype(float)  # ties on the histogram's bin edges
     blank = rng.permutation(RECORDS)[:40]
     site = rng.choice(SITES, RECORDS, p=[0.7, 0.3])
     label = (age > 50).astype(int)
@@ -44,6 +50,7 @@ def _write_site(folder: Path, policy: str, budget: float = 3.0) -> tuple[Path, d
         f"{'' if i in set(blank) else f'{age[i]:.3f}'},{site[i]},{label[i]}" for i in range(RECORDS)
     ]
     (folder / "data").mkdir(parents=True)
+    lines += [extra] if extra is not None else []
     (folder / "data" / "export.csv").write_text("\n".join(lines) + "\n")
     (folder / "data" / "dataset.toml").write_text(
         'missing = "impute"\nnum_classes = 2\n\n[source]\nformat = "csv"\npath = "export.csv"\n\n'
@@ -122,6 +129,7 @@ ANSWERS = "answer_statistics = true\nmax_statistics_epsilon = 1.0\n"
 def test_a_node_records_the_query_then_releases_noisy_statistics(tmp_path: Path) -> None:
     node_toml, truth = _write_site(tmp_path / "clinic", ANSWERS)
     release = _release(_ask(node_toml, _job(), run_id=31))
+    assert release.sensitivity["labels"] == 1.0 and release.epsilon > 0.4
     (entry,) = _ledger(node_toml)
     assert entry.run_id == "31" and entry.mechanism == "gaussian"
     assert entry.epsilon == pytest.approx(release.epsilon_spent) and release.epsilon <= 0.5
@@ -131,7 +139,6 @@ def test_a_node_records_the_query_then_releases_noisy_statistics(tmp_path: Path)
     assert any(e["event"] == "privacy.spend" and e["details"]["job"] == "insight" for e in spends)
     # noisy, within a few noise stds of the truth (features: age, site=north, site=south)
     z = 4.0
-    assert release.label_counts != tuple(float(c) for c in truth["labels"])
     for noisy, exact in zip(release.label_counts, truth["labels"], strict=True):
         assert abs(noisy - exact) < z * release.std("labels")
     assert release.missing is not None
@@ -140,8 +147,10 @@ def test_a_node_records_the_query_then_releases_noisy_statistics(tmp_path: Path)
     assert [f.name for f in release.features] == ["age", "site=north", "site=south"]
     age = release.features[0]
     assert (age.low, age.high) == (0.0, 100.0)
-    # The prepared data imputes the 40 blanks with the median: the age histogram counts them.
-    assert abs(sum(age.histogram) - RECORDS) < z * release.std("histograms") * np.sqrt(10)
+    # Blanks are missing, never imputed: the age histogram counts the 360 present values.
+    assert abs(sum(age.histogram) - (RECORDS - 40)) < z * release.std("histograms") * np.sqrt(10)
+    mean = 50 + 50 * age.sum / (RECORDS - 40)
+    assert abs(mean - truth["mean_age"]) < z * release.std("sums") * 50 / (RECORDS - 40)
 
 
 def test_the_policy_decides_and_a_refusal_spends_nothing(tmp_path: Path) -> None:
@@ -188,3 +197,64 @@ def test_check_job_says_whether_the_node_would_answer(
     silent, _ = _write_site(tmp_path / "silent", "")
     result = consortia_cli("node", "check-job", str(job), "--node", str(silent), cwd=tmp_path)
     assert result.returncode == 1 and "statistics-not-answered" in result.stdout
+
+
+def test_the_noise_has_the_stated_std(tmp_path: Path) -> None:
+    """Through the real handler: 40 queries (each job name a fresh seed), noise std = σ × Δ₂."""
+    generous = "answer_statistics = true\nmax_statistics_epsilon = 50\n"
+    node_toml, truth = _write_site(tmp_path / "clinic", generous, budget=1e6)
+    label_noise, bin_noise = [], []
+    for k in range(40):
+        job = _job(noise_multiplier=3.0, target_epsilon=None).model_copy(update={"name": f"q{k}"})
+        release = _release(_ask(node_toml, job, run_id=100 + k))
+        label_noise += [n - t for n, t in zip(release.label_counts, truth["labels"], strict=True)]
+        north = np.asarray(release.features[1].histogram)  # site=north: 0/1, bins 0 and 9 only
+        bin_noise += list(north[1:9])  # bins no record can fall in: pure noise
+    assert release.std("labels") == 3.0 and release.std("histograms") == 3.0 * np.sqrt(3)
+    assert np.std(label_noise) == pytest.approx(3.0, rel=0.25)
+    assert np.std(bin_noise) == pytest.approx(3.0 * np.sqrt(3), rel=0.15)
+
+
+def test_one_more_record_moves_each_block_by_at_most_its_sensitivity(tmp_path: Path) -> None:
+    """Neighbouring datasets, exact (noise-free) blocks: the L2 change is within Δ₂.
+
+    The extra record has a blank age and an age on a bin edge would move a
+    median: neither imputation nor standardisation may reach the statistics.
+    """
+    from consortia.client.statistics import (
+        deployed_facts,
+        query_blocks,
+        release_statistics,
+        select_features,
+    )
+
+    def exact(site: Path) -> tuple[dict[str, Any], dict[str, float]]:
+        registry = DatasetRegistry(site / "state")
+        facts = deployed_facts(*registry.load_inspected("registry"))
+        config = _job().statistics
+        assert config is not None
+        selection = select_features(facts, config)
+        blocks = query_blocks(facts, selection, config)  # type: ignore[arg-type]
+        zero = lambda block, size: np.zeros(size)  # noqa: E731
+        return release_statistics(2, facts, selection, None, config, zero), blocks  # type: ignore[arg-type]
+
+    for extra in (",south,1", "50,north,0", "100,north,1"):
+        base, blocks = exact(_write_site(tmp_path / "a", ANSWERS)[0].parent)
+        more, _ = exact(_write_site(tmp_path / "b", ANSWERS, extra=extra)[0].parent)
+
+        def change(get: Any, base: Any = base, more: Any = more) -> float:
+            moved = np.asarray(get(more), float) - np.asarray(get(base), float)
+            return float(np.linalg.norm(moved))
+
+        # The 40 blanks are missing values, not imputed ones: no histogram counts them.
+        assert sum(base["features"][0].histogram) == RECORDS - 40
+        assert base["missing"].per_column["age"] == 40
+        assert change(lambda r: r["label_counts"]) <= blocks["labels"]
+        histograms = change(lambda r: [f.histogram for f in r["features"]])
+        assert histograms <= blocks["histograms"] + 1e-9
+        assert change(lambda r: [f.sum for f in r["features"]]) <= blocks["sums"] + 1e-9
+        assert change(lambda r: [f.sum_squares for f in r["features"]]) <= blocks["squares"] + 1e-9
+        missing = change(lambda r: [r["missing"].records_read, *r["missing"].per_column.values()])
+        assert 0 < missing <= blocks["missing"] + 1e-9
+        for folder in ("a", "b"):
+            shutil.rmtree(tmp_path / folder)

@@ -37,8 +37,7 @@ class PreparedDataset:
     `feature_names` names the columns of tabular features (one-hot columns
     as "column=category"); for image data it names the channels.
     `mean`/`std` are the train-split statistics used for standardisation
-    (None when `standardize = false`; 0/1 for one-hot columns). `raw_features`
-    undoes it: the values in the schema's own units, which its ranges bound.
+    (None when `standardize = false`; 0/1 for one-hot columns).
     """
 
     train: LabeledArrays
@@ -52,14 +51,6 @@ class PreparedDataset:
     @property
     def feature_shape(self) -> tuple[int, ...]:
         return tuple(self.train.x.shape[1:])
-
-    def raw_features(self) -> np.ndarray:
-        """Train then test features in the source's units (standardisation undone), float64."""
-        x = np.concatenate([self.train.x, self.test.x]).astype(np.float64)
-        if self.mean is None or self.std is None:
-            return x
-        shape = (1, -1, 1, 1) if x.ndim == 4 else (1, *x.shape[1:])
-        return x * self.std.reshape(shape) + self.mean.reshape(shape)
 
 
 def prepare(spec: DatasetSpec, inspection: Inspection | None = None) -> PreparedDataset:
