@@ -211,7 +211,7 @@ def test_the_noise_has_the_stated_std(tmp_path: Path) -> None:
         north = np.asarray(release.features[1].histogram)  # site=north: 0/1, bins 0 and 9 only
         bin_noise += list(north[1:9])  # bins no record can fall in: pure noise
     assert release.std("labels") == 3.0 and release.std("histograms") == 3.0 * np.sqrt(3)
-    assert np.std(label_noise) == pytest.approx(3.0, rel=0.25)
+    assert np.std(label_noise) == pytest.approx(3.0, rel=0.3)  # 80 draws: ±8% is one std
     assert np.std(bin_noise) == pytest.approx(3.0 * np.sqrt(3), rel=0.15)
 
 
