@@ -124,6 +124,13 @@ def ledger_show(node: NodeOption) -> None:
 def check_job(
     job: Annotated[Path, typer.Argument(help="The job's job.toml, as the coordinator runs it.")],
     node: NodeOption,
+    statistics: Annotated[
+        bool,
+        typer.Option(
+            "--statistics",
+            help="Preview the job's [statistics] query (`job stats`) instead of training.",
+        ),
+    ] = False,
 ) -> None:
     """Would this node take part in JOB (or answer its statistics query)? Trains nothing.
 
@@ -135,11 +142,13 @@ def check_job(
     from consortia.client.policy import Refusal
 
     config, settings = _load_job(job), _node(node)
-    statistics = preview_statistics(config, settings)
-    if statistics is not None:  # a statistics job (`consortia job stats`): no training
-        refusal = statistics if isinstance(statistics, Refusal) else statistics.refusal
-        if not isinstance(statistics, Refusal):
-            _print_rows(statistics.rows())
+    if statistics:  # a statistics job (`consortia job stats`): no training
+        if config.statistics is None:
+            raise ConfigError(f"{job}: --statistics needs a [statistics] block in the job")
+        answer = preview_statistics(config, settings)
+        refusal = answer if isinstance(answer, Refusal) else answer.refusal
+        if not isinstance(answer, Refusal):
+            _print_rows(answer.rows())
         if refusal is not None:
             console.print(f"[red]refused[/] {escape(str(refusal))}", highlight=False)
             raise typer.Exit(1)
@@ -184,10 +193,13 @@ def audit(
     result, path = audit_on_node(_node(node), _load_job(job), model, shadows)
     print_audit(console, result.audit, f"{result.node} / {result.dataset}: {result.audit.run}")
     members = result.audit.attacks[0].members
+    for warning in result.warnings:
+        console.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)
     console.print(
         f"claimed ε: the dataset's in this node's ledger (every release ever made from it); "
         f"{members} members (train split) vs {members} non-members (test split); "
-        f"written to {escape(str(path))}"
+        f"written to {escape(str(path))}",
+        soft_wrap=True,
     )
 
 

@@ -4,7 +4,7 @@ The node operator runs this (`consortia node check-job`) before agreeing to
 a consortium's job: it names the model's architecture hash to pin in the
 policy, the noise the node would calibrate, and where the dataset's budget
 would stand after one round and after the whole job; for a statistics job,
-whether it would answer the query and what that would cost.
+whether it would answer the query and what that would cost (`--statistics`).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from consortia.client.spend import (
 )
 from consortia.client.statistics import deployed_facts, query_blocks, select_features
 from consortia.common.config import JobConfig
+from consortia.common.errors import DataError, PrivacyError
 from consortia.common.models import architecture_hash, build_model
 from consortia.common.privacy import epsilon
 from consortia.common.statistics import query_noise
@@ -148,28 +149,37 @@ class StatisticsPreview(BaseModel):
         return rows
 
 
-def preview_statistics(job: JobConfig, node: NodeConfig) -> StatisticsPreview | Refusal | None:
-    """The node's answer to the job's `[statistics]` query (None without one); nothing is spent.
+def preview_statistics(job: JobConfig, node: NodeConfig) -> StatisticsPreview | Refusal:
+    """The node's answer to the job's `[statistics]` query; nothing is spent.
 
-    The checks of a query: the dataset served, the features known, the
-    policy's `answer_statistics` and per-query limit, the dataset's budget.
-    A query with a model is also checked against the model policy when it
-    arrives, with the model.
+    The checks of a query: the dataset served and unchanged, the features
+    and group column known, the noise reachable, the policy's
+    `answer_statistics` and per-query limit, the dataset's budget. A query
+    with a model is also checked against the model policy when it arrives.
     """
     config = job.statistics
-    if config is None:
-        return None
+    assert config is not None  # the caller checked
     try:
         dataset = served_dataset(job, node)
+        facts = deployed_facts(*DatasetRegistry(node.state_dir).load_inspected(dataset))
     except NodeRefusedError as refused:
         return refused.refusal
-    facts = deployed_facts(*DatasetRegistry(node.state_dir).load_inspected(dataset))
+    except DataError as exc:
+        return Refusal(code="data-unusable", reason=exc.message)
     selection = select_features(facts, config)
     if isinstance(selection, Refusal):
         return selection
+    if config.group_column is not None and config.group_column not in facts.test_groups:
+        return Refusal(
+            code="unknown-group-column",
+            reason=f"'{config.group_column}' is not a category column of this node's dataset",
+        )
     blocks = query_blocks(facts, selection, config)
     policy = node.policy
-    sigma, release = query_noise(config, len(blocks), policy.delta, policy.accountant)
+    try:
+        sigma, release = query_noise(config, len(blocks), policy.delta, policy.accountant)
+    except PrivacyError as exc:
+        return Refusal(code="privacy-target-unreachable", reason=exc.message)
     cost = epsilon([release], policy.delta, policy.accountant)
     with PrivacyLedger(ledger_path(node.state_dir)) as ledger:
         budget = register_budget(ledger, dataset, policy)

@@ -52,14 +52,18 @@ class ShadowRecipe:
 
 
 def balanced(
-    members: LabeledArrays, non_members: LabeledArrays, rng: np.random.Generator, where: str
+    members: LabeledArrays, non_members: LabeledArrays, rng: np.random.Generator, hint: str
 ) -> tuple[LabeledArrays, LabeledArrays]:
-    """As many members as non-members (at most MAX_PER_SIDE each), drawn at random."""
+    """As many members as non-members (at most MAX_PER_SIDE each), drawn at random.
+
+    `hint` ends the error when either side has fewer than MIN_PER_SIDE records.
+    """
     per_side = min(len(members), len(non_members), MAX_PER_SIDE)
     if per_side < MIN_PER_SIDE:
+        short = "training" if len(members) < len(non_members) else "held-out"
         raise ConsortiaError(
-            f"{where} hold {len(non_members)} held-out records; a membership audit needs at "
-            f"least {MIN_PER_SIDE} (raise the test fraction of the split)"
+            f"only {per_side} {short} records; a membership audit needs at least "
+            f"{MIN_PER_SIDE} of each ({hint})"
         )
     return _sample(members, per_side, rng), _sample(non_members, per_side, rng)
 

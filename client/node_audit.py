@@ -2,13 +2,16 @@
 
 The privacy ledger says how much ε each dataset has spent; the audit log
 says what the node did, in order, in a form an auditor can check for edits
-(`consortia audit verify`, see `consortia.common.audit`). Three events:
+(`consortia audit verify`, see `consortia.common.audit`). Four events:
 
 - `data.registered`: `consortia node data add` registered a dataset
   (written by `DatasetRegistry.add`).
 - `privacy.spend`: a DP release, written right after the ledger recorded it
-  and before the update (or label histogram) leaves (`LedgerAccount.record`).
+  and before the update (label histogram, statistics answer) leaves
+  (`LedgerAccount.record`).
 - `node.refusal`: the node declined a message (`client/app.py`).
+- `privacy.audited`: `consortia node audit` attacked a global model with the
+  node's records (client/node_privacy_audit.py); nothing left the node.
 
 Simulated nodes keep no audit log: they have no state folder and no operator.
 """

@@ -40,7 +40,11 @@ AUDITS_DIR = "privacy-audits"
 
 
 class NodePrivacyAudit(BaseModel):
-    """One audit on one node: which model, which dataset, when, and what the attacks proved."""
+    """One audit on one node: which model, which dataset, when, and what the attacks proved.
+
+    `registration_fingerprint` and `registered_at` say which split was used:
+    members and non-members are the split of the dataset as registered now.
+    """
 
     node: str
     dataset: str
@@ -48,6 +52,9 @@ class NodePrivacyAudit(BaseModel):
     model_file: str
     model_sha256: str
     audited_utc: str
+    registration_fingerprint: str
+    registered_at: str
+    warnings: list[str]
     audit: PrivacyAudit
 
 
@@ -59,8 +66,11 @@ def audit_on_node(
     Returns the result and the file it was written to.
     """
     dataset = served_dataset(job, node)
-    data = DatasetRegistry(node.state_dir).load(dataset)
-    raw = _read_model_file(model_file)
+    registry = DatasetRegistry(node.state_dir)
+    registration = registry.get(dataset)
+    data = registry.load(dataset)
+    content = _read_bytes(model_file)
+    raw = _model_arrays(content, model_file)
     model = build_model(job.model, data.feature_shape, data.num_classes, job.seed)
     state = {key: torch.from_numpy(np.array(array)) for key, array in raw.items()}
     try:
@@ -72,11 +82,19 @@ def audit_on_node(
             f"'{dataset}' ({first}); pass the job file the model was trained with"
         ) from None
     rng = np.random.default_rng(seed)
-    members, non_members = balanced(data.train, data.test, rng, f"dataset '{dataset}' (test split)")
+    hint = f"dataset '{dataset}' of this node; a model trained on fewer cannot be audited here"
+    members, non_members = balanced(data.train, data.test, rng, hint)
     recipe = ShadowRecipe(job, data.feature_shape, data.num_classes)
-    delta = node.policy.delta
+    claimed, delta, first_release = _dataset_epsilon(node, dataset)
     attacks = standard_attacks(model, members, non_members, recipe, shadows, delta, rng)
-    digest = hashlib.sha256(model_file.read_bytes()).hexdigest()
+    digest = hashlib.sha256(content).hexdigest()  # of the bytes audited
+    warnings = []
+    if first_release is not None and registration.registered_at > first_release:
+        warnings.append(
+            f"dataset '{dataset}' was registered again ({registration.registered_at:%Y-%m-%d}) "
+            f"after its first release ({first_release:%Y-%m-%d}): if its split changed, some "
+            "records the model trained on now count as non-members and the attacks understate"
+        )
     result = NodePrivacyAudit(
         node=node.name,
         dataset=dataset,
@@ -84,10 +102,13 @@ def audit_on_node(
         model_file=str(model_file),
         model_sha256=digest,
         audited_utc=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        registration_fingerprint=registration.fingerprint,
+        registered_at=registration.registered_at.isoformat(timespec="seconds"),
+        warnings=warnings,
         audit=PrivacyAudit(
             run=model_file.name,
             round=_round_of(model_file),
-            claimed_epsilon=_dataset_epsilon(node, dataset),
+            claimed_epsilon=claimed,
             delta=delta,
             shadows=shadows,
             attacks=attacks,
@@ -109,12 +130,19 @@ def audit_on_node(
     return result, path
 
 
-def _read_model_file(path: Path) -> dict[str, np.ndarray]:
+def _read_bytes(path: Path) -> bytes:
     try:
-        arrays = load(path.read_bytes())
+        return path.read_bytes()
     except FileNotFoundError:
         raise DataError(f"{path}: no such model file") from None
-    except (OSError, SafetensorError) as exc:
+    except OSError as exc:
+        raise DataError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+
+
+def _model_arrays(content: bytes, path: Path) -> dict[str, np.ndarray]:
+    try:
+        arrays = load(content)
+    except SafetensorError as exc:
         raise DataError(
             f"{path}: not a safetensors model file ({exc}); pass a run's "
             "model/round-NNN.safetensors"
@@ -124,12 +152,21 @@ def _read_model_file(path: Path) -> dict[str, np.ndarray]:
     return arrays
 
 
-def _dataset_epsilon(node: NodeConfig, dataset: str) -> float:
-    """The dataset's ε so far in the node's ledger (0 if it never released anything)."""
-    with PrivacyLedger(ledger_path(node.state_dir)) as ledger:
-        if dataset not in [budget.name for budget in ledger.datasets()]:
-            return 0.0
-        return ledger.spent(dataset)
+def _dataset_epsilon(node: NodeConfig, dataset: str) -> tuple[float, float, dt.datetime | None]:
+    """(ε so far, the δ it is stated at, the first release's time) from the node's ledger.
+
+    A dataset that never released anything: ε 0 at the policy's δ (no ledger is created).
+    """
+    path = ledger_path(node.state_dir)
+    if not path.is_file():
+        return 0.0, node.policy.delta, None
+    with PrivacyLedger(path) as ledger:
+        budget = next((b for b in ledger.datasets() if b.name == dataset), None)
+        if budget is None:
+            return 0.0, node.policy.delta, None
+        history = ledger.history(dataset)
+        first = history[0].recorded_at if history else None
+        return ledger.spent(dataset), budget.delta, first
 
 
 def _round_of(model_file: Path) -> int:

@@ -99,4 +99,5 @@ def _audit_records(
             train = train.subset(np.arange(len(train) - int(planted.inside.sum())))
         trains.append(train)
         tests.append(data.test)
-    return balanced(concat(trains), concat(tests), rng, "the run's nodes")
+    hint = "in all the run's nodes; raise simulation.data.test_fraction or add records"
+    return balanced(concat(trains), concat(tests), rng, hint)

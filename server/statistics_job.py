@@ -86,7 +86,7 @@ def run_statistics(
     task = ConfigRecord({p.TASK_KEY: p.TaskSpec(job=job, simulation=simulation).encode()})
     expected = simulation.nodes if simulation is not None else config.min_nodes
     roster = discover(grid, task, expected, config.round_timeout_s)
-    _, num_classes = roster.data_shape()  # the nodes' layouts must agree, as for training
+    num_classes = _class_count(roster)
     manifest = build_manifest(
         out_dir.name,
         config,
@@ -139,6 +139,19 @@ def read_statistics(path: Path) -> StatisticsFile:
     except (OSError, ValueError) as exc:
         first = str(exc).splitlines()[0]
         raise ConsortiaError(f"{file}: not a readable stats.json ({first})") from None
+
+
+def _class_count(roster: Roster) -> int:
+    """The class count every node reported. Feature layouts may differ (the summary pools
+    features by name, and a node whose schema differs is itself a finding); classes may not."""
+    counts = {node.num_classes for node in roster.nodes}
+    if len(counts) != 1:
+        detail = ", ".join(f"{n.name}: {n.num_classes}" for n in roster.nodes)
+        raise FederationError(
+            f"the nodes' datasets do not have one class count ({detail}); their schemas must "
+            "declare the same classes"
+        )
+    return counts.pop()
 
 
 def _queries(roster: Roster, task: ConfigRecord, arrays: ArrayRecord | None) -> list[Message]:

@@ -260,8 +260,13 @@ def _features(
         low, high, bins = spans.pop()
         views = {node: _feature_view([pair], z, min_count) for node, pair in per_node.items()}
         pooled = _feature_view(list(per_node.values()), z, min_count)
-        for view in views.values():
+        pooled_shares = _bin_shares([f.histogram for f, _ in per_node.values()])
+        for node, view in views.items():
             _compare(view, pooled, z)
+            mine = _bin_shares([per_node[node][0].histogram])
+            if mine is not None and pooled_shares is not None and view.mean.value is not None:
+                # From every bin, suppressed or not (suppression is for display only).
+                view.total_variation = 0.5 * float(np.abs(mine - pooled_shares).sum())
         summaries.append(
             FeatureSummary(
                 name=name,
@@ -314,10 +319,12 @@ def _compare(view: FeatureView, pooled: FeatureView, z: float) -> None:
     if pooled.std:
         view.shift = (view.mean.value - pooled.mean.value) / pooled.std
         view.shift_noise = (view.mean.error or 0.0) / z / pooled.std
-    mine = np.asarray([h or 0.0 for h in view.histogram])
-    theirs = np.asarray([h or 0.0 for h in pooled.histogram])
-    if mine.sum() > 0 and theirs.sum() > 0:
-        view.total_variation = 0.5 * float(np.abs(mine / mine.sum() - theirs / theirs.sum()).sum())
+
+
+def _bin_shares(histograms: list[tuple[float, ...]]) -> np.ndarray | None:
+    """Shares of the summed noisy histograms, negatives clipped (None when nothing is left)."""
+    clipped = np.clip(np.sum(histograms, axis=0), 0.0, None)
+    return clipped / clipped.sum() if clipped.sum() > 0 else None
 
 
 # ------------------------------------------------------------------ missing values

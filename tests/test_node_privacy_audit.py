@@ -67,8 +67,10 @@ def _audit(cli: CliRunner, site: tuple[Path, Path], model: Path) -> tuple[str, d
         "--shadows", "4", cwd=node_toml.parent,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
-    written = result.stdout.rsplit("written to ", 1)[1].split()[0]
-    return result.stdout, json.loads(Path(written).read_text())
+    log = node_toml.parent / "state" / "audit.jsonl"
+    entry = json.loads(log.read_text().splitlines()[-1])  # where the audit was written
+    assert entry["event"] == "privacy.audited"
+    return result.stdout, json.loads(Path(entry["details"]["file"]).read_text())
 
 
 def test_a_memorising_model_is_caught_and_an_untrained_one_is_not(
@@ -113,3 +115,13 @@ def test_a_file_that_is_not_the_jobs_model_is_refused_in_one_line(
         "node", "audit", str(model), "--job", str(other), "--node", str(node_toml), cwd=tmp_path
     )
     assert result.returncode == 2 and "does not fit the job's model" in one_cli_error(result)
+    result = consortia_cli(
+        "node", "audit", str(tmp_path), "--job", str(job), "--node", str(node_toml), cwd=tmp_path
+    )  # a folder, not a file
+    assert result.returncode == 2 and "cannot be read" in one_cli_error(result)
+    elsewhere = tmp_path / "other-dataset.toml"
+    elsewhere.write_text(job.read_text().replace('dataset = "cancer"', 'dataset = "cardio"'))
+    result = consortia_cli(
+        "node", "audit", str(model), "--job", str(elsewhere), "--node", str(node_toml), cwd=tmp_path
+    )
+    assert result.returncode == 2 and "dataset-not-served" in one_cli_error(result)

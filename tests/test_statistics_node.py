@@ -190,13 +190,18 @@ def test_check_job_says_whether_the_node_would_answer(
     job = tmp_path / "stats.toml"
     job.write_text('name = "insight"\ndataset = "registry"\n\n[statistics]\ntarget_epsilon = 0.5\n')
     answers, _ = _write_site(tmp_path / "answers", ANSWERS)
-    result = consortia_cli("node", "check-job", str(job), "--node", str(answers), cwd=tmp_path)
+    check = ("node", "check-job", str(job), "--statistics", "--node")
+    result = consortia_cli(*check, str(answers), cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "would answer the statistics query" in result.stdout
     assert "ε of the query" in result.stdout and _ledger(answers) == []  # nothing spent
     silent, _ = _write_site(tmp_path / "silent", "")
-    result = consortia_cli("node", "check-job", str(job), "--node", str(silent), cwd=tmp_path)
+    result = consortia_cli(*check, str(silent), cwd=tmp_path)
     assert result.returncode == 1 and "statistics-not-answered" in result.stdout
+    grouped = job.read_text().replace("0.5\n", '0.5\nmodel = "run-1"\ngroup_column = "zip"\n')
+    job.write_text(grouped)
+    result = consortia_cli(*check, str(answers), cwd=tmp_path)
+    assert result.returncode == 1 and "unknown-group-column" in result.stdout
 
 
 def test_the_noise_has_the_stated_std(tmp_path: Path) -> None:
