@@ -135,16 +135,15 @@ def _features_section(summary: StatisticsSummary) -> str:
     chart = plots.shift_heatmap_png(shifts, nodes, names)
     rows = []
     for feature in summary.features:
-        shifted = max(
-            feature.nodes.items(), key=lambda item: abs(item[1].shift or 0.0), default=None
-        )
+        shifts = [(node, v.shift) for node, v in feature.nodes.items() if v.shift is not None]
+        shifted = max(shifts, key=lambda item: abs(item[1]), default=None)
         rows.append(
             [
                 feature.name,
                 f"[{feature.low:g}, {feature.high:g}]",
                 _estimate(feature.pooled.mean, "{:.4g}"),
                 h.number(feature.pooled.std, "{:.4g}"),
-                "" if shifted is None else f"{shifted[0]} ({plots.finite(shifted[1].shift):+.2f})",
+                "n/a" if shifted is None else f"{shifted[0]} ({shifted[1]:+.2f})",
             ]
         )
     headers = ["feature", "range", "pooled mean", "pooled std", "largest shift (node)"]
