@@ -77,19 +77,31 @@ def submit(
     ] = False,
 ) -> None:
     """Submit a job: its FAB carries only configuration, the installed apps run it."""
+    from consortia.server.coordinator.jobs import TRAIN_KIND
+
+    target = _target(coordinator, root_certificates, insecure, config)
+    _, code = _start(job, target, TRAIN_KIND, wait)
+    if code is not None:
+        raise typer.Exit(code)
+
+
+def _start(job: Path, target, kind: str, wait: bool) -> tuple[int, int | None]:  # type: ignore[no-untyped-def]  # target: as _target
+    """Submit `job` as a run of `kind`; (run id, exit code of following it if `wait`)."""
+    from consortia.cli.statistics import require_statistics
     from consortia.common.config_io import read_job
     from consortia.server.coordinator.control import Control
-    from consortia.server.coordinator.jobs import build_job_fab
+    from consortia.server.coordinator.jobs import STATISTICS_KIND, build_job_fab
 
     text, loaded = read_job(job)
-    target = _target(coordinator, root_certificates, insecure, config)
-    fab, fab_hash = build_job_fab(text, str(job))
+    if kind == STATISTICS_KIND:
+        require_statistics(loaded)
+    fab, fab_hash = build_job_fab(text, str(job), kind=kind)
     with Control(target) as control:
         run_id = control.start_run(fab, fab_hash)
-        console.print(f"submitted job {loaded.config.name} as run {run_id}")
+        suffix = " (statistics)" if kind == STATISTICS_KIND else ""
+        console.print(f"submitted job {loaded.config.name} as run {run_id}{suffix}")
         sys.stdout.flush()
-        if wait:
-            raise typer.Exit(_follow(control, run_id))
+        return run_id, _follow(control, run_id) if wait else None
 
 
 @job_app.command("stats")
@@ -105,22 +117,12 @@ def stats(
     ] = False,
 ) -> None:
     """Ask every node the job's DP statistics query; its run folder gets stats.json and .html."""
-    from consortia.cli.statistics import require_statistics
-    from consortia.common.config_io import read_job
-    from consortia.server.coordinator.control import Control
-    from consortia.server.coordinator.jobs import STATISTICS_KIND, build_job_fab
+    from consortia.server.coordinator.jobs import STATISTICS_KIND
 
-    text, loaded = read_job(job)
-    require_statistics(loaded)
     target = _target(coordinator, root_certificates, insecure, config)
-    fab, fab_hash = build_job_fab(text, str(job), kind=STATISTICS_KIND)
-    with Control(target) as control:
-        run_id = control.start_run(fab, fab_hash)
-        console.print(f"submitted job {loaded.config.name} as run {run_id} (statistics)")
-        sys.stdout.flush()
-        if not wait:
-            return
-        code = _follow(control, run_id)
+    run_id, code = _start(job, target, STATISTICS_KIND, wait)
+    if code is None:
+        return
     if config is not None and code == 0:
         from consortia.cli.statistics import print_statistics
         from consortia.server.coordinator.config import load_coordinator_config

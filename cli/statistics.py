@@ -34,7 +34,7 @@ def print_statistics(console: Console, result: StatisticsFile, out_dir: Path) ->
             accuracy = summary.accuracy.get(node)
             records = mix.records.value
             table.add_row(
-                node,
+                escape(node),
                 "n/a" if records is None else f"{records:.0f} ± {mix.records.error or 0:.0f}",
                 "n/a" if mix.skew is None else f"{mix.skew:.3f}",
                 ""
@@ -44,12 +44,16 @@ def print_statistics(console: Console, result: StatisticsFile, out_dir: Path) ->
                 f"{spend.epsilon_spent:.4f}",
             )
     for refusal in result.refusals:
-        table.add_row(escape(refusal.node), f"refused [{escape(refusal.code)}]", "", "", "", "")
+        table.add_row(escape(refusal.node), escape(f"refused [{refusal.code}]"), "", "", "", "")
     console.print(table)
     for refusal in result.refusals:
-        console.print(f"{escape(refusal.node)}: [{escape(refusal.code)}] {escape(refusal.reason)}")
+        console.print(
+            f"{escape(refusal.node)}: {escape(f'[{refusal.code}]')} {escape(refusal.reason)}"
+        )
     if summary is not None and summary.most_skewed is not None:
         console.print(f"most skewed label mix: [bold]{escape(summary.most_skewed)}[/]")
     for outlier in summary.outliers if summary is not None else []:
         console.print(f"outlier: {escape(outlier.node)}: {escape(outlier.why)}")
-    console.print(f"statistics written to {out_dir} (open {out_dir / STATS_HTML})")
+    console.print(
+        f"statistics written to {escape(str(out_dir))} (open {escape(str(out_dir / STATS_HTML))})"
+    )

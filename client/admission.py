@@ -24,12 +24,11 @@ from consortia.client.spend import (
     planned_release,
     register_budget,
 )
-from consortia.client.statistics import deployed_facts, query_blocks, select_features
+from consortia.client.statistics import deployed_facts, plan_query
 from consortia.common.config import JobConfig
 from consortia.common.errors import DataError, PrivacyError
 from consortia.common.models import architecture_hash, build_model
 from consortia.common.privacy import epsilon
-from consortia.common.statistics import query_noise
 
 
 def served_dataset(job: JobConfig, node: NodeConfig) -> str:
@@ -166,32 +165,24 @@ def preview_statistics(job: JobConfig, node: NodeConfig) -> StatisticsPreview | 
         return refused.refusal
     except DataError as exc:
         return Refusal(code="data-unusable", reason=exc.message)
-    selection = select_features(facts, config)
-    if isinstance(selection, Refusal):
-        return selection
-    if config.group_column is not None and config.group_column not in facts.test_groups:
-        return Refusal(
-            code="unknown-group-column",
-            reason=f"'{config.group_column}' is not a category column of this node's dataset",
-        )
-    blocks = query_blocks(facts, selection, config)
     policy = node.policy
     try:
-        sigma, release = query_noise(config, len(blocks), policy.delta, policy.accountant)
+        plan = plan_query(facts, config, policy.delta, policy.accountant)
     except PrivacyError as exc:
         return Refusal(code="privacy-target-unreachable", reason=exc.message)
-    cost = epsilon([release], policy.delta, policy.accountant)
+    if isinstance(plan, Refusal):
+        return plan
     with PrivacyLedger(ledger_path(node.state_dir)) as ledger:
         budget = register_budget(ledger, dataset, policy)
-        after = ledger.projected_epsilon(dataset, release)
-    refusal = check_statistics(cost, policy) or check_budget(
+        after = ledger.projected_epsilon(dataset, plan.release)
+    refusal = check_statistics(plan.epsilon, policy) or check_budget(
         budget.epsilon_spent, after, policy, dataset
     )
     return StatisticsPreview(
-        blocks=len(blocks),
-        noise_multiplier=sigma,
-        query_epsilon=cost,
+        blocks=len(plan.blocks),
+        noise_multiplier=plan.sigma,
+        query_epsilon=plan.epsilon,
         epsilon_after=after,
-        unranged=selection.unranged,
+        unranged=plan.selection.unranged,
         refusal=refusal,
     )

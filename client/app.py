@@ -55,9 +55,8 @@ from consortia.client.statistics import (
     DataFacts,
     Predictions,
     deployed_facts,
-    query_blocks,
+    plan_query,
     release_statistics,
-    select_features,
     simulated_facts,
 )
 from consortia.common import protocol as p
@@ -72,7 +71,7 @@ from consortia.common.errors import (
 )
 from consortia.common.evaluation import evaluate_model, predict
 from consortia.common.models import architecture_hash, build_model
-from consortia.common.privacy import Release, epsilon
+from consortia.common.privacy import Release
 from consortia.common.secagg.fixed_point import EncodingRangeError
 from consortia.common.secagg.wire import (
     MESSAGE_ACTION,
@@ -87,7 +86,6 @@ from consortia.common.statistics import (
     STATISTICS_KEY,
     Block,
     StatisticsRelease,
-    query_noise,
 )
 from consortia.common.weights import flatten_update, load_arrays, model_to_arrays
 
@@ -481,9 +479,10 @@ def statistics(message: Message, context: Context) -> Message:
             Refusal(code="no-statistics-query", reason="the job has no [statistics] block")
         )
     facts = view.facts()
-    selection = select_features(facts, config)
-    if isinstance(selection, Refusal):
-        raise NodeRefusedError(selection)
+    account = view.account
+    plan = plan_query(facts, config, account.delta, account.accountant)
+    if isinstance(plan, Refusal):
+        raise NodeRefusedError(plan)
     model_bytes: list[bytes] = []
     predictions = None
     if config.model is not None:
@@ -492,12 +491,8 @@ def statistics(message: Message, context: Context) -> Message:
             raise FederationError("the statistics query names a model but carries none")
         predictions = _predictions(view, arrays, facts, config.group_column)
         model_bytes = _array_bytes(arrays)
-    blocks = query_blocks(facts, selection, config)
-    account = view.account
-    sigma, release = query_noise(config, len(blocks), account.delta, account.accountant)
-    cost = epsilon([release], account.delta, account.accountant)
-    account.check_statistics(cost)
-    spent = account.record(release, server_round=0, mechanism="gaussian")  # before any release
+    account.check_statistics(plan.epsilon)
+    spent = account.record(plan.release, server_round=0, mechanism="gaussian")  # before release
     question = _question(view, b"statistics", *model_bytes)
     secret = account.noise_secret(question)
     # The question itself in the stream too: in simulation (no secret) two different
@@ -506,15 +501,15 @@ def statistics(message: Message, context: Context) -> Message:
     rng = np.random.default_rng(_round_seed(view.job.seed, view.name, 0, secret, stream))
 
     def noise(block: Block, size: int) -> np.ndarray:
-        return rng.normal(0.0, sigma * blocks[block], size=size)
+        return rng.normal(0.0, plan.sigma * plan.blocks[block], size=size)
 
-    fields = release_statistics(view.num_classes, facts, selection, predictions, config, noise)
+    fields = release_statistics(view.num_classes, facts, plan.selection, predictions, config, noise)
     answer = StatisticsRelease.model_validate(
         {
             **fields,
-            "noise_multiplier": sigma,
-            "sensitivity": blocks,
-            "epsilon": cost,
+            "noise_multiplier": plan.sigma,
+            "sensitivity": plan.blocks,
+            "epsilon": plan.epsilon,
             "epsilon_spent": spent,
             "delta": account.delta,
         }
@@ -528,7 +523,10 @@ def statistics(message: Message, context: Context) -> Message:
 def _predictions(
     view: _NodeView, arrays: ArrayRecord, facts: DataFacts, group_column: str | None
 ) -> Predictions:
-    """The global model's predictions on the node's test split (a model the node would run)."""
+    """The global model's predictions on the node's test split (a model the node would run).
+
+    `group_column` is one of `facts.test_groups` (`plan_query` checked it).
+    """
     job = view.job
     model = build_model(job.model, view.feature_shape, view.num_classes, job.seed)
     view.account.check_model(job, architecture_hash(model))
@@ -536,14 +534,6 @@ def _predictions(
     predicted = predict(model, view.test, resolve_device(job.training.device))
     if group_column is None:
         return Predictions(predicted=predicted, labels=view.test.y)
-    if group_column not in facts.test_groups:
-        raise NodeRefusedError(
-            Refusal(
-                code="unknown-group-column",
-                reason=f"'{group_column}' is not a category column of this node's dataset"
-                + (f" (it has {', '.join(facts.test_groups)})" if facts.test_groups else ""),
-            )
-        )
     names, groups = facts.test_groups[group_column]
     return Predictions(predicted=predicted, labels=view.test.y, groups=groups, group_names=names)
 

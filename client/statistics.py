@@ -23,12 +23,13 @@ from consortia.client.policy import Refusal
 from consortia.common.arrays import LabeledArrays
 from consortia.common.config import StatisticsConfig
 from consortia.common.datasets import SourceData
+from consortia.common.privacy import AccountantName, Release, epsilon
 from consortia.common.statistics import (
     AccuracyRelease,
     Block,
     FeatureRelease,
     MissingRelease,
-    StatisticsRelease,
+    query_noise,
     sensitivities,
 )
 
@@ -198,6 +199,42 @@ def query_blocks(
     )
 
 
+@dataclass(frozen=True)
+class QueryPlan:
+    """What the node would release for a query and what it costs, before any data is read out."""
+
+    selection: Selection
+    blocks: dict[Block, float]
+    sigma: float  # of every block
+    release: Release  # the one release the blocks compose to, as the ledger records it
+    epsilon: float  # of the query alone, at the node's δ
+
+
+def plan_query(
+    facts: DataFacts, config: StatisticsConfig, delta: float, accountant: AccountantName
+) -> QueryPlan | Refusal:
+    """The query's features, blocks and noise on this node, or why it cannot be answered.
+
+    Shared by the ClientApp (which then records and releases) and `node
+    check-job --statistics` (which only shows it). Raises `PrivacyError` when
+    no noise reaches the query's target ε.
+    """
+    selection = select_features(facts, config)
+    if isinstance(selection, Refusal):
+        return selection
+    if config.group_column is not None and config.group_column not in facts.test_groups:
+        known = f" (it has {', '.join(facts.test_groups)})" if facts.test_groups else ""
+        return Refusal(
+            code="unknown-group-column",
+            reason=f"'{config.group_column}' is not a category column of this node's dataset"
+            + known,
+        )
+    blocks = query_blocks(facts, selection, config)
+    sigma, release = query_noise(config, len(blocks), delta, accountant)
+    cost = epsilon([release], delta, accountant)
+    return QueryPlan(selection, blocks, sigma, release, cost)
+
+
 Noise = Callable[[Block, int], np.ndarray]
 
 
@@ -295,6 +332,3 @@ def _accuracy_release(
 
 def _tuple(values: np.ndarray) -> tuple[float, ...]:
     return tuple(float(v) for v in values)
-
-
-__all__ = ["StatisticsRelease"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -96,13 +97,9 @@ def run_statistics(
         "" if evaluated is None else evaluated.architecture,
     )
     replies = exchange(grid, _queries(roster, task, arrays), config.round_timeout_s)
-    releases, refusals = _read_replies(replies, roster, config.round_timeout_s)
-    for node, release in list(releases.items()):
-        problem = release.problem(num_classes, query.bins)
-        if problem is not None:
-            del releases[node]
-            refusals.append(NodeRefusal(node=node, code="malformed-release", reason=problem))
-    refusals.sort(key=lambda r: r.node)
+    releases, refusals = _read_replies(
+        replies, roster, config.round_timeout_s, lambda r: r.problem(num_classes, query.bins)
+    )
     result = StatisticsFile(
         manifest=manifest,
         query=query,
@@ -165,9 +162,15 @@ def _queries(roster: Roster, task: ConfigRecord, arrays: ArrayRecord | None) -> 
 
 
 def _read_replies(
-    replies: list[Message], roster: Roster, timeout_s: float
+    replies: list[Message],
+    roster: Roster,
+    timeout_s: float,
+    problem_of: Callable[[StatisticsRelease], str | None],
 ) -> tuple[dict[str, StatisticsRelease], list[NodeRefusal]]:
-    """Each node's release, or why there is none (refused, failed, malformed, silent)."""
+    """Each node's release, or why there is none (refused, failed, malformed, silent).
+
+    `problem_of` says why a well-formed release still does not fit the query.
+    """
     releases: dict[str, StatisticsRelease] = {}
     refusals: list[NodeRefusal] = []
     for reply in replies:
@@ -181,11 +184,17 @@ def _read_replies(
             continue
         record = reply.content.config_records.get(STATISTICS_KEY)
         try:
-            releases[node] = StatisticsRelease.decode(
+            release = StatisticsRelease.decode(
                 None if record is None else record.get(STATISTICS_KEY)
             )
         except FederationError as exc:
             refusals.append(NodeRefusal(node=node, code="malformed-release", reason=exc.message))
+            continue
+        problem = problem_of(release)
+        if problem is not None:
+            refusals.append(NodeRefusal(node=node, code="malformed-release", reason=problem))
+            continue
+        releases[node] = release
     heard = set(releases) | {r.node for r in refusals}
     refusals += [
         NodeRefusal(node=n, code="no-reply", reason=f"no reply within {timeout_s:g} s")

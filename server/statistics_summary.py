@@ -205,11 +205,16 @@ def _label_mix(counts: np.ndarray, std: float, z: float, min_count: float) -> La
 
 def _shares(counts: np.ndarray, std: float) -> tuple[np.ndarray | None, float]:
     """(proportions from the clipped noisy counts, the sum of their variances); None if all ≤ 0."""
-    clipped = np.clip(np.asarray(counts, dtype=np.float64), 0.0, None)
-    if clipped.sum() <= 0:
+    shares = _clipped_shares(counts)
+    if shares is None:
         return None, 0.0
-    shares = clipped / clipped.sum()
     return shares, float((_share_errors(shares, std, counts) ** 2).sum())
+
+
+def _clipped_shares(counts: np.ndarray) -> np.ndarray | None:
+    """Shares of noisy counts, negatives clipped to 0 (None when nothing is left)."""
+    clipped = np.clip(np.asarray(counts, dtype=np.float64), 0.0, None)
+    return clipped / clipped.sum() if clipped.sum() > 0 else None
 
 
 def _share_errors(shares: np.ndarray, std: float, counts: np.ndarray) -> np.ndarray:
@@ -260,10 +265,10 @@ def _features(
         low, high, bins = spans.pop()
         views = {node: _feature_view([pair], z, min_count) for node, pair in per_node.items()}
         pooled = _feature_view(list(per_node.values()), z, min_count)
-        pooled_shares = _bin_shares([f.histogram for f, _ in per_node.values()])
+        pooled_shares = _clipped_shares(np.sum([f.histogram for f, _ in per_node.values()], 0))
         for node, view in views.items():
             _compare(view, pooled, z)
-            mine = _bin_shares([per_node[node][0].histogram])
+            mine = _clipped_shares(np.asarray(per_node[node][0].histogram))
             if mine is not None and pooled_shares is not None and view.mean.value is not None:
                 # From every bin, suppressed or not (suppression is for display only).
                 view.total_variation = 0.5 * float(np.abs(mine - pooled_shares).sum())
@@ -296,8 +301,9 @@ def _feature_view(
         return FeatureView(
             values=values, histogram=[None] * len(histogram), mean=Estimate(value=None), std=None
         )
-    clipped = np.clip(histogram, 0.0, None)
-    shares = clipped / clipped.sum() if clipped.sum() > 0 else clipped
+    shares = _clipped_shares(histogram)
+    if shares is None:
+        shares = np.zeros(len(histogram))
     mean_u = total_sum / count
     # μ = S / N: Var ≈ (σ_S² + μ² σ_N²) / N², σ_N² = bins × σ_bin².
     error_u = z * math.sqrt(std_sum**2 + mean_u**2 * len(histogram) * std_bin**2) / count
@@ -319,12 +325,6 @@ def _compare(view: FeatureView, pooled: FeatureView, z: float) -> None:
     if pooled.std:
         view.shift = (view.mean.value - pooled.mean.value) / pooled.std
         view.shift_noise = (view.mean.error or 0.0) / z / pooled.std
-
-
-def _bin_shares(histograms: list[tuple[float, ...]]) -> np.ndarray | None:
-    """Shares of the summed noisy histograms, negatives clipped (None when nothing is left)."""
-    clipped = np.clip(np.sum(histograms, axis=0), 0.0, None)
-    return clipped / clipped.sum() if clipped.sum() > 0 else None
 
 
 # ------------------------------------------------------------------ missing values

@@ -11,6 +11,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -107,11 +108,12 @@ def cancer_sites(
     *,
     seed: int = 0,
     cli: CliRunner | None = None,
+    policies: Mapping[str, str] | None = None,
 ) -> dict[str, Path]:
     """One hospital per name, each with its share of breast cancer as a CSV and its node.toml.
 
     The nodes speak TLS to `fed`'s coordinator and trust its CA; nothing is
-    enrolled or started yet.
+    enrolled or started yet. `policies` adds `[policy]` lines per node name.
     """
     data = load_breast_cancer()
     columns = [f"f{i:02d}" for i in range(data.data.shape[1])]
@@ -128,6 +130,7 @@ def cancer_sites(
             budget=budget,
             cli=cli,
             root_certificates=fed.ca,
+            policy=(policies or {}).get(name, ""),
         )
         for name, part in zip(names, parts, strict=True)
     }

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from conftest import REPO_ROOT, CliRunner
 
+from consortia.client.ledger import LedgerEntry, PrivacyLedger, ledger_path
 from consortia.client.onboarding.registry import DatasetRegistry
 
 LABEL_COLUMN = "diagnosis"
@@ -138,6 +139,14 @@ def add_site(
     )
     assert added.returncode == 0, added.stdout + added.stderr
     return node_toml
+
+
+def ledger_history(node_toml: Path, dataset: str) -> list[LedgerEntry]:
+    """The dataset's releases in the node's ledger (none if the node never opened its budget)."""
+    with PrivacyLedger(ledger_path(node_toml.parent / "state")) as ledger:
+        if dataset not in [budget.name for budget in ledger.datasets()]:
+            return []
+        return ledger.history(dataset)
 
 
 # ------------------------------------------------------------------ processes

@@ -14,10 +14,8 @@ from pathlib import Path
 import pytest
 from conftest import CliRunner
 from consortium import Consortium, run_id_of, start_consortium
-from federation import add_site, write_job
+from federation import add_site, ledger_history, write_job
 from sklearn.datasets import load_breast_cancer
-
-from consortia.client.ledger import PrivacyLedger, ledger_path
 
 pytestmark = pytest.mark.slow
 
@@ -62,10 +60,7 @@ def _secure_job(path: Path, epsilon: float, *, extra: str = "", top: str = "") -
 
 
 def _releases(node_toml: Path) -> int:
-    with PrivacyLedger(ledger_path(node_toml.parent / "state")) as ledger:
-        if "cancer" not in [budget.name for budget in ledger.datasets()]:
-            return 0  # the node has not opened its budget yet
-        return len(ledger.history("cancer"))
+    return len(ledger_history(node_toml, "cancer"))
 
 
 def _metrics(fed: Consortium, submitted: object) -> dict[str, object]:

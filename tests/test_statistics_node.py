@@ -15,11 +15,10 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import CliRunner
-from federation import free_port
+from federation import free_port, ledger_history
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from consortia.client.app import app
-from consortia.client.ledger import PrivacyLedger, ledger_path
 from consortia.client.node_config import NODE_CONFIG_KEY
 from consortia.client.onboarding.registry import DatasetRegistry
 from consortia.common import protocol as p
@@ -110,10 +109,7 @@ def _release(reply: Message) -> StatisticsRelease:
 
 
 def _ledger(node_toml: Path) -> list[Any]:
-    with PrivacyLedger(ledger_path(node_toml.parent / "state")) as ledger:
-        if "registry" not in [b.name for b in ledger.datasets()]:
-            return []
-        return list(ledger.history("registry"))
+    return ledger_history(node_toml, "registry")
 
 
 def _refusal(reply: Message) -> str:

@@ -26,8 +26,9 @@ JOB_TOML_KEY = "job-toml"
 JOB_SOURCE_KEY = "job-source"
 RESUME_KEY = "resume"
 OUT_DIR_KEY = "out-dir"
-JOB_KIND_KEY = "job-kind"  # "train" (`job submit`) or "statistics" (`job stats`)
-STATISTICS_KIND = "statistics"
+JOB_KIND_KEY = "job-kind"
+TRAIN_KIND = "train"  # `consortia job submit`
+STATISTICS_KIND = "statistics"  # `consortia job stats`
 
 _PYPROJECT = """\
 [build-system]
@@ -59,7 +60,7 @@ def toml_string(value: str) -> str:
 
 
 def build_job_fab(
-    job_text: str, source: str, resume: str = "", kind: str = "train"
+    job_text: str, source: str, resume: str = "", kind: str = TRAIN_KIND
 ) -> tuple[bytes, str]:
     """The FAB (bytes, sha256) of a job: a pyproject.toml and nothing else."""
     from flwr.cli.build import build_fab_from_disk
