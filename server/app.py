@@ -117,7 +117,12 @@ def _statistics(grid: Grid, run_id: int, loaded: LoadedConfig, out_dir: Path) ->
             config_sha256=config_sha256(loaded.config),
         )
     runs_base = service.runs_dir if service is not None else Path()
-    result = run_statistics(grid, loaded, out_dir, runs_base)
+    try:
+        result = run_statistics(grid, loaded, out_dir, runs_base)
+    except ConsortiaError as exc:
+        if audit is not None:  # as a training run's failure is (run_audit.py)
+            audit.append("statistics.failed", run_id=str(run_id), job=name, reason=exc.message)
+        raise
     spend = result.summary.spend if result.summary is not None else {}
     spent = {node: s.epsilon for node, s in spend.items()}
     if audit is not None:

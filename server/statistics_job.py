@@ -82,6 +82,9 @@ def run_statistics(
         )
     simulation = config.simulation if isinstance(config, ScenarioConfig) else None
     job = config.job() if isinstance(config, ScenarioConfig) else config
+    # The roster query would otherwise also ask for a label histogram, a release (and an
+    # ε spent) the statistics query already makes.
+    job = job.model_copy(update={"label_histogram": None})
     _seed(config.seed)
     arrays, evaluated, job = _model(query, runs_base, job)
     task = ConfigRecord({p.TASK_KEY: p.TaskSpec(job=job, simulation=simulation).encode()})
