@@ -45,11 +45,11 @@ from flwr.supercore.task_identity import TaskIdentity
 from machine import format_machine_facts, machine_facts
 
 from consortia.common import protocol as p
-from consortia.server.aggregation import array_view, weighted_average
-from consortia.server.cohort import Cohort
-from consortia.server.roster import NodeEntry, Roster
-from consortia.server.run_log import RunLog
-from consortia.server.strategies import ConsortiaStrategy
+from consortia.server.rounds.aggregation import array_view, weighted_average
+from consortia.server.rounds.cohort import Cohort
+from consortia.server.rounds.roster import NodeEntry, Roster
+from consortia.server.rounds.run_log import RunLog
+from consortia.server.rounds.strategies import ConsortiaStrategy
 
 # ~1M float32 parameters per reply (1,001,500), two large matrices and two biases.
 SHAPES = {"w1": (1000, 500), "b1": (500,), "w2": (500, 1000), "b2": (1000,)}

@@ -48,8 +48,8 @@ from machine import format_machine_facts, machine_facts
 from consortia.client import fused_dpsgd, training
 from consortia.client.device import resolve_device
 from consortia.common.config import DataConfig, ModelConfig, TrainingConfig
-from consortia.common.datasets import load_source
 from consortia.common.models import build_model
+from consortia.simulations.sources import load_source
 
 MODES = ("plain", "fused", "opacus", "ghost", "bmm")
 DP_MODES = MODES[1:]

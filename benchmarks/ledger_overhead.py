@@ -101,7 +101,7 @@ from ledger_cost import (
 from machine import format_machine_facts, machine_facts
 
 from consortia.client import training
-from consortia.client.app import app
+from consortia.client.app import app as deployed_app
 from consortia.client.ledger import PrivacyLedger, ledger_path
 from consortia.client.node_config import NODE_CONFIG_KEY, load_node_config
 from consortia.client.onboarding.registry import DatasetRegistry
@@ -121,8 +121,9 @@ from consortia.common.config import JobConfig, ScenarioConfig
 from consortia.common.config_io import load_scenario
 from consortia.common.models import architecture_hash, build_model
 from consortia.common.privacy import Release, rdp_per_step
-from consortia.common.simulated_data import NodeData, simulated_node_data
 from consortia.common.weights import load_arrays, model_to_arrays
+from consortia.simulations.node_data import NodeData, simulated_node_data
+from consortia.simulations.virtual_node import virtual_node_app
 
 DATASET = "bench"  # the deployed node's registered dataset
 ACCEPTANCE = 0.02  # the bound: ledger ≤ 2% of a local round
@@ -297,6 +298,7 @@ def handler_probe(node: BenchNode, task: str, sigma: float, node_config: dict[st
             context = calibrated_context(sigma, node_config)
         message = train_message(node, task, server_round)
         start = time.perf_counter()
+        app = deployed_app if NODE_CONFIG_KEY in node_config else virtual_node_app
         reply = app(message, context)
         elapsed = _ms(start)
         if reply.has_error() or p.METRICS_KEY not in reply.content:

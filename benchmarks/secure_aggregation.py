@@ -6,7 +6,7 @@ float32 array of P values, every node in every round, no training (each
 node's update is `stock_secagg.node_delta`, so only the aggregation
 machinery is measured). Four ways, each a fresh worker process:
 
-* consortia plain   consortia's round (Message API, `server/exchange.py`,
+* consortia plain   consortia's round (Message API, `server/rounds/exchange.py`,
                     `server/aggregation.weighted_average`), updates in the clear;
 * consortia secure  `server/secure_aggregation.run_secure_round` against the
                     nodes' `client/secure_aggregation` stages: SecAgg+ with
@@ -137,9 +137,9 @@ def _server_app() -> Any:
 
     from consortia.common import protocol as p
     from consortia.common.config import SecureAggregationConfig
-    from consortia.server.aggregation import weighted_average
-    from consortia.server.exchange import exchange
-    from consortia.server.secure_aggregation import run_secure_round
+    from consortia.server.rounds.aggregation import weighted_average
+    from consortia.server.rounds.exchange import exchange
+    from consortia.server.rounds.secure_aggregation import run_secure_round
 
     app = ServerApp()
 
@@ -189,7 +189,7 @@ def run_worker(
     nodes: int, params: int, *, secure: bool, rounds: int, neighbours: int | None
 ) -> dict[str, Any]:
     """Run one simulation in this process and check its final model."""
-    from consortia.server.simulation_state import indexed_link_state
+    from consortia.simulations.link_state import indexed_link_state
 
     prepare_worker()
     _RUN.clear()

@@ -53,7 +53,7 @@ from worker_process import one_cpu_per_node  # this folder
 from consortia.common.config import ScenarioConfig
 from consortia.common.config_io import load_scenario
 from consortia.common.models import build_model
-from consortia.common.simulated_data import (
+from consortia.simulations.node_data import (
     centralized_test_data,
     scenario_with_data,
     simulated_node_data,

@@ -86,7 +86,7 @@ def one_cpu_per_node() -> dict[str, Any]:
     """Flower's Ray backend config: one CPU per virtual node, Ray started as `consortia
     simulate` starts it (quiet, every core of this machine: `ray_init_args`)."""
     from consortia.common.config import BackendConfig
-    from consortia.server.ray_start import ray_init_args
+    from consortia.simulations.ray_start import ray_init_args
 
     return {
         "client_resources": {"num_cpus": 1, "num_gpus": 0.0},

@@ -93,7 +93,7 @@ def privacy(
     Writes RUN/privacy-audit.json. See docs/privacy-audit.md for how to read it.
     """
     from consortia.common.membership import AUDIT_FILE
-    from consortia.server.privacy_audit import audit_run
+    from consortia.simulations.privacy_audit import audit_run
 
     audit = audit_run(run, server_round, shadows)
     print_audit(console, audit, f"{audit.run}, round {audit.round}")

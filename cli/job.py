@@ -127,7 +127,7 @@ def stats(
         from consortia.cli.statistics import print_statistics
         from consortia.server.coordinator.config import load_coordinator_config
         from consortia.server.coordinator.jobs import run_dir
-        from consortia.server.statistics_job import read_statistics
+        from consortia.server.statistics.job import read_statistics
 
         folder = run_dir(load_coordinator_config(config), run_id)
         print_statistics(console, read_statistics(folder), folder)

@@ -126,7 +126,7 @@ def simulate(
     if sweeping and (resume is not None or json_lines):
         raise ConsortiaError("--sweep and --seeds cannot be combined with --resume or --json")
     from consortia.common.config_io import load_scenario
-    from consortia.server.run_dirs import default_run_dir
+    from consortia.server.outputs.run_dirs import default_run_dir
 
     overrides = {"rounds": rounds, "seed": seed}
     if resume is not None:
@@ -142,10 +142,10 @@ def simulate(
         _check_new_run_dir(out_dir)
     address = ray_address or loaded.config.simulation.backend.ray_address
     if address and not sweeping:
-        from consortia.server.ray_start import check_ray_address
+        from consortia.simulations.ray_start import check_ray_address
 
         check_ray_address(address)  # seconds, not Ray's minutes of retries on a typo
-    from consortia.common.simulated_data import scenario_with_data
+    from consortia.simulations.node_data import scenario_with_data
 
     loaded = scenario_with_data(loaded, data)
     config = loaded.config
@@ -159,7 +159,7 @@ def simulate(
         if ray_address is not None:
             from functools import partial
 
-            from consortia.server.simulation import simulate as run_simulated
+            from consortia.simulations.engine import simulate as run_simulated
 
             on_cluster = partial(run_simulated, ray_address=ray_address)
         run_sweep(Console(quiet=quiet), loaded, out_dir, sweep or [], seeds or 1, on_cluster)
@@ -167,7 +167,7 @@ def simulate(
             print(out_dir.resolve())
         return
     from consortia.cli.progress import JsonLinesListener, ProgressListener, QuietListener
-    from consortia.server.simulation import simulate as run_simulated
+    from consortia.simulations.engine import simulate as run_simulated
 
     listener: ProgressListener | QuietListener | JsonLinesListener
     if json_lines:
@@ -202,7 +202,7 @@ def _simulate_statistics(
     loaded: object, out_dir: Path, quiet: bool, ray_address: str | None
 ) -> None:
     from consortia.cli.statistics import print_statistics, require_statistics
-    from consortia.server.simulation import simulate_statistics
+    from consortia.simulations.engine import simulate_statistics
 
     require_statistics(loaded)  # type: ignore[arg-type]
     if not quiet:

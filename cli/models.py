@@ -44,7 +44,7 @@ def list_models(
     ],
 ) -> None:
     """Every checkpoint: run, round, accuracy, loss, ε per node, manifest and model hashes."""
-    from consortia.server.model_registry import list_checkpoints
+    from consortia.server.outputs.model_registry import list_checkpoints
 
     listing = list_checkpoints(path)
     table = Table("run", "round", "accuracy", "loss", "max ε", "ε per node", "manifest", "model")
@@ -69,7 +69,7 @@ def list_models(
 @models_app.command()
 def show(run_dir: RunArgument, round_: RoundOption = None) -> None:
     """One checkpoint in detail: metrics, ε per node, hashes, arrays, strategy state."""
-    from consortia.server.model_registry import load_checkpoint
+    from consortia.server.outputs.model_registry import load_checkpoint
 
     checkpoint = load_checkpoint(run_dir, round_)
     doc = checkpoint.doc
@@ -110,7 +110,7 @@ def export(
     round_: RoundOption = None,
 ) -> None:
     """Write a checkpoint's model as a plain PyTorch state dict (for `load_state_dict`)."""
-    from consortia.server.model_registry import export_state_dict
+    from consortia.server.outputs.model_registry import export_state_dict
 
     exported = export_state_dict(run_dir, round_, out)
     console.print(f"wrote {escape(str(exported.path))} ({exported.tensors} tensors)")

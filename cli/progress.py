@@ -32,9 +32,9 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from consortia.server.label_skew import LabelSkew
-from consortia.server.roster import Roster
-from consortia.server.run_log import RoundRecord
+from consortia.server.rounds.label_skew import LabelSkew
+from consortia.server.rounds.roster import Roster
+from consortia.server.rounds.run_log import RoundRecord
 
 
 class ProgressListener:

@@ -28,7 +28,7 @@ def resumed_scenario(
     Without `scenario` the run's own resolved config is used (from its
     checkpoint's manifest), so `--rounds`/`--seed` need not be repeated.
     """
-    from consortia.server.resume import load_resume_point, run_config
+    from consortia.server.outputs.resume import load_resume_point, run_config
 
     if out is not None and out.resolve() != run_dir.resolve():
         raise ConsortiaError(

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from consortia.common.config_io import LoadedConfig
 from consortia.common.errors import ConfigError
-from consortia.server.statistics_job import STATS_HTML, StatisticsFile
+from consortia.server.statistics.stats_file import STATS_HTML, StatisticsFile
 
 
 def require_statistics(loaded: LoadedConfig) -> None:

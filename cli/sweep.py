@@ -1,6 +1,6 @@
 """`consortia simulate SCENARIO --sweep KEY=V1,V2,... --seeds N`: a sweep's runs, one by one.
 
-Every run is planned and validated first (server/sweep.py), so a typo fails
+Every run is planned and validated first (simulations/sweep.py), so a typo fails
 before an hour of simulations; then the runs go one after another in this
 process (each simulation starts and stops its own Ray), and sweep.json,
 sweep.csv and the sweep's report.html are rewritten after every run, so an
@@ -20,11 +20,8 @@ from rich.table import Table
 
 from consortia.common.config_io import LoadedScenario
 from consortia.common.errors import ConsortiaError, FederationError
-from consortia.server.sweep import (
-    SWEEP_FILE,
+from consortia.simulations.sweep import (
     PlannedRun,
-    RunResult,
-    SweepFile,
     failed_result,
     new_sweep,
     plan_runs,
@@ -33,6 +30,7 @@ from consortia.server.sweep import (
     with_result,
     write_sweep,
 )
+from consortia.simulations.sweep_file import SWEEP_FILE, RunResult, SweepFile
 
 Simulate = Callable[[LoadedScenario, Path, Any], object]
 
@@ -54,7 +52,7 @@ def run_sweep(
     spec = sweep_spec(options, seeds, base.config.seed)
     runs = plan_runs(base.config, spec)  # before importing torch, Flower and Ray
     if simulate is None:
-        from consortia.server.simulation import simulate
+        from consortia.simulations.engine import simulate
     console.print(
         f"[bold]{escape(base.config.name)}[/]: sweep of {len(runs)} runs "
         f"({len(spec.points())} grid points × {len(spec.seeds)} seeds) into {escape(str(out_dir))}",

@@ -45,7 +45,6 @@ from consortia.client.node_config import NODE_CONFIG_KEY, load_node_config
 from consortia.client.onboarding.registry import DatasetRegistry
 from consortia.client.policy import NodePolicy, Refusal
 from consortia.client.spend import (
-    JobAccount,
     LedgerAccount,
     NodeRefusedError,
     PrivacyAccount,
@@ -57,10 +56,9 @@ from consortia.client.statistics import (
     deployed_facts,
     plan_query,
     release_statistics,
-    simulated_facts,
 )
 from consortia.common import protocol as p
-from consortia.common.arrays import LabeledArrays, concat
+from consortia.common.arrays import LabeledArrays
 from consortia.common.audit import AuditError
 from consortia.common.config import JobConfig
 from consortia.common.errors import (
@@ -80,7 +78,6 @@ from consortia.common.secagg.wire import (
     Setup,
     read_stage,
 )
-from consortia.common.simulated_data import simulated_node_data, source_of
 from consortia.common.statistics import MESSAGE_ACTION as STATISTICS_ACTION
 from consortia.common.statistics import (
     STATISTICS_KEY,
@@ -89,11 +86,9 @@ from consortia.common.statistics import (
 )
 from consortia.common.weights import flatten_update, load_arrays, model_to_arrays
 
-app = ClientApp()
-
 
 @dataclass(frozen=True)
-class _NodeView:
+class NodeView:
     """The node as one message sees it: its name, its data, the job, its privacy account."""
 
     name: str
@@ -111,43 +106,29 @@ class _NodeView:
         return tuple(self.train.x.shape[1:])
 
 
-def _node_view(message: Message, context: Context) -> _NodeView:
-    config = message.content[p.CONFIG_KEY]
-    spec = p.TaskSpec.decode(config.get(p.TASK_KEY))
+ViewOf = Callable[[Message, Context], NodeView]
+"""Where a message's node comes from: a deployed node's files, or the simulation lab's data."""
+
+
+def deployed_view(message: Message, context: Context) -> NodeView:
+    """A node started by `consortia node start`: the node.toml its node config names."""
+    spec = p.TaskSpec.decode(message.content[p.CONFIG_KEY].get(p.TASK_KEY))
     if NODE_CONFIG_KEY in context.node_config:
         return _deployed_view(spec.job, Path(str(context.node_config[NODE_CONFIG_KEY])), context)
-    if spec.simulation is not None and "partition-id" in context.node_config:
-        return _simulated_view(spec, int(context.node_config["partition-id"]), context)
     raise FederationError(
         "this node has no dataset to train on: start it with `consortia node start` "
         f"(which sets the node-config key '{NODE_CONFIG_KEY}')"
     )
 
 
-def _simulated_view(spec: p.TaskSpec, partition_id: int, context: Context) -> _NodeView:
-    assert spec.simulation is not None
-    data = simulated_node_data(spec.simulation, spec.job.seed, partition_id)
-    simulation = spec.simulation
-    return _NodeView(
-        name=spec.simulation.node_name(partition_id),
-        train=data.train,
-        test=data.test,
-        num_classes=data.num_classes,
-        fingerprint=data.fingerprint(),
-        job=spec.job,
-        account=JobAccount(context, spec.job),
-        facts=lambda: simulated_facts(source_of(simulation), concat([data.train, data.test])),
-    )
-
-
-def _deployed_view(job: JobConfig, node_toml: Path, context: Context) -> _NodeView:
+def _deployed_view(job: JobConfig, node_toml: Path, context: Context) -> NodeView:
     """A real node: its registered dataset, its ledger, its policy; never the coordinator's data."""
     node = load_node_config(node_toml)
     dataset = served_dataset(job, node)
     registry = DatasetRegistry(node.state_dir)
     registration = registry.get(dataset)
     data, inspection = registry.load_inspected(dataset)  # a changed file is refused
-    return _NodeView(
+    return NodeView(
         name=node.name,
         train=data.train,
         test=data.test,
@@ -167,7 +148,7 @@ def _deployed_view(job: JobConfig, node_toml: Path, context: Context) -> _NodeVi
     )
 
 
-def _identity(view: _NodeView) -> ConfigRecord:
+def _identity(view: NodeView) -> ConfigRecord:
     """Name, data fingerprint, and the data's shape (schema facts, not records)."""
     return ConfigRecord(
         {
@@ -201,7 +182,7 @@ def _round_seed(
     return int(sequence.generate_state(1, dtype=np.uint64)[0]) >> 1
 
 
-def _question(view: _NodeView, *parts: bytes) -> list[bytes]:
+def _question(view: NodeView, *parts: bytes) -> list[bytes]:
     """What a release depends on, for its noise seed: the job, the data, and `parts`."""
     job = view.job.model_dump_json().encode()
     return [job, view.fingerprint.encode(), *parts]
@@ -298,18 +279,16 @@ def _refusal_of(exc: ConsortiaError) -> tuple[str, str]:
     return "ledger-unusable", exc.message
 
 
-@app.query()
-@_answer_refusals
-def query(message: Message, context: Context) -> Message:
+def query(view_of: ViewOf, message: Message, context: Context) -> Message:
     """Identify the node to the coordinator's roster (and its DP label histogram if asked)."""
-    view = _node_view(message, context)
+    view = view_of(message, context)
     identity = _identity(view)
     if view.job.label_histogram is not None:
         identity.update(_label_histogram(view, view.job.label_histogram.noise_multiplier))
     return Message(RecordDict({p.NODE_KEY: identity}), reply_to=message)
 
 
-def _label_histogram(view: _NodeView, sigma: float) -> dict[str, list[float] | str]:
+def _label_histogram(view: NodeView, sigma: float) -> dict[str, list[float] | str]:
     """The DP label histogram, released only if the node would take part in the job at all."""
     job = view.job
     withheld = view.account.histogram_withheld(job)
@@ -327,11 +306,9 @@ def _label_histogram(view: _NodeView, sigma: float) -> dict[str, list[float] | s
     return release_label_histogram(view.train, view.num_classes, sigma, view.account, seed)
 
 
-@app.train()
-@_answer_refusals
-def train(message: Message, context: Context) -> Message:
+def train(view_of: ViewOf, message: Message, context: Context) -> Message:
     """One round of local training; returns the update and the privacy spent so far."""
-    view = _node_view(message, context)
+    view = view_of(message, context)
     if view.job.secure_aggregation is not None:
         # A plain round of a secure job would hand the coordinator this node's update alone.
         raise NodeRefusedError(
@@ -345,7 +322,7 @@ def train(message: Message, context: Context) -> Message:
     return Message(content, reply_to=message)
 
 
-def _train_round(view: _NodeView, message: Message) -> tuple[ArrayRecord, MetricRecord]:
+def _train_round(view: NodeView, message: Message) -> tuple[ArrayRecord, MetricRecord]:
     """Admit, train with DP-SGD, record the spend: the local model and the round's metrics."""
     job = view.job
     server_round = int(message.content[p.CONFIG_KEY][p.ROUND_KEY])
@@ -403,18 +380,16 @@ def _train_round(view: _NodeView, message: Message) -> tuple[ArrayRecord, Metric
     return model_to_arrays(model), metrics
 
 
-@app.train(MESSAGE_ACTION)
-@_answer_refusals
-def train_secure(message: Message, context: Context) -> Message:
+def train_secure(view_of: ViewOf, message: Message, context: Context) -> Message:
     """One stage of a SecAgg+ round (client/secure_aggregation.py); stage 3 trains."""
     request = read_stage(message.content.config_records.get(SECAGG_KEY))
     try:
         if isinstance(request, Setup):
-            return _secure_setup(message, context, request)
+            return _secure_setup(view_of, message, context, request)
         trained: list[MetricRecord] = []
         if not isinstance(request, MaskedInput):
             return Message(secagg.answer(request, context.state, _no_update), reply_to=message)
-        view = _node_view(message, context)
+        view = view_of(message, context)
 
         def update_of() -> np.ndarray:
             local, metrics = _train_round(view, message)
@@ -438,14 +413,14 @@ def _no_update() -> np.ndarray:
     raise AssertionError("only the masked-input stage trains")  # pragma: no cover
 
 
-def _secure_setup(message: Message, context: Context, setup: Setup) -> Message:
+def _secure_setup(view_of: ViewOf, message: Message, context: Context, setup: Setup) -> Message:
     """Stage 1: policy on the cohort, then the round's admission and planned release.
 
     The planned release (noise multiplier, sample rate, steps: what training
     in stage 3 will do) is what the coordinator derives the update range from;
     nothing is trained or spent yet.
     """
-    view = _node_view(message, context)
+    view = view_of(message, context)
     if view.policy is not None and setup.cohort_size < view.policy.min_cohort:
         raise NodeRefusedError(
             Refusal(
@@ -468,11 +443,9 @@ def _secure_setup(message: Message, context: Context, setup: Setup) -> Message:
     return Message(content, reply_to=message)
 
 
-@app.query(STATISTICS_ACTION)
-@_answer_refusals
-def statistics(message: Message, context: Context) -> Message:
+def statistics(view_of: ViewOf, message: Message, context: Context) -> Message:
     """The job's statistics query: its ε recorded first, then the noisy release (never exact)."""
-    view = _node_view(message, context)
+    view = view_of(message, context)
     config = view.job.statistics
     if config is None:
         raise NodeRefusedError(
@@ -521,7 +494,7 @@ def statistics(message: Message, context: Context) -> Message:
 
 
 def _predictions(
-    view: _NodeView, arrays: ArrayRecord, facts: DataFacts, group_column: str | None
+    view: NodeView, arrays: ArrayRecord, facts: DataFacts, group_column: str | None
 ) -> Predictions:
     """The global model's predictions on the node's test split (a model the node would run).
 
@@ -538,11 +511,9 @@ def _predictions(
     return Predictions(predicted=predicted, labels=view.test.y, groups=groups, group_names=names)
 
 
-@app.evaluate()
-@_answer_refusals
-def evaluate(message: Message, context: Context) -> Message:
+def evaluate(view_of: ViewOf, message: Message, context: Context) -> Message:
     """Loss and accuracy of the global model on the node's local test split."""
-    view = _node_view(message, context)
+    view = view_of(message, context)
     model = build_model(view.job.model, view.feature_shape, view.num_classes, view.job.seed)
     view.account.check_model(view.job, architecture_hash(model))  # a refused model runs nowhere
     load_arrays(model, message.content[p.ARRAYS_KEY])
@@ -553,4 +524,33 @@ def evaluate(message: Message, context: Context) -> Message:
     )
 
 
-__all__ = ["app"]
+def node_app(view_of: ViewOf) -> ClientApp:
+    """consortia's node as a Flower ClientApp, over the nodes `view_of` gives.
+
+    Deployment runs `app` (below); the simulation lab builds its virtual nodes
+    with its own view (consortia.simulations.virtual_node), so this module
+    holds no simulated data and no path that only the lab would use.
+    """
+    app = ClientApp()
+    app.query()(_bound(query, view_of))
+    app.train()(_bound(train, view_of))
+    app.train(MESSAGE_ACTION)(_bound(train_secure, view_of))
+    app.query(STATISTICS_ACTION)(_bound(statistics, view_of))
+    app.evaluate()(_bound(evaluate, view_of))
+    return app
+
+
+def _bound(handler: Callable[[ViewOf, Message, Context], Message], view_of: ViewOf) -> Handler:
+    """`handler` for one kind of node, answering refusals as replies."""
+
+    def bound(message: Message, context: Context) -> Message:
+        return handler(view_of, message, context)
+
+    bound.__name__, bound.__doc__ = handler.__name__, handler.__doc__
+    return _answer_refusals(bound)
+
+
+app = node_app(deployed_view)
+"""The deployed node's ClientApp (`consortia.client.app:app`, run by `consortia node start`)."""
+
+__all__ = ["NodeView", "ViewOf", "app", "deployed_view", "node_app"]

@@ -3,7 +3,7 @@
 Members are records the model's training saw, non-members records it did
 not; each attack scores every record, and common/membership.py turns the
 scores into AUC, TPR at low FPR and the ε lower bound they prove. Used by
-the simulation lab's `consortia audit privacy` (server/privacy_audit.py)
+the simulation lab's `consortia audit privacy` (simulations/privacy_audit.py)
 and by a deployed node's `consortia node audit` (client/node_privacy_audit.py),
 which attacks a global model with its own train and test split.
 

@@ -20,9 +20,7 @@ from consortia.client.onboarding.prepare import PreparedDataset
 from consortia.client.onboarding.schema import ColumnSpec
 from consortia.client.onboarding.validation import Inspection, TableRecords
 from consortia.client.policy import Refusal
-from consortia.common.arrays import LabeledArrays
 from consortia.common.config import StatisticsConfig
-from consortia.common.datasets import SourceData
 from consortia.common.privacy import AccountantName, Release, epsilon
 from consortia.common.statistics import (
     AccuracyRelease,
@@ -81,13 +79,6 @@ def described(x: np.ndarray) -> np.ndarray:
     if x.ndim == 4:  # (records, channels, height, width)
         return x.mean(axis=(2, 3), dtype=np.float64)
     return x.reshape(len(x), 1, -1).mean(axis=2, dtype=np.float64)
-
-
-def simulated_facts(source: SourceData, data: LabeledArrays) -> DataFacts:
-    """A simulated node: the bundled source's public scale; no raw file, so no missing values."""
-    features = described(data.x)
-    names = source.feature_names or tuple(f"x{j}" for j in range(features.shape[1]))
-    return DataFacts(features=features, names=names, ranges=source.ranges, labels=data.y)
 
 
 def deployed_facts(prepared: PreparedDataset, inspection: Inspection) -> DataFacts:

@@ -288,7 +288,7 @@ class UpdateChecksConfig(StrictModel):
     failing one is dropped with a reason, and the round goes on while at
     least `min_updates` remain. With DP (or the Adam optimiser) the norm bound
     is derived per reply from the job's training and privacy settings and
-    the node's reported steps and noise (`consortia.server.update_checks`),
+    the node's reported steps and noise (`consortia.server.rounds.update_checks`),
     times `norm_slack`; `max_update_norm` replaces it with a fixed bound.
     """
 

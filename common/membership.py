@@ -9,7 +9,7 @@ estimates, so the bound uses Clopper–Pearson intervals: the lower end of
 TPR, the upper end of FPR — a claim that holds with the stated confidence.
 
 The attacks themselves (which score says "member") live with the audit
-(server/privacy_audit.py); this module only turns scores into figures.
+(simulations/privacy_audit.py); this module only turns scores into figures.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ The run config (`[tool.flwr.app.config]` in pyproject.toml, or
 `flwr run . --run-config ...`) names the scenario (simulation) or the job
 file (deployment: `job = "/path/job.toml"`) and the output folder.
 `consortia simulate` builds the same federation through
-`consortia.server.simulation` instead.
+`consortia.simulations.engine` instead.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from flwr.serverapp import Grid, ServerApp
 from consortia.common.config import ScenarioConfig
 from consortia.common.config_io import LoadedConfig, load_job, load_job_text, load_scenario
 from consortia.common.errors import ConsortiaError, FederationError
+from consortia.server.coordinator.config import audit_log
 from consortia.server.coordinator.jobs import (
     JOB_KIND_KEY,
     JOB_SOURCE_KEY,
@@ -27,17 +28,17 @@ from consortia.server.coordinator.jobs import (
     STATISTICS_KIND,
     keep_job_text,
 )
-from consortia.server.coordinator.service import audit_log, coordinator_from_environment
-from consortia.server.federation import run_federation
-from consortia.server.label_skew import LabelSkew
-from consortia.server.manifest import config_sha256
-from consortia.server.resume import newest_checkpoint
-from consortia.server.resume import run_config as run_config_of
-from consortia.server.roster import Roster
-from consortia.server.run_audit import AuditedListener
-from consortia.server.run_dirs import default_run_dir
-from consortia.server.run_log import RoundRecord
-from consortia.server.statistics_job import run_statistics
+from consortia.server.coordinator.run_audit import AuditedListener
+from consortia.server.coordinator.service import coordinator_from_environment
+from consortia.server.federation import ScenarioLab, run_federation
+from consortia.server.outputs.manifest import config_sha256
+from consortia.server.outputs.resume import newest_checkpoint
+from consortia.server.outputs.resume import run_config as run_config_of
+from consortia.server.outputs.run_dirs import default_run_dir
+from consortia.server.rounds.label_skew import LabelSkew
+from consortia.server.rounds.roster import Roster
+from consortia.server.rounds.run_log import RoundRecord
+from consortia.server.statistics.job import run_statistics
 
 app = ServerApp()
 _log = logging.getLogger("consortia")
@@ -67,7 +68,12 @@ class LogListener:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Run the job carried in the run config, or the scenario it names.
+    """A deployed job: its nodes are `consortia node start` SuperNodes."""
+    serve(grid, context, lab=None)
+
+
+def serve(grid: Grid, context: Context, lab: ScenarioLab | None) -> None:
+    """Run the job carried in the run config, or the scenario it names (with the `lab`).
 
     `job-toml` (the job's text, put there by `consortia job submit`) or `job`
     (a path, for `flwr run .`) give a deployment job; otherwise `scenario`
@@ -77,11 +83,17 @@ def main(grid: Grid, context: Context) -> None:
     resume_ref = context.run_config.get(RESUME_KEY)
     resume = Path(str(resume_ref)) if resume_ref else None
     loaded = _loaded_config(context.run_config, resume)
+    if isinstance(loaded.config, ScenarioConfig) and lab is None:
+        raise FederationError(
+            f"{loaded.source}: this app runs deployed jobs (`--run-config 'job=\"job.toml\"'`); "
+            "a simulation scenario runs with `consortia simulate` or the lab's Flower app, "
+            "`flwr run simulations/flower-app`"
+        )
     out_dir = resume if resume is not None else _run_dir(context, loaded.config.name)
     if resume is not None:
         if isinstance(loaded.config, ScenarioConfig):
             # Its virtual nodes' privacy history died with the interrupted process;
-            # `consortia simulate --resume` gives it back (server/simulated_privacy.py).
+            # `consortia simulate --resume` gives it back (simulations/node_privacy.py).
             raise FederationError(
                 f"{resume}: a simulation resumes with `consortia simulate --resume {resume}`"
             )
@@ -94,7 +106,7 @@ def main(grid: Grid, context: Context) -> None:
     audited = _audited(context.run_id, loaded, resume)
     listener = LogListener() if audited is None else audited
     try:
-        summary = run_federation(grid, loaded, out_dir, listener, resume=resume)
+        summary = run_federation(grid, loaded, out_dir, listener, resume=resume, lab=lab)
     except ConsortiaError as exc:
         if audited is not None:
             audited.failed(exc.message)

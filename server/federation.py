@@ -3,8 +3,12 @@
 This is the body of consortia's ServerApp. The rounds run in consortia's
 own loop (round_loop.py) over Flower's strategy methods, so that a run can
 start at any round: after every round the coordinator writes one checkpoint
-(round_checkpoint.py), and `resume` continues a run folder from its newest
-complete one (resume.py).
+(outputs/checkpoint.py), and `resume` continues a run folder from its newest
+complete one (outputs/resume.py).
+
+A simulated scenario's data and adversaries belong to the simulation lab
+(`consortia.simulations`), which imports this module, never the reverse: the
+lab hands in what only it knows as a `ScenarioLab`.
 """
 
 from __future__ import annotations
@@ -29,27 +33,47 @@ from consortia.common.errors import FederationError
 from consortia.common.evaluation import evaluate_model
 from consortia.common.models import architecture_hash, build_model
 from consortia.common.privacy import Release, histogram_release
-from consortia.common.simulated_data import centralized_test_data
 from consortia.common.weights import load_arrays, model_to_arrays
-from consortia.server.checkpoints import file_sha256, model_file_bytes
-from consortia.server.cohort import Cohort
-from consortia.server.label_skew import LabelSkew
-from consortia.server.manifest import Manifest, build_manifest, config_sha256
-from consortia.server.resume import load_resume_point
-from consortia.server.rng_state import capture_rng, restore_rng
-from consortia.server.roster import Roster, discover
-from consortia.server.round_checkpoint import CheckpointDoc, RoundCheckpoint
-from consortia.server.round_loop import Purpose, SecureTrainer, run_rounds
-from consortia.server.run_log import NodeFailure, RoundRecord, RunLog, kept_shares
-from consortia.server.run_outputs import FinalMetrics, RunOutputs
-from consortia.server.secure_aggregation import SecureRound, run_secure_round
-from consortia.server.strategies import (
+from consortia.server.outputs.checkpoint import CheckpointDoc, RoundCheckpoint
+from consortia.server.outputs.manifest import Manifest, build_manifest, config_sha256
+from consortia.server.outputs.metrics_file import FinalMetrics
+from consortia.server.outputs.model_files import file_sha256, model_file_bytes
+from consortia.server.outputs.resume import load_resume_point
+from consortia.server.outputs.run_outputs import RunOutputs
+from consortia.server.rounds.cohort import Cohort
+from consortia.server.rounds.label_skew import LabelSkew
+from consortia.server.rounds.rng_state import capture_rng, restore_rng
+from consortia.server.rounds.roster import Roster, discover
+from consortia.server.rounds.round_loop import Purpose, SecureTrainer, run_rounds
+from consortia.server.rounds.run_log import NodeFailure, RoundRecord, RunLog, kept_shares
+from consortia.server.rounds.secure_aggregation import SecureRound, run_secure_round
+from consortia.server.rounds.strategies import (
     ConsortiaMedian,
     ConsortiaStrategy,
     ConsortiaTrimmedMean,
     build_strategy,
 )
-from consortia.server.strategy_state import capture_strategy_state, restore_strategy_state
+from consortia.server.rounds.strategy_state import capture_strategy_state, restore_strategy_state
+
+
+class ScenarioLab(Protocol):
+    """What a simulated scenario needs that only the simulation lab can build.
+
+    `consortia simulate` (and the lab's app for `flwr run .`) passes one; a
+    deployed job has none, and a scenario without one is refused.
+    """
+
+    def centralized_test_data(self, config: ScenarioConfig) -> LabeledArrays:
+        """The coordinator's test set (`evaluation = "centralized"`)."""
+        ...
+
+    def adversary_names(self, config: ScenarioConfig) -> frozenset[str]:
+        """The scenario's Byzantine nodes: metrics.json lists those that sent an update."""
+        ...
+
+    def label_counts(self, config: ScenarioConfig) -> dict[str, tuple[int, ...]] | None:
+        """Every virtual node's true label counts, for the report; None if it cannot say."""
+        ...
 
 
 class RoundListener(Protocol):
@@ -81,14 +105,22 @@ def run_federation(
     out_dir: Path,
     listener: RoundListener,
     resume: Path | None = None,
+    lab: ScenarioLab | None = None,
 ) -> RunSummary:
     """Run the job (or simulated scenario) over the nodes reachable through `grid`.
 
     With `resume` (a run folder), continue that run after its newest complete
     checkpoint instead, writing into the same folder (`out_dir` is ignored).
+    A scenario needs the simulation `lab` that runs its virtual nodes.
     """
     config = loaded.config
-    simulation = config.simulation if isinstance(config, ScenarioConfig) else None
+    scenario = config if isinstance(config, ScenarioConfig) else None
+    if scenario is not None and lab is None:
+        raise FederationError(
+            f"{loaded.source}: a simulation scenario runs in the simulation lab: "
+            "`consortia simulate` (or `flwr run .` from the repository); a deployment runs a job"
+        )
+    simulation = scenario.simulation if scenario is not None else None
     job = config.job() if isinstance(config, ScenarioConfig) else config
     if simulation is None and config.evaluation == "centralized":
         raise FederationError(
@@ -104,8 +136,9 @@ def run_federation(
     roster = discover(grid, query, expected, config.round_timeout_s)
     feature_shape, num_classes = roster.data_shape()
     model = build_model(config.model, feature_shape, num_classes, config.seed)
-    outputs = RunOutputs(out_dir)
-    run_log = RunLog(roster, adversaries=_adversaries(simulation, config.seed))
+    in_lab = (scenario, lab) if scenario is not None and lab is not None else None
+    outputs = RunOutputs(out_dir, in_lab[1].label_counts(in_lab[0]) if in_lab else None)
+    run_log = RunLog(roster, adversaries=in_lab[1].adversary_names(in_lab[0]) if in_lab else ())
     strategy = build_strategy(job)
     strategy.attach(
         Cohort(roster, config.clients_per_round, config.seed),
@@ -138,7 +171,14 @@ def run_federation(
     listener.on_start(config.rounds, roster, run.manifest.label_skew)
     for record in outputs.metrics.rounds:
         listener.on_round(record)
-    observer = _RoundObserver(run, model, strategy, run_log, outputs, listener, last_model)
+    test_data = (
+        in_lab[1].centralized_test_data(in_lab[0])
+        if in_lab is not None and in_lab[0].evaluation == "centralized"
+        else None
+    )
+    observer = _RoundObserver(
+        run, model, strategy, run_log, outputs, listener, last_model, test_data
+    )
     if point is not None:
         restore_rng(point.checkpoint.rng)  # last: the generators continue where round k left them
     run_rounds(
@@ -196,15 +236,6 @@ def _secure_trainer(
     return train
 
 
-def _adversaries(simulation: SimulationConfig | None, seed: int) -> frozenset[str]:
-    """A simulation's Byzantine nodes: metrics.json lists those that sent an update."""
-    if simulation is None:
-        return frozenset()
-    from consortia.simulations.adversaries import adversary_names  # the simulation lab
-
-    return adversary_names(simulation, seed)
-
-
 def _query_task(job: JobConfig, simulation: SimulationConfig | None, resumed: bool) -> str:
     """The roster query's task. A resumed run does not ask for label histograms again:
     the manifest holds them, and a second release would spend the nodes' privacy twice."""
@@ -244,6 +275,7 @@ class _RoundObserver:
         outputs: RunOutputs,
         listener: RoundListener,
         last_model: Path | None,
+        test_data: LabeledArrays | None,
     ) -> None:
         self.run = run
         self.config = run.config
@@ -253,11 +285,7 @@ class _RoundObserver:
         self.outputs = outputs
         self.listener = listener
         self.config_sha256 = config_sha256(run.config)
-        self.test_data: LabeledArrays | None = (
-            centralized_test_data(run.config.simulation, run.config.seed)
-            if isinstance(run.config, ScenarioConfig) and run.config.evaluation == "centralized"
-            else None
-        )
+        self.test_data = test_data  # the coordinator's test set (centralized evaluation)
         self.last_model = last_model
         self._round_started = time.perf_counter()
         self._updates: dict[str, ArrayRecord] = {}  # this round's, for `_record_kept_shares`

@@ -22,18 +22,16 @@ Only floating-point arrays are attacked; integer buffers go out as trained.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Context, Message
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 
 from consortia.common import protocol as p
 from consortia.common.arrays import LabeledArrays
 from consortia.common.config import AdversariesConfig, SimulationConfig
-from consortia.common.simulated_data import NodeData
 from consortia.simulations.faults import (
     STREAM_ADVERSARIES,
     STREAM_ATTACK_NOISE,
@@ -41,6 +39,14 @@ from consortia.simulations.faults import (
     lab_node,
     node_rng,
 )
+from consortia.simulations.node_data import NodeData
+
+LABEL_FLIP_KEY = "consortia.lab.label-flip"
+"""A train message's record that tells the lab's virtual node to flip its training labels.
+
+Only the lab's `attack` mod sets it, and only the lab's virtual node reads
+it: the node code that deployments run has no poisoning path.
+"""
 
 
 def adversary_names(simulation: SimulationConfig, seed: int) -> frozenset[str]:
@@ -111,7 +117,11 @@ class _Poisoned(NodeData):
 
 
 def attack(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """Train honestly (or on flipped labels), then replace the update as the scenario says."""
+    """Train honestly, then replace the update as the scenario says.
+
+    A label flip is not an update replaced: the message is marked, and the
+    virtual node trains on flipped labels (virtual_node.py).
+    """
     node = lab_node(message, context)
     if node is None or node.simulation.adversaries is None:
         return call_next(message, context)
@@ -119,8 +129,10 @@ def attack(message: Message, context: Context, call_next: ClientAppCallable) -> 
         return call_next(message, context)
     config = node.simulation.adversaries
     if config.attack == "label_flip":
-        with _flipped_training_labels():
-            return call_next(message, context)
+        # Marks this message for the lab's virtual node, which then loads its data
+        # with flipped training labels (virtual_node.py); the update goes out as trained.
+        message.content[LABEL_FLIP_KEY] = ConfigRecord({"flip": True})
+        return call_next(message, context)
     reply = call_next(message, context)
     if reply.has_error() or p.ARRAYS_KEY not in reply.content.array_records:
         return reply  # a refusal or a failure carries no update to poison
@@ -147,26 +159,3 @@ def poison_update(
         assert config.std is not None
         return add_noise(local, config.std, rng)
     return local  # 'label_flip' poisons the data, not the update
-
-
-@contextlib.contextmanager
-def _flipped_training_labels() -> Iterator[None]:
-    """For one message: the ClientApp loads the node's data with its training labels flipped.
-
-    A scoped swap of the data loader the ClientApp looks up, rather than a
-    hook in client/app.py: the node code that deployments run keeps no
-    poisoning path. A Ray actor handles one message at a time, so the swap
-    is seen by this message only.
-    """
-    from consortia.client import app as client_app  # the module, not its `app`
-
-    honest = client_app.simulated_node_data
-
-    def flipped(sim: SimulationConfig, seed: int, partition_id: int) -> NodeData:
-        return poisoned(honest(sim, seed, partition_id))
-
-    client_app.simulated_node_data = flipped
-    try:
-        yield
-    finally:
-        client_app.simulated_node_data = honest

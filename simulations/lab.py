@@ -1,6 +1,6 @@
-"""The simulation lab's ClientApp: consortia's node with the scenario's faults and adversaries.
+"""The simulation lab: ClientApp mods (faults, adversaries), and what only it knows of a scenario.
 
-Applied by `consortia.server.simulation` only; deployed nodes run
+Applied by `consortia.simulations.engine` only; deployed nodes run
 `consortia.client.app` as it is. The mods read the scenario from each
 message's task (as the node reads its data description), so they run in
 Ray's actors with nothing but the message and the node's Context.
@@ -11,11 +11,13 @@ from __future__ import annotations
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from consortia.common.config import SimulationConfig
+from consortia.common.arrays import LabeledArrays
+from consortia.common.config import ScenarioConfig, SimulationConfig
 from consortia.common.secagg.wire import MESSAGE_ACTION
 from consortia.common.statistics import MESSAGE_ACTION as STATISTICS_ACTION
-from consortia.simulations.adversaries import attack
+from consortia.simulations.adversaries import adversary_names, attack
 from consortia.simulations.faults import evaluate_faults, secure_train_faults, train_faults
+from consortia.simulations.node_data import centralized_test_data, partition_label_counts
 
 
 def lab_client_app(inner: ClientApp, simulation: SimulationConfig) -> ClientApp:
@@ -53,3 +55,24 @@ def lab_client_app(inner: ClientApp, simulation: SimulationConfig) -> ClientApp:
         return inner(message, context)
 
     return app
+
+
+class SimulationLab:
+    """The coordinator's view of a scenario's lab side (`consortia.server.federation.ScenarioLab`).
+
+    Handed to `run_federation` by the engine, so that the coordinator's code
+    never imports the lab: the test set of centralised evaluation, the
+    adversaries metrics.json names, the true label mix the report draws.
+    """
+
+    def centralized_test_data(self, config: ScenarioConfig) -> LabeledArrays:
+        return centralized_test_data(config.simulation, config.seed)
+
+    def adversary_names(self, config: ScenarioConfig) -> frozenset[str]:
+        return adversary_names(config.simulation, config.seed)
+
+    def label_counts(self, config: ScenarioConfig) -> dict[str, tuple[int, ...]] | None:
+        return partition_label_counts(config)
+
+
+LAB = SimulationLab()

@@ -21,7 +21,7 @@ from consortia.common import protocol as p
 from consortia.common.config import SecureAggregationConfig
 from consortia.common.secagg.fixed_point import EncodingRangeError
 from consortia.common.secagg.wire import SECAGG_KEY, Setup, read_stage
-from consortia.server.secure_aggregation import SecureRound, run_secure_round
+from consortia.server.rounds.secure_aggregation import SecureRound, run_secure_round
 
 BOUND = 1.0
 

@@ -8,7 +8,7 @@ from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from consortia.common.errors import FederationError
-from consortia.server.aggregation import array_view, weighted_average
+from consortia.server.rounds.aggregation import array_view, weighted_average
 
 SHAPES = {"w1": (17, 9), "b1": (9,), "w2": (9, 3), "scalar": ()}
 

@@ -26,25 +26,25 @@ from consortia.common.errors import ConsortiaError, FederationError
 from consortia.common.models import architecture_hash, build_model
 from consortia.common.privacy import Release
 from consortia.common.weights import model_to_arrays
-from consortia.server.checkpoints import file_sha256, model_file_bytes, model_path
-from consortia.server.exchange import exchange
-from consortia.server.manifest import Manifest, config_sha256
-from consortia.server.model_registry import export_state_dict, list_checkpoints
-from consortia.server.resume import load_resume_point, run_config
-from consortia.server.rng_state import capture_rng, restore_rng
-from consortia.server.roster import NodeEntry, Roster
-from consortia.server.round_checkpoint import (
+from consortia.server.outputs.checkpoint import (
     CheckpointDoc,
     CheckpointError,
     RoundCheckpoint,
     checkpoint_file,
     read_checkpoint,
 )
-from consortia.server.run_log import NodeFailure, RoundRecord
-from consortia.server.run_outputs import RunOutputs
-from consortia.server.simulated_privacy import _restore_history
-from consortia.server.strategies import build_strategy
-from consortia.server.strategy_state import capture_strategy_state, restore_strategy_state
+from consortia.server.outputs.manifest import Manifest, config_sha256
+from consortia.server.outputs.model_files import file_sha256, model_file_bytes, model_path
+from consortia.server.outputs.model_registry import export_state_dict, list_checkpoints
+from consortia.server.outputs.resume import load_resume_point, run_config
+from consortia.server.outputs.run_outputs import RunOutputs
+from consortia.server.rounds.exchange import exchange
+from consortia.server.rounds.rng_state import capture_rng, restore_rng
+from consortia.server.rounds.roster import NodeEntry, Roster
+from consortia.server.rounds.run_log import NodeFailure, RoundRecord
+from consortia.server.rounds.strategies import build_strategy
+from consortia.server.rounds.strategy_state import capture_strategy_state, restore_strategy_state
+from consortia.simulations.node_privacy import _restore_history
 
 NAMES = ["lakeview", "st-mary"]
 FEATURES = (30,)
@@ -425,7 +425,7 @@ def test_the_config_hash_leaves_out_unset_blocks_and_accepts_the_one_runs_carrie
     import json
 
     from consortia.common.config import SecureAggregationConfig
-    from consortia.server.manifest import legacy_config_sha256
+    from consortia.server.outputs.manifest import legacy_config_sha256
 
     assert CONFIG.secure_aggregation is None
     before = {k: v for k, v in CONFIG.model_dump(mode="json").items() if k != "secure_aggregation"}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
-from consortia.client.app import app
+from consortia.client.app import app as deployed_app
 from consortia.client.privacy_state import load_state
 from consortia.common import protocol as p
 from consortia.common.config import ScenarioConfig
@@ -13,8 +13,9 @@ from consortia.common.config_io import load_scenario
 from consortia.common.errors import FederationError
 from consortia.common.models import build_model
 from consortia.common.privacy import opacus_epsilon
-from consortia.common.simulated_data import source_of
 from consortia.common.weights import model_to_arrays
+from consortia.simulations.node_data import source_of
+from consortia.simulations.virtual_node import virtual_node_app as app
 
 ROUNDS = 3
 
@@ -84,4 +85,4 @@ def test_evaluate_and_query(scenario: ScenarioConfig) -> None:
 def test_node_without_registered_data_refuses(scenario: ScenarioConfig) -> None:
     # Flower's runtime turns the exception into an error reply the coordinator logs.
     with pytest.raises(FederationError, match="no dataset to train on"):
-        app(_message(scenario, MessageType.TRAIN), _context(None))
+        deployed_app(_message(scenario, MessageType.TRAIN), _context(None))

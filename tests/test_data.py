@@ -10,11 +10,11 @@ import pytest
 
 from consortia.common.arrays import LabeledArrays
 from consortia.common.config import DataConfig, PartitionConfig, SimulationConfig
-from consortia.common.datasets import load_source
 from consortia.common.errors import DataError
 from consortia.common.idx import read_idx
 from consortia.common.partition import partition_indices, train_test_split
-from consortia.common.simulated_data import centralized_test_data, simulated_node_data
+from consortia.simulations.node_data import centralized_test_data, simulated_node_data
+from consortia.simulations.sources import load_source
 
 MNIST_TRAIN_LABEL_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
 

@@ -24,7 +24,6 @@ from flwr.app import (
     RecordDict,
 )
 
-from consortia.client.app import app as client_app
 from consortia.client.privacy_state import load_state
 from consortia.common import protocol as p
 from consortia.common.config import FaultsConfig, JobConfig, PrivacyConfig, ScenarioConfig
@@ -32,12 +31,11 @@ from consortia.common.config_io import load_scenario
 from consortia.common.errors import ConfigError
 from consortia.common.models import build_model
 from consortia.common.privacy import opacus_epsilon
-from consortia.common.simulated_data import source_of
 from consortia.common.weights import model_to_arrays
-from consortia.server.cohort import Cohort
-from consortia.server.roster import NodeEntry, Roster
-from consortia.server.run_log import NodeFailure, RunLog, kept_shares
-from consortia.server.strategies import build_strategy
+from consortia.server.rounds.cohort import Cohort
+from consortia.server.rounds.roster import NodeEntry, Roster
+from consortia.server.rounds.run_log import NodeFailure, RunLog, kept_shares
+from consortia.server.rounds.strategies import build_strategy
 from consortia.simulations.faults import (
     CRASH,
     DROPOUT,
@@ -48,6 +46,8 @@ from consortia.simulations.faults import (
     node_count,
 )
 from consortia.simulations.lab import lab_client_app
+from consortia.simulations.node_data import source_of
+from consortia.simulations.virtual_node import virtual_node_app as client_app
 
 SEED = 42
 ROUNDS = range(1, 401)

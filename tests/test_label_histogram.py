@@ -7,7 +7,6 @@ import pytest
 from flwr.app import Context, MessageType, RecordDict
 from test_client_app import _message
 
-from consortia.client.app import app
 from consortia.client.label_histogram import noisy_counts
 from consortia.client.privacy_state import load_state
 from consortia.common import protocol as p
@@ -20,8 +19,9 @@ from consortia.common.privacy import (
     histogram_release,
     opacus_epsilon,
 )
-from consortia.server.label_skew import label_skew
-from consortia.server.roster import NodeEntry, Roster
+from consortia.server.rounds.label_skew import label_skew
+from consortia.server.rounds.roster import NodeEntry, Roster
+from consortia.simulations.virtual_node import virtual_node_app as app
 
 SIGMA = 20.0
 

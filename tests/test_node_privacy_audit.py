@@ -22,7 +22,7 @@ from consortia.client.onboarding.registry import DatasetRegistry
 from consortia.client.training import train_locally
 from consortia.common.config_io import load_job
 from consortia.common.models import build_model
-from consortia.server.checkpoints import model_file_bytes
+from consortia.server.outputs.model_files import model_file_bytes
 
 RECORDS = 600
 

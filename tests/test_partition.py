@@ -16,10 +16,10 @@ from pydantic import ValidationError
 
 from consortia.common.config import DataConfig, PartitionConfig, SimulationConfig
 from consortia.common.config_io import load_scenario
-from consortia.common.datasets import load_source
 from consortia.common.errors import ConfigError, DataError
 from consortia.common.partition import partition_indices
-from consortia.common.simulated_data import simulated_node_data
+from consortia.simulations.node_data import simulated_node_data
+from consortia.simulations.sources import load_source
 
 # Ten classes of unequal size (the largest 3x the smallest), shuffled.
 _SIZES = np.array([300, 150, 450, 200, 250, 300, 350, 180, 220, 400])

@@ -168,7 +168,7 @@ def test_auditing_what_is_not_a_simulation_run_is_one_clear_error(
 def test_canaries_are_seeded_and_half_of_them_planted_in_their_node() -> None:
     from consortia.common.config import SimulationConfig
     from consortia.common.errors import ConfigError
-    from consortia.common.simulated_data import canaries_of, simulated_node_data
+    from consortia.simulations.node_data import canaries_of, simulated_node_data
 
     plain = SimulationConfig.model_validate({"nodes": 3, "data": {"source": "digits"}})
     sim = plain.model_copy(update={"canaries": {"count": 400, "node": 2}})

@@ -10,8 +10,8 @@ from conftest import CliRunner
 from rich.console import Console
 
 from consortia.cli.progress import JsonLinesListener, ProgressListener
-from consortia.server.roster import NodeEntry, Roster
-from consortia.server.run_log import RoundRecord
+from consortia.server.rounds.roster import NodeEntry, Roster
+from consortia.server.rounds.run_log import RoundRecord
 
 
 def _roster() -> Roster:

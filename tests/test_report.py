@@ -11,13 +11,15 @@ import pytest
 from chromium import rendered_charts
 from pydantic import Field
 
+from consortia.common.config import ScenarioConfig
 from consortia.common.config_io import load_scenario
-from consortia.server.label_skew import LabelSkew, NodeLabels
-from consortia.server.manifest import Manifest
-from consortia.server.report import REPORT_FILE, RunReport, render_run_report
-from consortia.server.run_log import NodeFailure, RoundRecord
-from consortia.server.run_outputs import FinalMetrics, MetricsFile
-from consortia.server.sweep import (
+from consortia.server.outputs.manifest import Manifest
+from consortia.server.outputs.metrics_file import FinalMetrics, MetricsFile
+from consortia.server.outputs.report import REPORT_FILE, RunReport, render_run_report
+from consortia.server.rounds.label_skew import LabelSkew, NodeLabels
+from consortia.server.rounds.run_log import NodeFailure, RoundRecord
+from consortia.simulations.lab import LAB
+from consortia.simulations.sweep import (
     PlannedRun,
     new_sweep,
     plan_runs,
@@ -122,7 +124,10 @@ def synthetic_metrics(finished: bool = True) -> MetricsFile:
 
 
 def _write_report(folder: Path, metrics: MetricsFile, manifest: Manifest | None) -> Path:
-    report = RunReport(folder)
+    """As a simulation's run writes it: the lab gives the true label counts of its scenario."""
+    simulated = manifest is not None and "simulation" in manifest.config
+    counts = LAB.label_counts(ScenarioConfig.model_validate(manifest.config)) if simulated else None
+    report = RunReport(folder, counts)
     if manifest is not None:
         report.set_manifest(manifest)
     return report.write(metrics)

@@ -19,7 +19,7 @@ from consortia.common.config import ScenarioConfig
 from consortia.common.config_io import bundled_scenarios, load_scenario
 from consortia.common.errors import ConfigError, DataError
 from consortia.common.models import build_model
-from consortia.common.simulated_data import (
+from consortia.simulations.node_data import (
     centralized_test_data,
     scenario_with_data,
     simulated_node_data,

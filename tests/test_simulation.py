@@ -10,7 +10,7 @@ import pytest
 from conftest import CliRunner
 
 from consortia.common.config_io import load_scenario
-from consortia.server.simulation import simulate
+from consortia.simulations.engine import simulate
 
 pytestmark = pytest.mark.slow
 

@@ -26,8 +26,8 @@ from flwr.supercore.object_store import ObjectStoreFactory
 from flwr.supercore.task_identity import TaskIdentity
 from flwr.superlink.federation import NoOpFederationManager
 
-from consortia.server import simulation_state
-from consortia.server.simulation_state import IndexedInMemoryLinkState, indexed_link_state
+from consortia.simulations import link_state as simulation_state
+from consortia.simulations.link_state import IndexedInMemoryLinkState, indexed_link_state
 
 
 @pytest.fixture(autouse=True)

@@ -24,14 +24,14 @@ from consortia.client.statistics import (
 from consortia.common.arrays import concat
 from consortia.common.config import ScenarioConfig, StatisticsConfig
 from consortia.common.privacy import Release, epsilon
-from consortia.common.simulated_data import simulated_node_data, source_of
 from consortia.common.statistics import (
     FeatureRelease,
     StatisticsRelease,
     query_noise,
     sensitivities,
 )
-from consortia.server.statistics_summary import summarize
+from consortia.server.statistics.summary import summarize
+from consortia.simulations.node_data import simulated_node_data, source_of
 
 NODES = 10
 REPEATS = 30

@@ -20,11 +20,11 @@ from flwr.app import (
 from consortia.common import protocol as p
 from consortia.common.config import FedAdamConfig, FedYogiConfig, JobConfig, PrivacyConfig
 from consortia.common.errors import FederationError
-from consortia.server.cohort import Cohort
-from consortia.server.roster import NodeEntry, Roster
-from consortia.server.run_log import RunLog
-from consortia.server.secure_aggregation import SecureRound
-from consortia.server.strategies import (
+from consortia.server.rounds.cohort import Cohort
+from consortia.server.rounds.roster import NodeEntry, Roster
+from consortia.server.rounds.run_log import RunLog
+from consortia.server.rounds.secure_aggregation import SecureRound
+from consortia.server.rounds.strategies import (
     ConsortiaFedAdam,
     ConsortiaFedYogi,
     ConsortiaStrategy,

@@ -13,16 +13,15 @@ from test_report import SWEEP_ACCURACY, synthetic_sweep, tiny_scenario, write_ru
 
 from consortia.common.config_io import LoadedScenario, load_scenario
 from consortia.common.errors import ConfigError, FederationError, PrivacyError
-from consortia.server.report import REPORT_FILE
-from consortia.server.sweep import (
+from consortia.server.outputs.report import REPORT_FILE
+from consortia.simulations.sweep import (
     CURVE_FILE,
     SWEEP_CSV,
-    SWEEP_FILE,
-    SweepFile,
     parse_axis,
     plan_runs,
     sweep_spec,
 )
+from consortia.simulations.sweep_file import SWEEP_FILE, SweepFile
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

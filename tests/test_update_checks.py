@@ -35,11 +35,11 @@ from consortia.common.config import (
 from consortia.common.errors import FederationError
 from consortia.common.models import build_model
 from consortia.common.weights import model_to_arrays
-from consortia.server import update_checks as uc
-from consortia.server.cohort import Cohort
-from consortia.server.roster import NodeEntry, Roster
-from consortia.server.run_log import RoundRecord, RunLog
-from consortia.server.strategies import (
+from consortia.server.rounds import update_checks as uc
+from consortia.server.rounds.cohort import Cohort
+from consortia.server.rounds.roster import NodeEntry, Roster
+from consortia.server.rounds.run_log import RoundRecord, RunLog
+from consortia.server.rounds.strategies import (
     ConsortiaKrum,
     ConsortiaMedian,
     ConsortiaMultiKrum,
@@ -439,7 +439,7 @@ def test_the_norm_check_runs_before_the_robust_aggregator() -> None:
 @pytest.mark.slow
 def test_median_strategy_runs_the_default_scenario(tmp_path: Path) -> None:
     from consortia.common.config_io import load_scenario
-    from consortia.server.simulation import simulate
+    from consortia.simulations.engine import simulate
 
     class _Quiet:
         def on_start(self, total_rounds: int, roster: object, skew: object) -> None: ...

@@ -194,7 +194,7 @@ class DatasetSpec(StrictModel):
     - `standardize`: z-score numeric features with the train split's mean and
       standard deviation (one-hot columns are left as 0/1). Off by default:
       statistics of one node's records differ from node to node, and under
-      label skew they can erase the class signal (see common/datasets.py).
+      label skew they can erase the class signal (see simulations/sources.py).
     """
 
     description: str = ""

@@ -7,7 +7,7 @@
 - `graph`: the random k-regular communication graph of a round;
 - `wire`: the stage payloads, validated where they are received.
 
-The coordinator's side is `consortia.server.secure_aggregation`, the node's
+The coordinator's side is `consortia.server.rounds.secure_aggregation`, the node's
 `consortia.client.secure_aggregation`; docs/secure-aggregation.md has the
 protocol and its threat model.
 """

@@ -2,7 +2,7 @@
 
 A node's update is a float vector with every entry in [−R, R]; the bound R
 is the coordinator's L2 bound on the update, derived from the job's DP
-clipping norm (server/update_checks.py; |x_i| ≤ ‖x‖). With n summands and
+clipping norm (server/rounds/update_checks.py; |x_i| ≤ ‖x‖). With n summands and
 `bits`-bit words, each value is rounded to the nearest multiple of the step
 s = R / M, M = ⌊(2^(bits−1) − 1) / n⌋, and stored as a two's-complement
 integer in [−M, M]. The sum of n of them lies in [−nM, nM] ⊂ [−2^(bits−1), 2^(bits−1)),

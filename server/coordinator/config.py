@@ -14,6 +14,7 @@ from pathlib import Path
 
 from pydantic import Field, field_validator
 
+from consortia.common.audit import AuditLog
 from consortia.common.config import StrictModel
 from consortia.common.config_io import read_toml, validate_model
 from consortia.common.errors import ConfigError
@@ -117,3 +118,11 @@ def _existing(base: Path, value: Path, source: Path, key: str) -> Path:
             "certificates with `consortia provision ca` and `consortia provision coordinator`"
         )
     return resolved
+
+
+AUDIT_ACTOR = "coordinator"
+
+
+def audit_log(config: CoordinatorConfig) -> AuditLog:
+    """The coordinator's audit log (the service, enrollment and runs all append to it)."""
+    return AuditLog(config.audit_log, AUDIT_ACTOR)

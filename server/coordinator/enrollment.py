@@ -20,7 +20,7 @@ from pydantic import BaseModel, Field
 from consortia.common.atomic import write_json_atomic
 from consortia.common.errors import ConfigError, FederationError
 from consortia.common.node_keys import load_node_public_key
-from consortia.server.coordinator.config import CoordinatorConfig
+from consortia.server.coordinator.config import CoordinatorConfig, audit_log
 from consortia.server.coordinator.control import Control, CoordinatorTarget
 
 
@@ -138,8 +138,6 @@ class Enrollment:
         write_json_atomic(self.config.nodes_file, nodes.model_dump(mode="json"))
 
     def _audit(self, event: str, **details: object) -> None:
-        from consortia.server.coordinator.service import audit_log
-
         audit_log(self.config).append(event, **details)
 
 

@@ -28,13 +28,15 @@ from pathlib import Path
 from types import FrameType
 
 from consortia.common.atomic import write_bytes_atomic
-from consortia.common.audit import AuditLog
 from consortia.common.codeguard import guarded_environment
 from consortia.common.errors import ConfigError, FederationError
-from consortia.server.coordinator.config import CoordinatorConfig, load_coordinator_config
+from consortia.server.coordinator.config import (
+    CoordinatorConfig,
+    audit_log,
+    load_coordinator_config,
+)
 
 CONFIG_ENV = "CONSORTIA_COORDINATOR_CONFIG"
-ACTOR = "coordinator"
 _READY_TIMEOUT_S = 60.0
 
 
@@ -42,10 +44,6 @@ def coordinator_from_environment() -> CoordinatorConfig | None:
     """The coordinator this process serves, when started under `consortia coordinator start`."""
     path = os.environ.get(CONFIG_ENV)
     return load_coordinator_config(Path(path)) if path else None
-
-
-def audit_log(config: CoordinatorConfig) -> AuditLog:
-    return AuditLog(config.audit_log, ACTOR)
 
 
 def running_pid(config: CoordinatorConfig) -> int | None:

@@ -19,8 +19,9 @@ def install_gatekeeper() -> None:
     """Make the SuperLink's app put the gatekeeper in front of every route."""
     from flwr.superlink import extensions
 
+    from consortia.server.coordinator.config import audit_log
     from consortia.server.coordinator.gatekeeper import Gatekeeper, enrolled_names
-    from consortia.server.coordinator.service import audit_log, coordinator_from_environment
+    from consortia.server.coordinator.service import coordinator_from_environment
 
     config = coordinator_from_environment()
     if config is None:

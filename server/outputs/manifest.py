@@ -13,8 +13,8 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from consortia.common.config import JobConfig
-from consortia.server.label_skew import LabelSkew, label_skew
-from consortia.server.roster import Roster
+from consortia.server.rounds.label_skew import LabelSkew, label_skew
+from consortia.server.rounds.roster import Roster
 
 _PACKAGES = ("consortia", "flwr", "torch", "opacus", "numpy")
 

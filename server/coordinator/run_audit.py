@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from consortia.common.audit import AuditLog
 from consortia.server.federation import RoundListener, RunSummary
-from consortia.server.label_skew import LabelSkew
-from consortia.server.roster import Roster
-from consortia.server.run_log import RoundRecord
+from consortia.server.rounds.label_skew import LabelSkew
+from consortia.server.rounds.roster import Roster
+from consortia.server.rounds.run_log import RoundRecord
 
 
 class AuditedListener:

@@ -19,10 +19,10 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
 
-from consortia.client.app import app as client_app
 from consortia.client.privacy_state import JobPrivacyState, load_state, save_state
 from consortia.common import protocol as p
 from consortia.common.privacy import Release
+from consortia.simulations.virtual_node import virtual_node_app as client_app
 
 
 def resumed_client_app(releases: dict[str, list[Release]]) -> ClientApp:
@@ -61,7 +61,7 @@ def _restore_history(
 
 
 def _node_name(message: Message, context: Context) -> str | None:
-    """The virtual node's name, as client/app.py derives it (partition id + scenario)."""
+    """The virtual node's name, as virtual_node.py derives it (partition id + scenario)."""
     config = message.content.get(p.CONFIG_KEY)
     if config is None or "partition-id" not in context.node_config:
         return None

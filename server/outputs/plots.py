@@ -20,7 +20,7 @@ import matplotlib.pyplot as plt
 from matplotlib.ticker import MaxNLocator
 
 from consortia.common.atomic import write_bytes_atomic
-from consortia.server.run_log import RoundRecord
+from consortia.server.rounds.run_log import RoundRecord
 
 _DPI = 100
 _MAX_BARS = 40  # nodes in a bar chart of label shares; more get a heat map

@@ -19,16 +19,16 @@ from pathlib import Path
 from consortia.common.config import JobConfig, ScenarioConfig
 from consortia.common.config_io import LoadedConfig, LoadedScenario, validate_model
 from consortia.common.errors import FederationError
-from consortia.server.manifest import Manifest, config_sha256, legacy_config_sha256
-from consortia.server.roster import Roster
-from consortia.server.round_checkpoint import (
+from consortia.server.outputs.checkpoint import (
     CheckpointError,
     RoundCheckpoint,
     checkpoint_file,
     checkpoint_files,
     read_checkpoint,
 )
-from consortia.server.run_outputs import METRICS_FILE
+from consortia.server.outputs.manifest import Manifest, config_sha256, legacy_config_sha256
+from consortia.server.outputs.metrics_file import METRICS_FILE
+from consortia.server.rounds.roster import Roster
 
 
 @dataclass(frozen=True)

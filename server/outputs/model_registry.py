@@ -23,8 +23,7 @@ from consortia.common.atomic import write_bytes_atomic
 from consortia.common.config import JobConfig
 from consortia.common.errors import ConsortiaError
 from consortia.common.models import architecture_hash, build_model
-from consortia.server.resume import config_of, newest_checkpoint
-from consortia.server.round_checkpoint import (
+from consortia.server.outputs.checkpoint import (
     CheckpointError,
     RoundCheckpoint,
     checkpoint_dir,
@@ -32,6 +31,7 @@ from consortia.server.round_checkpoint import (
     checkpoint_files,
     read_checkpoint,
 )
+from consortia.server.outputs.resume import config_of, newest_checkpoint
 
 
 class CheckpointSummary(BaseModel):

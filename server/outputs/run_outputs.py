@@ -13,54 +13,39 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, Field
-
 from consortia.common.atomic import write_json_atomic
 from consortia.common.errors import FederationError
-from consortia.server.checkpoints import file_sha256, model_file_bytes, model_path, write_model_file
-from consortia.server.manifest import Manifest
-from consortia.server.plots import write_plots
-from consortia.server.report import RunReport
-from consortia.server.round_checkpoint import (
+from consortia.server.outputs.checkpoint import (
     RoundCheckpoint,
     checkpoint_dir,
     checkpoint_files,
     write_checkpoint,
 )
-from consortia.server.run_log import RoundRecord
+from consortia.server.outputs.manifest import Manifest
+from consortia.server.outputs.metrics_file import METRICS_FILE, FinalMetrics, MetricsFile
+from consortia.server.outputs.model_files import (
+    file_sha256,
+    model_file_bytes,
+    model_path,
+    write_model_file,
+)
+from consortia.server.outputs.plots import write_plots
+from consortia.server.outputs.report import LabelCounts, RunReport
+from consortia.server.rounds.run_log import RoundRecord
 
 MANIFEST_FILE = "manifest.json"
-METRICS_FILE = "metrics.json"
-
-
-class FinalMetrics(BaseModel):
-    """The `final` block of metrics.json."""
-
-    accuracy: float | None
-    loss: float | None
-    epsilon_max: float
-    epsilon: dict[str, float]
-    delta: float | None
-    model: str
-    model_sha256: str
-
-
-class MetricsFile(BaseModel):
-    """metrics.json."""
-
-    rounds: list[RoundRecord] = Field(default_factory=list)
-    final: FinalMetrics | None = None
 
 
 class RunOutputs:
     """Writes one run's files under `root`."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, label_counts: LabelCounts | None = None) -> None:
+        """`label_counts`: a simulation's true label counts per node, for the report."""
         self.root = root
         self.model_dir = root / "model"
         self.plots_dir = root / "plots"
         self.metrics = MetricsFile()
-        self.report = RunReport(root)
+        self.report = RunReport(root, label_counts)
         root.mkdir(parents=True, exist_ok=True)
 
     def write_manifest(self, manifest: Manifest) -> str:
@@ -128,13 +113,13 @@ class RunOutputs:
         write_json_atomic(self.root / METRICS_FILE, self.metrics.model_dump(mode="json"))
 
 
-def rewrite_report(run_dir: Path) -> Path:
+def rewrite_report(run_dir: Path, label_counts: LabelCounts | None = None) -> Path:
     """Render report.html again from the run folder's files (after an audit added to them)."""
     try:
         metrics = MetricsFile.model_validate_json((run_dir / METRICS_FILE).read_bytes())
         manifest = Manifest.model_validate_json((run_dir / MANIFEST_FILE).read_bytes())
     except (OSError, ValueError) as exc:
         raise FederationError(f"{run_dir}: cannot re-render its report: {exc}") from None
-    report = RunReport(run_dir)
+    report = RunReport(run_dir, label_counts)
     report.set_manifest(manifest)
     return report.write(metrics)

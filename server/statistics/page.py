@@ -8,14 +8,11 @@ the job's `min_count` reads "suppressed". Figures are inline PNGs.
 from __future__ import annotations
 
 import html
-from typing import TYPE_CHECKING
 
-from consortia.server import html_page as h
-from consortia.server import plots
-from consortia.server.statistics_summary import Estimate, StatisticsSummary
-
-if TYPE_CHECKING:
-    from consortia.server.statistics_job import StatisticsFile
+from consortia.server.outputs import html_page as h
+from consortia.server.outputs import plots
+from consortia.server.statistics.stats_file import StatisticsFile
+from consortia.server.statistics.summary import Estimate, StatisticsSummary
 
 SUPPRESSED = "suppressed"
 

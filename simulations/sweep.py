@@ -23,33 +23,30 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, JsonValue
+from pydantic import BaseModel, JsonValue
 
 from consortia.common.atomic import write_bytes_atomic, write_json_atomic
 from consortia.common.config import ScenarioConfig
 from consortia.common.config_io import LoadedScenario, validate_model
 from consortia.common.errors import ConfigError
+from consortia.simulations.sweep_file import (
+    SWEEP_FILE,
+    PointSummary,
+    RunResult,
+    SweepAxis,
+    SweepFile,
+)
 
 if TYPE_CHECKING:
-    from consortia.server.plots import CurvePoint
+    from consortia.server.outputs.plots import CurvePoint
 
 # Planning imports no torch, Flower or matplotlib: a bad --sweep fails in a blink. Reading
 # results and drawing import them where they are needed (read_result, write_sweep).
 
-SWEEP_FILE = "sweep.json"
 SWEEP_CSV = "sweep.csv"
 CURVE_FILE = "plots/privacy-utility.png"
 
 _KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
-
-
-class SweepAxis(BaseModel):
-    """One `--sweep KEY=V1,V2,...`: a dotted scenario key and the values it takes."""
-
-    model_config = ConfigDict(frozen=True)
-
-    key: str
-    values: list[JsonValue]
 
 
 class SweepSpec(BaseModel):
@@ -83,47 +80,6 @@ class PlannedRun:
 
     def describe(self) -> str:
         return " ".join([*(f"{k}={_short(v)}" for k, v in self.point.items()), f"seed={self.seed}"])
-
-
-class RunResult(BaseModel):
-    """sweep.json's record of one run, read back from its metrics.json."""
-
-    folder: str
-    point: dict[str, JsonValue]
-    seed: int
-    accuracy: float | None = None
-    loss: float | None = None
-    epsilon_max: float | None = None
-    delta: float | None = None
-    wall_s: float
-    error: str | None = None
-
-
-class PointSummary(BaseModel):
-    """One grid point over its seeds: means and sample standard deviations (None with < 2)."""
-
-    point: dict[str, JsonValue]
-    folders: list[str]
-    runs_ok: int
-    runs_failed: int
-    accuracy_mean: float | None
-    accuracy_std: float | None
-    epsilon_max_mean: float | None
-    epsilon_max_std: float | None
-    wall_s_mean: float | None
-
-
-class SweepFile(BaseModel):
-    """sweep.json: the plan, every finished run, and the per-point table."""
-
-    scenario: str
-    source: str
-    created_utc: str
-    axes: list[SweepAxis]
-    seeds: list[int]
-    planned: list[str]
-    runs: list[RunResult]
-    points: list[PointSummary]
 
 
 # ------------------------------------------------------------------ the plan
@@ -282,7 +238,7 @@ def new_sweep(base: LoadedScenario, spec: SweepSpec, runs: list[PlannedRun]) -> 
 
 def read_result(sweep_dir: Path, run: PlannedRun, wall_s: float) -> RunResult:
     """The run's figures, as its own metrics.json states them."""
-    from consortia.server.run_outputs import METRICS_FILE, MetricsFile
+    from consortia.server.outputs.metrics_file import METRICS_FILE, MetricsFile
 
     metrics = MetricsFile.model_validate_json((sweep_dir / run.folder / METRICS_FILE).read_bytes())
     final = metrics.final
@@ -345,8 +301,8 @@ def _std(values: list[float]) -> float | None:
 
 def write_sweep(sweep_dir: Path, sweep: SweepFile) -> None:
     """sweep.json, sweep.csv, the privacy–utility figure and report.html (each atomic)."""
-    from consortia.server import plots
-    from consortia.server.report import write_sweep_report
+    from consortia.server.outputs import plots
+    from consortia.simulations.sweep_report import write_sweep_report
 
     write_json_atomic(sweep_dir / SWEEP_FILE, sweep.model_dump(mode="json"))
     write_bytes_atomic(sweep_dir / SWEEP_CSV, sweep_csv(sweep).encode("utf-8"))
@@ -375,7 +331,7 @@ def sweep_csv(sweep: SweepFile) -> str:
 
 def curves(sweep: SweepFile) -> dict[str, list[CurvePoint]]:
     """Accuracy-vs-ε points, one curve per combination of the axes after the first."""
-    from consortia.server.plots import CurvePoint, finite
+    from consortia.server.outputs.plots import CurvePoint, finite
 
     others = [axis.key for axis in sweep.axes[1:]]
     out: dict[str, list[CurvePoint]] = {}

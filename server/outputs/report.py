@@ -12,27 +12,22 @@ report of the rounds it finished.
 
 from __future__ import annotations
 
-import datetime as dt
-import html
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field
 
 from consortia.common.atomic import write_bytes_atomic
-from consortia.common.errors import ConsortiaError
 from consortia.common.membership import PrivacyAudit, read_audit
-from consortia.server import html_page as h
-from consortia.server import plots
-from consortia.server.manifest import Manifest
-from consortia.server.run_log import NodeFailure, RoundRecord
+from consortia.server.outputs import html_page as h
+from consortia.server.outputs import plots
+from consortia.server.outputs.manifest import Manifest
+from consortia.server.rounds.run_log import NodeFailure, RoundRecord
 
 if TYPE_CHECKING:
-    from consortia.server.run_outputs import MetricsFile
-    from consortia.server.sweep import SweepFile
+    from consortia.server.outputs.metrics_file import MetricsFile
 
 REPORT_FILE = "report.html"
 
@@ -69,39 +64,21 @@ class LabelMix(BaseModel):
     withheld: dict[str, str] = Field(default_factory=dict)
 
 
-def run_labels(manifest: Manifest) -> LabelMix | None:
-    """The true partition in a simulation; else the nodes' DP label histograms, if any."""
-    return partition_labels(manifest) or histogram_labels(manifest)
+LabelCounts = Mapping[str, tuple[int, ...]]
+"""Every node's true label counts by name: what only a simulation knows (the lab computes them)."""
 
 
-def partition_labels(manifest: Manifest) -> LabelMix | None:
-    """Count every simulated node's labels (train and test split), as the simulation made them.
+def run_labels(manifest: Manifest, counts: LabelCounts | None = None) -> LabelMix | None:
+    """The true partition in a simulation (`counts`); else the nodes' DP label histograms."""
+    return partition_labels(counts) if counts else histogram_labels(manifest)
 
-    Only a simulation knows this; its coordinator derives the same partition
-    its virtual nodes do, from (scenario, seed). None for a deployed job.
-    """
-    if "simulation" not in manifest.config:  # a job's config validates as a default scenario
-        return None
-    from consortia.common.config import ScenarioConfig
-    from consortia.common.simulated_data import simulated_node_data
 
-    try:
-        config = ScenarioConfig.model_validate(manifest.config)
-        sim = config.simulation
-        data = [simulated_node_data(sim, config.seed, pid) for pid in range(sim.nodes)]
-    except (ValidationError, ConsortiaError):
-        return None  # a scenario this code cannot rebuild: no chart, never a failed run
-    counts = {
-        sim.node_name(pid): tuple(
-            int(c)
-            for c in np.bincount(np.concatenate([d.train.y, d.test.y]), minlength=d.num_classes)
-        )
-        for pid, d in enumerate(data)
-    }
+def partition_labels(counts: LabelCounts) -> LabelMix:
+    """Every simulated node's labels (train and test split), as the simulation made them."""
     return LabelMix(
         source="the simulated partition (true counts, train and test split)",
         proportions={name: _shares(c) for name, c in counts.items()},
-        counts=counts,
+        counts=dict(counts),
     )
 
 
@@ -128,8 +105,9 @@ def _shares(counts: Sequence[int]) -> tuple[float, ...]:
 class RunReport:
     """Renders and writes one run's report.html; keeps what does not change between rounds."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, label_counts: LabelCounts | None = None) -> None:
         self.path = root / REPORT_FILE
+        self.label_counts = label_counts
         self.manifest: Manifest | None = None
         self.labels: LabelMix | None = None
         self._label_png: bytes | None = None
@@ -140,7 +118,7 @@ class RunReport:
 
     def set_manifest(self, manifest: Manifest) -> None:
         self.manifest = manifest
-        self.labels = run_labels(manifest)
+        self.labels = run_labels(manifest, self.label_counts)
         self._label_png = None
 
     def write_if_cheap(self, metrics: MetricsFile) -> bool:
@@ -215,7 +193,7 @@ def _run_summary(metrics: MetricsFile, manifest: Manifest | None) -> str:
     if manifest is not None:
         rows.append(("scenario", manifest.scenario_source))
         rows.append(("started (UTC)", manifest.created_utc))
-    rows.append(("report written (UTC)", _now()))
+    rows.append(("report written (UTC)", h.utc_now()))
     return h.section("Summary", h.key_values(rows))
 
 
@@ -317,12 +295,20 @@ def _failures_section(rounds: list[RoundRecord]) -> str:
     extras = _extra_fields(rounds)
     fields = _failure_fields(rounds)
     rows = [
-        [str(r.round), f.node, failure_kind(f), *(_text(dump.get(k)) for k in fields), f.reason]
+        [
+            str(r.round),
+            f.node,
+            failure_kind(f),
+            *(h.short_text(dump.get(k)) for k in fields),
+            f.reason,
+        ]
         for r in rounds
         for f, dump in ((f, f.model_dump()) for f in r.failures)
     ]
     extra_rows = [
-        [str(r.round), key, _text(value)] for r in rounds for key, value in _extras_of(r, extras)
+        [str(r.round), key, h.short_text(value)]
+        for r in rounds
+        for key, value in _extras_of(r, extras)
     ]
     if not rows and not extra_rows:
         return h.section(
@@ -442,92 +428,3 @@ def _delta(manifest: Manifest | None) -> float | None:
         return None
     delta = privacy.get("delta")
     return float(delta) if isinstance(delta, int | float) else None
-
-
-# ------------------------------------------------------------------ sweep report
-
-
-def write_sweep_report(folder: Path, sweep: SweepFile, curve_png: bytes) -> Path:
-    """The sweep's report.html: the privacy–utility curve, the table, links to every run."""
-    path = folder / REPORT_FILE
-    write_bytes_atomic(path, render_sweep_report(sweep, curve_png).encode("utf-8"))
-    return path
-
-
-def render_sweep_report(sweep: SweepFile, curve_png: bytes) -> str:
-    keys = [axis.key for axis in sweep.axes]
-    summary = h.key_values(
-        [
-            ("scenario", f"{sweep.scenario} ({sweep.source})"),
-            (
-                "grid",
-                "; ".join(f"{a.key} = {', '.join(map(_text, a.values))}" for a in sweep.axes)
-                or "the scenario as it is",
-            ),
-            ("seeds", ", ".join(map(str, sweep.seeds))),
-            (
-                "runs",
-                f"{sum(r.error is None for r in sweep.runs)} finished, "
-                f"{sum(r.error is not None for r in sweep.runs)} failed, "
-                f"{len(sweep.planned) - len(sweep.runs)} to go",
-            ),
-            ("started (UTC)", sweep.created_utc),
-            ("report written (UTC)", _now()),
-        ]
-    )
-    points = h.table(
-        [*keys, "runs", "accuracy mean", "± std", "max ε mean", "± std", "wall s / run"],
-        [
-            [
-                *(_text(p.point.get(k)) for k in keys),
-                f"{p.runs_ok}/{len(sweep.seeds)}",
-                h.number(p.accuracy_mean),
-                h.number(p.accuracy_std),
-                h.number(p.epsilon_max_mean),
-                h.number(p.epsilon_max_std),
-                h.number(p.wall_s_mean, "{:.1f}"),
-            ]
-            for p in sweep.points
-        ],
-    )
-    runs = h.table(
-        ["run", "seed", "accuracy", "max ε", "wall s", "result"],
-        [
-            [
-                f'<a href="{html.escape(r.folder)}/{REPORT_FILE}">{html.escape(r.folder)}</a>',
-                str(r.seed),
-                h.number(r.accuracy),
-                h.number(r.epsilon_max),
-                h.number(r.wall_s, "{:.1f}"),
-                html.escape(r.error or "ok"),
-            ]
-            for r in sweep.runs
-        ],
-        raw=True,
-    )
-    sections = [
-        h.section("Sweep", summary),
-        h.section(
-            "Privacy–utility",
-            h.figure(curve_png, "final accuracy against max ε, mean ± std over seeds")
-            + h.note("Mean ± sample standard deviation over seeds (none with one seed).")
-            + points,
-        ),
-        h.section("Runs", runs),
-    ]
-    return h.page(f"Consortia sweep {sweep.scenario}", sections)
-
-
-def _text(value: Any) -> str:
-    """A JSON-ish value as short text: lists joined, mappings as key: value."""
-    if isinstance(value, dict):
-        return "; ".join(f"{k}: {_text(v)}" for k, v in value.items())
-    if isinstance(value, list | tuple | set):
-        return ", ".join(_text(v) for v in value)
-    if isinstance(value, float):
-        return f"{value:g}"
-    return "" if value is None else str(value)
-
-
-def _now() -> str:
-    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")

@@ -8,6 +8,7 @@ unless a caller says it escaped it already.
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import html
 from collections.abc import Iterable, Sequence
 
@@ -76,3 +77,19 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]], raw: bool = Fal
 
 def number(value: float | None, pattern: str = "{:.4f}") -> str:
     return "n/a" if value is None else pattern.format(value)
+
+
+def short_text(value: object) -> str:
+    """A JSON-ish value as short text: lists joined, mappings as key: value."""
+    if isinstance(value, dict):
+        return "; ".join(f"{k}: {short_text(v)}" for k, v in value.items())
+    if isinstance(value, list | tuple | set):
+        return ", ".join(short_text(v) for v in value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    return "" if value is None else str(value)
+
+
+def utc_now() -> str:
+    """Now, UTC, to the second: when a page was written."""
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")

@@ -22,9 +22,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from consortia.server.exchange import exchange
-from consortia.server.secure_aggregation import SecureRound
-from consortia.server.strategies import ConsortiaStrategy
+from consortia.server.rounds.exchange import exchange
+from consortia.server.rounds.secure_aggregation import SecureRound
+from consortia.server.rounds.strategies import ConsortiaStrategy
 
 Purpose = Literal["train", "evaluate"]
 # Runs a round's training under secure aggregation: (round, train messages, global model).

@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
-from pydantic import BaseModel
 
 from consortia.common import protocol as p
 from consortia.common.atomic import write_bytes_atomic, write_json_atomic
@@ -29,41 +28,17 @@ from consortia.common.errors import ConsortiaError, FederationError
 from consortia.common.models import architecture_hash
 from consortia.common.statistics import MESSAGE_TYPE, STATISTICS_KEY, StatisticsRelease
 from consortia.common.weights import model_to_arrays
-from consortia.server.exchange import exchange
-from consortia.server.manifest import Manifest, build_manifest
-from consortia.server.roster import Roster, discover
-from consortia.server.statistics_summary import StatisticsSummary, summarize
-
-STATS_JSON = "stats.json"
-STATS_HTML = "stats.html"
-
-
-class EvaluatedModel(BaseModel):
-    """The trained model whose accuracy the nodes released."""
-
-    run_dir: str
-    round: int
-    model_sha256: str
-    architecture: str
-
-
-class NodeRefusal(BaseModel):
-    node: str
-    code: str
-    reason: str
-
-
-class StatisticsFile(BaseModel):
-    """stats.json: what was asked, of whom, what came back, and what it says."""
-
-    manifest: Manifest
-    query: StatisticsConfig
-    model: EvaluatedModel | None = None
-    finished_utc: str
-    answered: list[str]
-    refusals: list[NodeRefusal]
-    releases: dict[str, StatisticsRelease]  # as received: noisy, safe to keep
-    summary: StatisticsSummary | None  # None when no node answered
+from consortia.server.outputs.manifest import build_manifest
+from consortia.server.rounds.exchange import exchange
+from consortia.server.rounds.roster import Roster, discover
+from consortia.server.statistics.stats_file import (
+    STATS_HTML,
+    STATS_JSON,
+    EvaluatedModel,
+    NodeRefusal,
+    StatisticsFile,
+)
+from consortia.server.statistics.summary import summarize
 
 
 def run_statistics(
@@ -123,7 +98,7 @@ def run_statistics(
 
 def write_statistics(out_dir: Path, result: StatisticsFile) -> None:
     """stats.json, then stats.html (each written atomically)."""
-    from consortia.server.statistics_report import render_statistics_report
+    from consortia.server.statistics.page import render_statistics_report
 
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out_dir / STATS_JSON, result.model_dump(mode="json"))
@@ -217,7 +192,7 @@ def _model(
     """
     if query.model is None:
         return None, None, job
-    from consortia.server.model_registry import load_model
+    from consortia.server.outputs.model_registry import load_model
 
     run_dir = Path(query.model).expanduser()
     if not run_dir.is_absolute():

@@ -9,8 +9,8 @@ from flwr.app import ArrayRecord
 from pydantic import BaseModel, Field
 
 from consortia.common.privacy import Release
-from consortia.server.aggregation import array_view
-from consortia.server.roster import Roster
+from consortia.server.rounds.aggregation import array_view
+from consortia.server.rounds.roster import Roster
 from consortia.simulations.faults import CRASH, DROPOUT, LATE
 
 # The `RoundRecord` list each simulated fault code is filed under.

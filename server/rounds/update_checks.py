@@ -85,7 +85,7 @@ from flwr.app import ArrayRecord, MetricRecord
 
 from consortia.common import protocol as p
 from consortia.common.config import FedProxConfig, JobConfig
-from consortia.server.aggregation import array_view
+from consortia.server.rounds.aggregation import array_view
 
 TAIL_PROBABILITY = 1e-9
 """Per reply and per tail (records drawn, noise norm): the chance an honest update exceeds."""

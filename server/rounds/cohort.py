@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from consortia.server.roster import Roster
+from consortia.server.rounds.roster import Roster
 
 _PURPOSE = {"train": 1, "evaluate": 2}
 

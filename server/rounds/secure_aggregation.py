@@ -47,7 +47,7 @@ from consortia.common.errors import FederationError
 from consortia.common.secagg import crypto, graph, shamir, wire
 from consortia.common.secagg.fixed_point import Bits, FixedPoint
 from consortia.common.secagg.masks import apply_masks
-from consortia.server.exchange import exchange
+from consortia.server.rounds.exchange import exchange
 
 SECAGG_MESSAGE_TYPE = f"train.{wire.MESSAGE_ACTION}"
 BoundOf = Callable[[Message], "float | str"]  # a setup reply → its update's range bound, or why not

@@ -41,9 +41,10 @@ from consortia.common.atomic import write_bytes_atomic
 from consortia.common.config import ScenarioConfig
 from consortia.common.errors import ConsortiaError
 from consortia.common.membership import AUDIT_FILE, PrivacyAudit
-from consortia.common.simulated_data import Canaries, canaries_of, simulated_node_data
-from consortia.server.model_registry import load_model
-from consortia.server.run_outputs import rewrite_report
+from consortia.server.outputs.model_registry import load_model
+from consortia.server.outputs.run_outputs import rewrite_report
+from consortia.simulations.lab import LAB
+from consortia.simulations.node_data import Canaries, canaries_of, simulated_node_data
 
 
 def audit_run(run_dir: Path, server_round: int | None, shadows: int, seed: int = 0) -> PrivacyAudit:
@@ -77,7 +78,7 @@ def audit_run(run_dir: Path, server_round: int | None, shadows: int, seed: int =
         attacks=attacks,
     )
     write_bytes_atomic(run_dir / AUDIT_FILE, audit.model_dump_json(indent=2).encode("utf-8"))
-    rewrite_report(run_dir)  # report.html gains its audit section
+    rewrite_report(run_dir, LAB.label_counts(config))  # report.html gains its audit section
     return audit
 
 

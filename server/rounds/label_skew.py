@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from pydantic import BaseModel
 
-from consortia.server.roster import Roster
+from consortia.server.rounds.roster import Roster
 
 
 class NodeLabels(BaseModel):

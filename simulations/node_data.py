@@ -19,12 +19,13 @@ from consortia.common.config import (
     BUNDLED_SOURCES,
     DataConfig,
     PartitionConfig,
+    ScenarioConfig,
     SimulationConfig,
 )
 from consortia.common.config_io import LoadedScenario, validate_model
-from consortia.common.datasets import SourceData, data_path, load_source
-from consortia.common.errors import ConfigError, DataError
+from consortia.common.errors import ConfigError, ConsortiaError, DataError
 from consortia.common.partition import partition_indices, train_test_split
+from consortia.simulations.sources import SourceData, data_path, load_source
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,27 @@ def centralized_test_data(sim: SimulationConfig, seed: int) -> LabeledArrays:
     if source.test is not None:
         return source.test
     return concat([node.test for node in _all_nodes(sim, seed)])
+
+
+def partition_label_counts(config: ScenarioConfig) -> dict[str, tuple[int, ...]] | None:
+    """Every virtual node's label counts (train and test split), as the simulation made them.
+
+    The coordinator derives the same partition its virtual nodes do, from
+    (scenario, seed). None for data this code cannot rebuild: the report then
+    has no chart, and the run never fails for it.
+    """
+    sim = config.simulation
+    try:
+        data = [simulated_node_data(sim, config.seed, pid) for pid in range(sim.nodes)]
+    except ConsortiaError:
+        return None
+    return {
+        sim.node_name(pid): tuple(
+            int(c)
+            for c in np.bincount(np.concatenate([d.train.y, d.test.y]), minlength=d.num_classes)
+        )
+        for pid, d in enumerate(data)
+    }
 
 
 def source_of(sim: SimulationConfig) -> SourceData:

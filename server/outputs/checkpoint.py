@@ -33,10 +33,10 @@ from safetensors.numpy import load, save
 from consortia.common.atomic import write_bytes_atomic
 from consortia.common.errors import FederationError
 from consortia.common.privacy import Release
-from consortia.server.manifest import Manifest
-from consortia.server.rng_state import RngScalars, RngState
-from consortia.server.run_log import RoundRecord
-from consortia.server.strategy_state import StrategyState
+from consortia.server.outputs.manifest import Manifest
+from consortia.server.rounds.rng_state import RngScalars, RngState
+from consortia.server.rounds.run_log import RoundRecord
+from consortia.server.rounds.strategy_state import StrategyState
 
 CHECKPOINT_DIR = "checkpoints"
 SCHEMA_VERSION = 1

@@ -15,19 +15,20 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 
-from consortia.client.app import app as client_app
 from consortia.common.config import BackendConfig
 from consortia.common.config_io import LoadedScenario
 from consortia.common.errors import FederationError
 from consortia.common.models import build_model
-from consortia.common.simulated_data import source_of
 from consortia.server.federation import RoundListener, RunSummary, run_federation
-from consortia.server.ray_start import check_ray_address, ray_init_args
-from consortia.server.resume import load_resume_point
-from consortia.server.simulated_privacy import resumed_client_app
-from consortia.server.simulation_state import indexed_link_state
-from consortia.server.statistics_job import StatisticsFile, run_statistics
-from consortia.simulations.lab import lab_client_app
+from consortia.server.outputs.resume import load_resume_point
+from consortia.server.statistics.job import run_statistics
+from consortia.server.statistics.stats_file import StatisticsFile
+from consortia.simulations.lab import LAB, lab_client_app
+from consortia.simulations.link_state import indexed_link_state
+from consortia.simulations.node_data import source_of
+from consortia.simulations.node_privacy import resumed_client_app
+from consortia.simulations.ray_start import check_ray_address, ray_init_args
+from consortia.simulations.virtual_node import virtual_node_app as client_app
 
 _Result = TypeVar("_Result")
 
@@ -74,7 +75,7 @@ def _simulate(
     return _on_engine(
         loaded,
         app,
-        lambda grid: run_federation(grid, loaded, out_dir, listener, resume=resume),
+        lambda grid: run_federation(grid, loaded, out_dir, listener, resume=resume, lab=LAB),
         ray_address,
     )
 

@@ -58,11 +58,11 @@ from consortia.common.config import (
     MultiKrumConfig,
 )
 from consortia.common.errors import FederationError
-from consortia.server.aggregation import array_view, weighted_average
-from consortia.server.cohort import Cohort
-from consortia.server.run_log import NodeFailure, RunLog
-from consortia.server.secure_aggregation import SecureRound
-from consortia.server.update_checks import (
+from consortia.server.rounds.aggregation import array_view, weighted_average
+from consortia.server.rounds.cohort import Cohort
+from consortia.server.rounds.run_log import NodeFailure, RunLog
+from consortia.server.rounds.secure_aggregation import SecureRound
+from consortia.server.rounds.update_checks import (
     NON_FINITE,
     ReferenceModel,
     UpdateChecks,
@@ -99,7 +99,8 @@ class ConsortiaStrategy(FedAvg):
     _reference: ReferenceModel
     _global: ArrayRecord
     # Set by the round loop for a round run under secure aggregation: its replies then
-    # carry metrics only, and the aggregate is the unmasked mean (server/secure_aggregation.py).
+    # carry metrics only, and the aggregate is the unmasked mean
+    # (server/rounds/secure_aggregation.py).
     secure_round: SecureRound | None = None
     secure_on_failure: Literal["stop", "skip-round"] = "stop"
 

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict
 
 from consortia.common import protocol as p
 from consortia.common.errors import FederationError
-from consortia.server.exchange import exchange
+from consortia.server.rounds.exchange import exchange
 
 _POLL_S = 0.2
 
