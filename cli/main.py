@@ -1,4 +1,11 @@
-"""`consortia`: one command for simulation today; node, coordinator and jobs come next.
+"""`consortia`: the one command line of the framework, for simulation and deployment.
+
+`simulate` runs a consortium faked on one machine. The sub-apps registered
+below run a real one: `node` (an on-prem node: data, keys, privacy ledger,
+job checks, start), `coordinator` (the service and its enrolled nodes), `job`
+(submit and follow jobs on a coordinator) and `provision` (TLS certificates);
+`models` (a run's checkpoints) and `audit` (audit logs, privacy attacks)
+serve the runs of both.
 
 User errors (bad config, missing data, unreachable privacy targets) end with
 one message on stderr and exit code 2; a stack trace means a bug.

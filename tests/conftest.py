@@ -8,8 +8,12 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from flwr.app import Context
 
 _SESSION_TMP = Path(tempfile.mkdtemp(prefix="consortia-tests-"))
 for _variable, _folder in {
@@ -69,10 +73,49 @@ def consortia_cli() -> CliRunner:
     return run
 
 
-def one_cli_error(result: subprocess.CompletedProcess[str]) -> str:
-    """Exit 2, no traceback, one `error:` message; returns it with line wrapping undone."""
+def one_cli_error(
+    result: subprocess.CompletedProcess[str], *, nothing_on_stdout: bool = False
+) -> str:
+    """Exit 2, no traceback, one `error:` message; returns it with line wrapping undone.
+
+    `nothing_on_stdout`: also assert that the command printed nothing else, for
+    commands that must fail before any output.
+    """
     output = result.stdout + result.stderr
     assert result.returncode == 2, output
     assert "Traceback" not in output
+    if nothing_on_stdout:
+        assert result.stdout.strip() == ""
     assert result.stderr.count("error:") == 1, result.stderr
     return " ".join(result.stderr.split())
+
+
+def flower_context(
+    *,
+    partition_id: int | None = None,
+    num_partitions: int = 5,
+    node_toml: Path | None = None,
+    run_id: int = 1,
+    node_id: int = 7,
+) -> Context:
+    """A node's Flower `Context` as its SuperNode (or the simulation engine) hands it over.
+
+    A fresh `state` and no run config; `node_config` says which node it is:
+    `partition_id` for a simulated node (the engine sets partition-id and
+    num-partitions; 5 is the bundled scenario's node count), `node_toml` for a
+    deployed one (its node.toml under NODE_CONFIG_KEY), neither for a node with
+    no data of its own. Flower is imported here, not at the top: most tests
+    never need it.
+    """
+    from flwr.app import Context, RecordDict, UserConfig
+
+    from consortia.client.node_config import NODE_CONFIG_KEY
+
+    node_config: UserConfig = {}
+    if partition_id is not None:
+        node_config.update({"partition-id": partition_id, "num-partitions": num_partitions})
+    if node_toml is not None:
+        node_config[NODE_CONFIG_KEY] = str(node_toml)
+    return Context(
+        run_id=run_id, node_id=node_id, node_config=node_config, state=RecordDict(), run_config={}
+    )

@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import MNIST_DIR
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from conftest import MNIST_DIR, flower_context
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
 from consortia.client.spend import planned_release
 from consortia.common import protocol as p
@@ -128,11 +128,7 @@ def _train(app: Any, config: ScenarioConfig, partition_id: int) -> tuple[Message
         }
     )
     request = Message(content, dst_node_id=7, message_type=MessageType.TRAIN)
-    node_config = {"partition-id": partition_id, "num-partitions": 5}
-    context = Context(
-        run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config={}
-    )
-    return request, app(request, context)
+    return request, app(request, flower_context(partition_id=partition_id))
 
 
 @needs_task

@@ -10,12 +10,11 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import CliRunner
+from conftest import CliRunner, flower_context, one_cli_error
 
 from consortia.common.audit import (
     GENESIS_SHA256,
@@ -336,21 +335,16 @@ def test_concurrent_appends_from_several_processes_form_one_chain(tmp_path: Path
 # ------------------------------------------------------------------ command line
 
 
-def _one_error(result: subprocess.CompletedProcess[str]) -> str:
-    assert result.returncode == 2, result.stdout + result.stderr
-    assert "Traceback" not in result.stdout + result.stderr
-    assert result.stderr.count("error:") == 1, result.stderr
-    return " ".join(result.stderr.split())
-
-
 def test_cli_unreadable_inputs_are_one_error(tmp_path: Path, consortia_cli: CliRunner) -> None:
-    missing = _one_error(consortia_cli("audit", "verify", str(tmp_path / "no.jsonl"), cwd=tmp_path))
+    missing = one_cli_error(
+        consortia_cli("audit", "verify", str(tmp_path / "no.jsonl"), cwd=tmp_path)
+    )
     assert f"{tmp_path / 'no.jsonl'}: no such audit log" in missing
-    folder = _one_error(consortia_cli("audit", "verify", str(tmp_path), cwd=tmp_path))
+    folder = one_cli_error(consortia_cli("audit", "verify", str(tmp_path), cwd=tmp_path))
     assert "is a folder" in folder
     path = _log(tmp_path, entries=1)
     bad_head = consortia_cli("audit", "verify", str(path), "--expect-head", "abc", cwd=tmp_path)
-    assert "--expect-head must be a full sha256" in _one_error(bad_head)
+    assert "--expect-head must be a full sha256" in one_cli_error(bad_head)
 
 
 def test_cli_prints_problems_escaped(tmp_path: Path, consortia_cli: CliRunner) -> None:
@@ -404,17 +398,6 @@ def test_node_data_add_records_the_registration(tmp_path: Path, consortia_cli: C
     assert verify(path).ok
 
 
-def _context(node_toml: Path | None, run_id: int = 41) -> object:
-    from flwr.app import Context, RecordDict
-
-    from consortia.client.node_config import NODE_CONFIG_KEY
-
-    node_config = {} if node_toml is None else {NODE_CONFIG_KEY: str(node_toml)}
-    return Context(
-        run_id=run_id, node_id=7, node_config=node_config, state=RecordDict(), run_config={}
-    )
-
-
 def test_ledger_account_records_the_spend_before_returning(tmp_path: Path) -> None:
     from consortia.client.ledger import PrivacyLedger, ledger_path
     from consortia.client.policy import NodePolicy
@@ -424,7 +407,7 @@ def test_ledger_account_records_the_spend_before_returning(tmp_path: Path) -> No
     state = tmp_path / "state"
     audit = AuditLog(state / "audit.jsonl", NODE)
     account = LedgerAccount(
-        _context(None),  # type: ignore[arg-type]
+        flower_context(run_id=41),
         ledger_path(state),
         "cardio",
         NodePolicy(epsilon_budget=10.0),
@@ -495,7 +478,7 @@ def test_refusals_are_recorded_on_a_deployed_node_only(tmp_path: Path) -> None:
         return refuse(request, context)  # type: ignore[arg-type]
 
     node_toml = _node_toml(tmp_path)
-    reply = ask(_context(node_toml))
+    reply = ask(flower_context(node_toml=node_toml, run_id=41))
     assert p.read_refusal(reply.content) == (refusal.code, refusal.reason)
     (entry,) = iter_entries(tmp_path / "state" / "audit.jsonl")
     assert (entry.event, entry.actor) == ("node.refusal", NODE)
@@ -510,11 +493,12 @@ def test_refusals_are_recorded_on_a_deployed_node_only(tmp_path: Path) -> None:
 
     # A broken audit log costs a warning, never the refusal reply.
     _write_lines(tmp_path / "state" / "audit.jsonl", [b"garbage"])
-    assert p.read_refusal(ask(_context(node_toml)).content) == (refusal.code, refusal.reason)
+    again = ask(flower_context(node_toml=node_toml, run_id=41))
+    assert p.read_refusal(again.content) == (refusal.code, refusal.reason)
 
     # A simulated node writes no audit log anywhere.
     before = sorted(tmp_path.rglob("*"))
-    assert p.read_refusal(ask(_context(None)).content) is not None
+    assert p.read_refusal(ask(flower_context(run_id=41)).content) is not None
     assert sorted(tmp_path.rglob("*")) == before
     assert [f.name for f in (tmp_path / "state").iterdir()] == ["audit.jsonl"]
 

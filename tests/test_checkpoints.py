@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import flower_context
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from typer.testing import CliRunner
 
@@ -308,9 +309,7 @@ def test_resumed_virtual_nodes_get_their_history_back() -> None:
         dst_node_id=1,
         message_type="train",
     )
-    context = Context(
-        run_id=1, node_id=1, node_config={"partition-id": 1}, state=RecordDict(), run_config={}
-    )
+    context = flower_context(partition_id=1, num_partitions=simulation.nodes, node_id=1)
     seen: list[JobPrivacyState] = []
 
     def handler(message: Message, context: Context) -> Message:

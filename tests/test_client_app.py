@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from conftest import flower_context
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
 from consortia.client.app import app as deployed_app
 from consortia.client.privacy_state import load_state
@@ -28,13 +29,6 @@ def scenario() -> ScenarioConfig:
     return load_scenario(None, {"rounds": ROUNDS}).config
 
 
-def _context(partition_id: int | None = 0) -> Context:
-    node_config = (
-        {} if partition_id is None else {"partition-id": partition_id, "num-partitions": 5}
-    )
-    return Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config={})
-
-
 def _message(scenario: ScenarioConfig, message_type: str, server_round: int = 1) -> Message:
     source = source_of(scenario.simulation)
     model = build_model(scenario.model, source.feature_shape, source.num_classes, scenario.seed)
@@ -45,7 +39,7 @@ def _message(scenario: ScenarioConfig, message_type: str, server_round: int = 1)
 
 
 def test_privacy_history_composes_across_rounds(scenario: ScenarioConfig) -> None:
-    context = _context()
+    context = flower_context(partition_id=0)
     epsilons = []
     for server_round in range(1, ROUNDS + 1):
         reply = app(_message(scenario, MessageType.TRAIN, server_round), context)
@@ -65,7 +59,7 @@ def test_privacy_history_composes_across_rounds(scenario: ScenarioConfig) -> Non
 
 def test_update_has_the_model_signature(scenario: ScenarioConfig) -> None:
     request = _message(scenario, MessageType.TRAIN)
-    reply = app(request, _context(1))
+    reply = app(request, flower_context(partition_id=1))
     sent, received = request.content[p.ARRAYS_KEY], reply.content[p.ARRAYS_KEY]
     assert list(received) == list(sent)
     assert all(received[k].shape == sent[k].shape for k in sent)
@@ -74,10 +68,10 @@ def test_update_has_the_model_signature(scenario: ScenarioConfig) -> None:
 
 
 def test_evaluate_and_query(scenario: ScenarioConfig) -> None:
-    evaluation = app(_message(scenario, MessageType.EVALUATE), _context(2))
+    evaluation = app(_message(scenario, MessageType.EVALUATE), flower_context(partition_id=2))
     metrics = evaluation.content[p.METRICS_KEY]
     assert 0.0 <= metrics[p.EVAL_ACCURACY] <= 1.0 and metrics[p.EVAL_LOSS] > 0
-    identity = app(_message(scenario, MessageType.QUERY), _context(2))
+    identity = app(_message(scenario, MessageType.QUERY), flower_context(partition_id=2))
     assert identity.content[p.NODE_KEY][p.NODE_NAME] == "northgate"
     assert len(str(identity.content[p.NODE_KEY][p.NODE_FINGERPRINT])) == 64
 
@@ -85,4 +79,4 @@ def test_evaluate_and_query(scenario: ScenarioConfig) -> None:
 def test_node_without_registered_data_refuses(scenario: ScenarioConfig) -> None:
     # Flower's runtime turns the exception into an error reply the coordinator logs.
     with pytest.raises(FederationError, match="no dataset to train on"):
-        deployed_app(_message(scenario, MessageType.TRAIN), _context(None))
+        deployed_app(_message(scenario, MessageType.TRAIN), flower_context())

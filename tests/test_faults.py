@@ -13,11 +13,11 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import flower_context
 from flwr.app import (
     Array,
     ArrayRecord,
     ConfigRecord,
-    Context,
     Message,
     MessageType,
     MetricRecord,
@@ -125,11 +125,6 @@ def test_node_counts_round_and_never_vanish() -> None:
 needs_task = pytest.mark.usefixtures("task_identity")  # Messages are built in a Flower task
 
 
-def _context(partition_id: int) -> Context:
-    config = {"partition-id": partition_id, "num-partitions": 5}
-    return Context(run_id=1, node_id=7, node_config=config, state=RecordDict(), run_config={})
-
-
 def _message(config: ScenarioConfig, message_type: str, server_round: int) -> Message:
     source = source_of(config.simulation)
     model = build_model(config.model, source.feature_shape, source.num_classes, config.seed)
@@ -157,7 +152,7 @@ def test_dropout_answers_at_once_without_training_or_spending() -> None:
     config = scenario(faults={"dropout": 0.5})
     lab = lab_client_app(client_app, config.simulation)
     dropped = _first_round(config, "st-mary", dropout=True)
-    context = _context(0)
+    context = flower_context(partition_id=0)
     for message_type in (MessageType.TRAIN, MessageType.EVALUATE):
         reply = lab(_message(config, message_type, dropped), context)
         assert p.read_refusal(reply.content) == (
@@ -176,7 +171,7 @@ def test_a_crash_after_the_spend_keeps_it_on_the_node_and_in_the_report() -> Non
     config = scenario(faults={"crash": 0.5})
     lab = lab_client_app(client_app, config.simulation)
     crashed = _first_round(config, "riverside", crash=True)
-    context = _context(1)
+    context = flower_context(partition_id=1)
     reply = lab(_message(config, MessageType.TRAIN, crashed), context)
     code, reason = p.read_refusal(reply.content) or ("", "")
     assert code == CRASH and "after the node recorded its privacy spend" in reason
@@ -197,7 +192,7 @@ def test_a_straggler_past_the_deadline_trains_spends_and_is_late() -> None:
     stragglers = {"fraction": 1.0, "delay": "uniform", "low_s": 10.0, "high_s": 20.0}
     config = scenario(faults={"stragglers": stragglers}).model_copy(update={"round_timeout_s": 5.0})
     lab = lab_client_app(client_app, config.simulation)
-    context = _context(2)
+    context = flower_context(partition_id=2)
     reply = lab(_message(config, MessageType.TRAIN, 1), context)
     code, reason = p.read_refusal(reply.content) or ("", "")
     assert code == LATE and "past the round deadline (round_timeout_s = 5 s)" in reason

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from flwr.app import Context, MessageType, RecordDict
+from conftest import flower_context
+from flwr.app import MessageType
 from test_client_app import _message
 
 from consortia.client.label_histogram import noisy_counts
@@ -61,13 +62,7 @@ def test_calibration_leaves_room_for_the_histogram() -> None:
 def test_simulated_node_shares_and_accounts_its_histogram() -> None:
     scenario = load_scenario(None, {"rounds": 2, "label_histogram": {"noise_multiplier": SIGMA}})
     config = scenario.config
-    context = Context(
-        run_id=1,
-        node_id=7,
-        node_config={"partition-id": 0, "num-partitions": 5},
-        state=RecordDict(),
-        run_config={},
-    )
+    context = flower_context(partition_id=0)
     identity = app(_message(config, MessageType.QUERY), context).content[p.NODE_KEY]
     counts = identity[p.NODE_LABEL_HISTOGRAM]
     assert isinstance(counts, list) and len(counts) == 2

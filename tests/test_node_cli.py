@@ -13,7 +13,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import CliRunner
+from conftest import CliRunner, one_cli_error
 from test_onboarding import BAD_DATASETS, _csv_dataset, _rows
 
 DATASET = "cardio"
@@ -42,19 +42,6 @@ def _add(
     )
 
 
-def _one_error(result: subprocess.CompletedProcess[str]) -> str:
-    """Exit 2, no traceback, one `error:` message on stderr, nothing on stdout.
-
-    Returns the message with the terminal's line wrapping undone.
-    """
-    output = result.stdout + result.stderr
-    assert result.returncode == 2, output
-    assert "Traceback" not in output
-    assert result.stdout.strip() == ""
-    assert result.stderr.count("error:") == 1, result.stderr
-    return " ".join(result.stderr.split())
-
-
 def _assert_nothing_registered(cli: CliRunner, folder: Path, node_toml: Path) -> None:
     listed = cli("node", "data", "list", "--node", str(node_toml), cwd=folder)
     assert listed.returncode == 0, listed.stdout + listed.stderr
@@ -70,7 +57,7 @@ def test_bad_rows_give_one_precise_message(
     edit, fragments = BAD_DATASETS[case]
     spec = _csv_dataset(tmp_path, rows=edit(_rows()))
     node_toml = _write_node_toml(tmp_path)
-    message = _one_error(_add(consortia_cli, tmp_path, spec, node_toml))
+    message = one_cli_error(_add(consortia_cli, tmp_path, spec, node_toml), nothing_on_stdout=True)
     assert f"dataset '{DATASET}' was not registered" in message
     assert str(tmp_path / "data.csv") in message  # the file, by its full path
     for fragment in fragments:  # row, column, what is wrong
@@ -83,7 +70,7 @@ def test_empty_file(tmp_path: Path, consortia_cli: CliRunner) -> None:
     spec = _csv_dataset(tmp_path)
     (tmp_path / "data.csv").write_bytes(b"")
     node_toml = _write_node_toml(tmp_path)
-    message = _one_error(_add(consortia_cli, tmp_path, spec, node_toml))
+    message = one_cli_error(_add(consortia_cli, tmp_path, spec, node_toml), nothing_on_stdout=True)
     assert f"{tmp_path / 'data.csv'}: the file is empty" in message
     assert "export the data again or fix 'source.path'" in message
     _assert_nothing_registered(consortia_cli, tmp_path, node_toml)
@@ -93,14 +80,16 @@ def test_missing_data_file(tmp_path: Path, consortia_cli: CliRunner) -> None:
     spec = _csv_dataset(tmp_path)
     (tmp_path / "data.csv").unlink()
     node_toml = _write_node_toml(tmp_path)
-    message = _one_error(_add(consortia_cli, tmp_path, spec, node_toml))
+    message = one_cli_error(_add(consortia_cli, tmp_path, spec, node_toml), nothing_on_stdout=True)
     assert f"{tmp_path / 'data.csv'}: no such file; fix 'source.path'" in message
     _assert_nothing_registered(consortia_cli, tmp_path, node_toml)
 
 
 def test_missing_schema_file(tmp_path: Path, consortia_cli: CliRunner) -> None:
     node_toml = _write_node_toml(tmp_path)
-    message = _one_error(_add(consortia_cli, tmp_path, tmp_path / "dataset.toml", node_toml))
+    message = one_cli_error(
+        _add(consortia_cli, tmp_path, tmp_path / "dataset.toml", node_toml), nothing_on_stdout=True
+    )
     assert f"{tmp_path / 'dataset.toml'}: no such file" in message
     _assert_nothing_registered(consortia_cli, tmp_path, node_toml)
 
@@ -135,7 +124,7 @@ def test_malformed_node_toml_names_the_file_and_key(
 ) -> None:
     spec = _csv_dataset(tmp_path)
     node_toml = _write_node_toml(tmp_path, body)
-    message = _one_error(_add(consortia_cli, tmp_path, spec, node_toml))
+    message = one_cli_error(_add(consortia_cli, tmp_path, spec, node_toml), nothing_on_stdout=True)
     assert f"{node_toml}: " in message
     for fragment in fragments:
         assert fragment in message

@@ -18,14 +18,13 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import CliRunner
+from conftest import CliRunner, flower_context
 from federation import add_site, write_job
-from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from sklearn.datasets import load_breast_cancer
 
 from consortia.client.app import app
 from consortia.client.ledger import PrivacyLedger, ledger_path
-from consortia.client.node_config import NODE_CONFIG_KEY
 from consortia.client.onboarding.registry import DatasetRegistry
 from consortia.common import protocol as p
 from consortia.common.config import JobConfig
@@ -77,17 +76,6 @@ def _job(**overrides: Any) -> JobConfig:
     return JobConfig.model_validate({**settings, **overrides})
 
 
-def _context(node_toml: Path, run_id: int) -> Context:
-    """The node's Context as its SuperNode would pass it: node.toml named in node_config."""
-    return Context(
-        run_id=run_id,
-        node_id=7,
-        node_config={NODE_CONFIG_KEY: str(node_toml)},
-        state=RecordDict(),
-        run_config={},
-    )
-
-
 def _train(node_toml: Path, job: JobConfig, run_id: int) -> Message:
     """Round 1 of `job` as the node's SuperNode would deliver it; the ClientApp's reply."""
     registration = DatasetRegistry(node_toml.parent / "state").get(DATASET)
@@ -98,7 +86,7 @@ def _train(node_toml: Path, job: JobConfig, run_id: int) -> Message:
         dst_node_id=7,
         message_type=MessageType.TRAIN,
     )
-    return app(request, _context(node_toml, run_id))
+    return app(request, flower_context(node_toml=node_toml, run_id=run_id))
 
 
 def _releases_of(node_toml: Path, run_id: int) -> list[object]:
@@ -195,7 +183,7 @@ def _query(node_toml: Path, job: JobConfig, run_id: int) -> Message:
     request = Message(
         RecordDict({p.CONFIG_KEY: config}), dst_node_id=7, message_type=MessageType.QUERY
     )
-    return app(request, _context(node_toml, run_id))
+    return app(request, flower_context(node_toml=node_toml, run_id=run_id))
 
 
 @pytest.mark.parametrize("shares", [True, False])
@@ -261,7 +249,7 @@ def test_no_histogram_and_no_evaluation_for_a_job_the_node_refuses(deployed_node
         dst_node_id=7,
         message_type=MessageType.EVALUATE,
     )
-    reply = app(request, _context(node_toml, 20))
+    reply = app(request, flower_context(node_toml=node_toml, run_id=20))
     assert p.read_refusal(reply.content) is not None
     assert p.METRICS_KEY not in reply.content  # no loss or accuracy of a refused model
 
@@ -314,7 +302,7 @@ def _secure_setup(node_toml: Path, job: JobConfig, run_id: int, cohort: int) -> 
         dst_node_id=7,
         message_type=f"{MessageType.TRAIN}.{wire.MESSAGE_ACTION}",
     )
-    return app(request, _context(node_toml, run_id))
+    return app(request, flower_context(node_toml=node_toml, run_id=run_id))
 
 
 def test_a_secure_round_below_the_node_minimum_cohort_is_refused_and_setup_spends_nothing(
@@ -359,7 +347,7 @@ def test_an_unmask_request_outside_a_round_is_refused_and_audited(deployed_node:
         dst_node_id=7,
         message_type=f"{MessageType.TRAIN}.{wire.MESSAGE_ACTION}",
     )
-    reply = app(request, _context(node_toml, 34))
+    reply = app(request, flower_context(node_toml=node_toml, run_id=34))
     reason = _assert_refused(node_toml, reply, 34, "secagg-refused")
     assert "no secure-aggregation round in progress" in reason
     entries = [
@@ -377,7 +365,8 @@ def _secure_stage_3(node_toml: Path, run_id: int, *, bound: float, tamper: bool)
     here, and their shares sealed to the node as a neighbour would seal them.
     """
     job = _job(secure_aggregation={})
-    context = _context(node_toml, run_id)  # one Context: the SuperNode keeps it per run
+    # One Context: the SuperNode keeps it per run.
+    context = flower_context(node_toml=node_toml, run_id=run_id)
     task = ConfigRecord({p.TASK_KEY: p.TaskSpec(job=job).encode(), p.ROUND_KEY: 1})
     action = f"{MessageType.TRAIN}.{wire.MESSAGE_ACTION}"
     tag = "run round 1"

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import CliRunner
+from conftest import CliRunner, one_cli_error
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
@@ -644,15 +644,6 @@ def test_load_node_private_key_rejects(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- command line
 
 
-def _one_error(result: subprocess.CompletedProcess[str]) -> str:
-    """Exit 2, no traceback, one `error:` message; returns it with line wrapping undone."""
-    output = result.stdout + result.stderr
-    assert result.returncode == 2, output
-    assert "Traceback" not in output
-    assert result.stderr.count("error:") == 1, result.stderr
-    return " ".join(result.stderr.split())
-
-
 def _ok(result: subprocess.CompletedProcess[str]) -> str:
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
@@ -716,7 +707,7 @@ def test_cli_provision_errors(
     tmp_path: Path, consortia_cli: CliRunner, args: list[str], message: str
 ) -> None:
     create_ca(tmp_path / "ca", days=30)
-    assert message in _one_error(consortia_cli("provision", *args, cwd=tmp_path))
+    assert message in one_cli_error(consortia_cli("provision", *args, cwd=tmp_path))
 
 
 def _node_toml(folder: Path, superlink: str) -> Path:
@@ -727,7 +718,9 @@ def _node_toml(folder: Path, superlink: str) -> Path:
 
 def test_cli_node_keys(tmp_path: Path, consortia_cli: CliRunner) -> None:
     node_toml = _node_toml(tmp_path, 'address = "fl.example.org:9092"\n')
-    message = _one_error(consortia_cli("node", "keys", "show", "--node", "node.toml", cwd=tmp_path))
+    message = one_cli_error(
+        consortia_cli("node", "keys", "show", "--node", "node.toml", cwd=tmp_path)
+    )
     assert f"{tmp_path}/state/keys/node.key: no node key" in message
     out = _ok(consortia_cli("node", "keys", "init", "--node", str(node_toml), cwd=tmp_path))
     key = tmp_path / "state" / "keys" / "node.key"
@@ -738,7 +731,9 @@ def test_cli_node_keys(tmp_path: Path, consortia_cli: CliRunner) -> None:
     assert line.endswith(" consortia-node-st-mary")
     shown = _ok(consortia_cli("node", "keys", "show", "--node", "node.toml", cwd=tmp_path))
     assert line in shown.splitlines() and public.fingerprint in shown
-    message = _one_error(consortia_cli("node", "keys", "init", "--node", "node.toml", cwd=tmp_path))
+    message = one_cli_error(
+        consortia_cli("node", "keys", "init", "--node", "node.toml", cwd=tmp_path)
+    )
     assert "a node key already exists" in message and "--force" in message
     assert load_node_private_key(key) == public  # untouched
     out = _ok(consortia_cli("node", "keys", "init", "--node", "node.toml", "--force", cwd=tmp_path))
@@ -780,7 +775,7 @@ def test_cli_node_start_passes_the_key(
 ) -> None:
     create_ca(tmp_path / "ca", days=30)
     _node_toml(tmp_path, 'address = "fl.example.org:9092"\nroot_certificates = "ca/ca.crt"\n')
-    message = _one_error(consortia_cli("node", "start", "--node", "node.toml", cwd=tmp_path))
+    message = one_cli_error(consortia_cli("node", "start", "--node", "node.toml", cwd=tmp_path))
     assert f"{tmp_path}/state/keys/node.key: no node key" in message
     assert "run `consortia node keys init --node node.toml`, send the public key" in message
     _ok(consortia_cli("node", "keys", "init", "--node", "node.toml", cwd=tmp_path))
@@ -793,7 +788,7 @@ def test_cli_node_start_passes_the_key(
     assert "--insecure" not in args
     # A key flower-supernode could not read fails here, with the fix.
     (tmp_path / "state" / "keys" / "node.key").write_text("garbage\n")
-    message = _one_error(consortia_cli("node", "start", "--node", "node.toml", cwd=tmp_path))
+    message = one_cli_error(consortia_cli("node", "start", "--node", "node.toml", cwd=tmp_path))
     assert "node.key: not an OpenSSH private key" in message
 
 

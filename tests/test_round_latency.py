@@ -23,6 +23,7 @@ from types import ModuleType
 
 import pytest
 import torch
+from conftest import flower_context
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode, SubStatus
@@ -220,14 +221,10 @@ def _query() -> Message:
     return message
 
 
-def _context() -> Context:
-    return Context(run_id=1, node_id=7, node_config={}, state=RecordDict(), run_config={})
-
-
 @pytest.mark.usefixtures("task_identity")
 def test_the_worker_refuses_a_foreign_clientapp_without_running_it() -> None:
     spy = SpyApp()
-    outcome = answer(spy.app, _query(), _context(), _fab("shipped.code:app"))
+    outcome = answer(spy.app, _query(), flower_context(), _fab("shipped.code:app"))
     assert spy.calls == 0
     assert outcome.sub_status == SubStatus.FAILED
     assert outcome.reply is not None and outcome.reply.has_error()
@@ -245,13 +242,13 @@ def test_the_worker_runs_consortias_clientapp_and_turns_exceptions_into_error_re
     content, digest = build_job_fab('name = "job"\n', "job.toml")
     fab = Fab(hash_str=digest, content=content, verifications={})
     spy = SpyApp()
-    outcome = answer(spy.app, _query(), _context(), fab)
+    outcome = answer(spy.app, _query(), flower_context(), fab)
     assert spy.calls == 1
     assert outcome.sub_status == SubStatus.COMPLETED and outcome.details == ""
     assert outcome.reply is not None and not outcome.reply.has_error()
 
     failing = SpyApp(fail=True)
-    outcome = answer(failing.app, _query(), _context(), fab)
+    outcome = answer(failing.app, _query(), flower_context(), fab)
     assert outcome.sub_status == SubStatus.FAILED
     assert outcome.reply is not None and outcome.reply.has_error()
     assert outcome.reply.error.code == ErrorCode.CLIENT_APP_RAISED_EXCEPTION
@@ -314,7 +311,7 @@ class RuntimeApi:
         run.fab_hash = fab.hash_str
         self.state.store_run(run)
         self.state.store_fab(fab)
-        self.state.set_run_series_context(run.series_id, _context())
+        self.state.set_run_series_context(run.series_id, flower_context())
         _insert_message(message, self.state, self.store)
         task_id = self.state.create_task(
             task_type=TaskType.CLIENT_APP, run_id=run_id, fab_hash=fab.hash_str

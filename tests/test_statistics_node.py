@@ -14,12 +14,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import CliRunner
+from conftest import CliRunner, flower_context
 from federation import free_port, ledger_history
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Message, RecordDict
 
 from consortia.client.app import app
-from consortia.client.node_config import NODE_CONFIG_KEY
 from consortia.client.onboarding.registry import DatasetRegistry
 from consortia.common import protocol as p
 from consortia.common.config import JobConfig
@@ -92,14 +91,7 @@ def _ask(node_toml: Path, job: JobConfig, run_id: int, model: bool = False) -> M
     if model:
         content[p.ARRAYS_KEY] = model_to_arrays(build_model(job.model, (3,), 2, job.seed))
     message = Message(content, dst_node_id=7, message_type=MESSAGE_TYPE)
-    context = Context(
-        run_id=run_id,
-        node_id=7,
-        node_config={NODE_CONFIG_KEY: str(node_toml)},
-        state=RecordDict(),
-        run_config={},
-    )
-    return app(message, context)
+    return app(message, flower_context(node_toml=node_toml, run_id=run_id))
 
 
 def _release(reply: Message) -> StatisticsRelease:
