@@ -50,9 +50,10 @@ from consortia.common import protocol as p
 from consortia.common.config import FaultsConfig, SimulationConfig, StragglersConfig
 from consortia.common.secagg.wire import SECAGG_KEY
 
-DROPOUT = "simulated-dropout"
-LATE = "simulated-straggler"
-CRASH = "simulated-crash"
+# The codes of the fault replies.
+DROPOUT = p.RefusalCode.SIMULATED_DROPOUT
+LATE = p.RefusalCode.SIMULATED_STRAGGLER
+CRASH = p.RefusalCode.SIMULATED_CRASH
 
 # Random streams. Per (seed, node, round): one per fault kind, and the adversaries'
 # noise. Per scenario (seed only): which nodes straggle, which are adversaries.
@@ -251,7 +252,9 @@ def _dropout_reply(message: Message, node: LabNode, purpose: str) -> Message:
     return _fault_reply(message, DROPOUT, reason, None)
 
 
-def _fault_reply(message: Message, code: str, reason: str, spend: MetricRecord | None) -> Message:
+def _fault_reply(
+    message: Message, code: p.RefusalCode, reason: str, spend: MetricRecord | None
+) -> Message:
     """A refusal-shaped reply (no update) with the fault's code, and the node's spend if any."""
     content: RecordDict = p.refusal_record(code, reason)
     if spend is not None:
