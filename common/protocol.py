@@ -111,7 +111,7 @@ class RefusalCode(StrEnum):
     UNKNOWN_FEATURE = "unknown-feature"
     UNKNOWN_GROUP_COLUMN = "unknown-group-column"
     # Not a refusal: a fault the simulation lab injects (simulations/faults.py) and reports
-    # in a refusal-shaped reply, so that the node answers at once.
+    # in a refusal-shaped reply, so that the node answers at once (see `FAULT_KINDS`).
     SIMULATED_DROPOUT = "simulated-dropout"
     SIMULATED_STRAGGLER = "simulated-straggler"
     SIMULATED_CRASH = "simulated-crash"
@@ -122,6 +122,55 @@ class RefusalCode(StrEnum):
     NO_REPLY = "no-reply"
     # A refusal record that names no code.
     UNKNOWN = "unknown"
+
+
+class FailureKind(StrEnum):
+    """What went wrong with a node's part in a round: on every failure the coordinator records.
+
+    Set where the failure is found (screening, checks, defences, the round
+    loop's timeout), so that nothing downstream reads it back out of the
+    reason, which is free text for people.
+    """
+
+    REFUSED = "refused"  # the node declined (a refusal reply; its code says why)
+    ERROR_REPLY = "error-reply"  # Flower's error reply: the node's app failed
+    NO_REPLY = "no-reply"  # nothing arrived within round_timeout_s
+    MALFORMED = "malformed"  # a reply without the records, weight or array layout needed
+    SCREENED_OUT = "screened-out"  # an update the value checks reject (norm bound, NaN/∞)
+    KRUM_EXCLUDED = "krum-excluded"  # accepted, but not the update Krum selected
+    MULTIKRUM_EXCLUDED = "multikrum-excluded"  # accepted, but not among Multi-Krum's selection
+    SECAGG_DROPOUT = "secagg-dropout"  # left the secure-aggregation protocol after its setup
+    # A fault the node itself reports; only the simulation lab's virtual nodes do.
+    DROPOUT = "dropout"  # offline for the round: trained nothing, spent nothing
+    LATE = "late"  # trained and spent, but its update missed the round deadline
+    CRASH = "crash"  # crashed after recording its spend, before its update left
+
+
+# The refusal-shaped replies that report a fault rather than a refusal.
+FAULT_KINDS = {
+    RefusalCode.SIMULATED_DROPOUT: FailureKind.DROPOUT,
+    RefusalCode.SIMULATED_STRAGGLER: FailureKind.LATE,
+    RefusalCode.SIMULATED_CRASH: FailureKind.CRASH,
+}
+# The coordinator's own codes in stats.json.
+_COORDINATOR_KINDS = {
+    RefusalCode.NODE_ERROR: FailureKind.ERROR_REPLY,
+    RefusalCode.MALFORMED_RELEASE: FailureKind.MALFORMED,
+    RefusalCode.NO_REPLY: FailureKind.NO_REPLY,
+}
+
+
+def kind_of_code(code: str) -> FailureKind:
+    """The kind of failure a refusal reply (or a stats.json entry) with `code` stands for.
+
+    A fault the node reports, or else a refusal: a code this version does not
+    know (a node of another version) is a refusal all the same.
+    """
+    try:
+        known = RefusalCode(code)
+    except ValueError:
+        return FailureKind.REFUSED
+    return FAULT_KINDS.get(known) or _COORDINATOR_KINDS.get(known) or FailureKind.REFUSED
 
 
 def refusal_record(code: RefusalCode, reason: str) -> RecordDict:

@@ -276,6 +276,7 @@ class _RoundObserver:
             NodeFailure(
                 node=roster.name_of(node_id),
                 reason=f"no {purpose} reply within {self.config.round_timeout_s:g} s",
+                kind=p.FailureKind.NO_REPLY,
             )
             for node_id in sent_to
             if node_id not in answered
