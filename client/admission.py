@@ -29,6 +29,7 @@ from consortia.common.config import JobConfig
 from consortia.common.errors import DataError, PrivacyError
 from consortia.common.models import architecture_hash, build_model
 from consortia.common.privacy import epsilon
+from consortia.common.protocol import RefusalCode
 
 
 def served_dataset(job: JobConfig, node: NodeConfig) -> str:
@@ -36,7 +37,7 @@ def served_dataset(job: JobConfig, node: NodeConfig) -> str:
     if job.dataset is None or job.dataset not in node.serve:
         raise NodeRefusedError(
             Refusal(
-                code="dataset-not-served",
+                code=RefusalCode.DATASET_NOT_SERVED,
                 reason=f"the job asks for dataset {job.dataset!r}; this node serves "
                 f"{list(node.serve)}",
             )
@@ -164,12 +165,12 @@ def preview_statistics(job: JobConfig, node: NodeConfig) -> StatisticsPreview | 
     except NodeRefusedError as refused:
         return refused.refusal
     except DataError as exc:
-        return Refusal(code="data-unusable", reason=exc.message)
+        return Refusal(code=RefusalCode.DATA_UNUSABLE, reason=exc.message)
     policy = node.policy
     try:
         plan = plan_query(facts, config, policy.delta, policy.accountant)
     except PrivacyError as exc:
-        return Refusal(code="privacy-target-unreachable", reason=exc.message)
+        return Refusal(code=RefusalCode.PRIVACY_TARGET_UNREACHABLE, reason=exc.message)
     if isinstance(plan, Refusal):
         return plan
     with PrivacyLedger(ledger_path(node.state_dir)) as ledger:

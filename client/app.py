@@ -230,7 +230,7 @@ def _answer_refusals(handler: Handler) -> Handler:
     return answer
 
 
-def _audit_refusal(message: Message, context: Context, code: str, reason: str) -> None:
+def _audit_refusal(message: Message, context: Context, code: p.RefusalCode, reason: str) -> None:
     """`node.refusal` in a deployed node's audit log; a log that fails costs a warning only.
 
     The refusal reply goes out either way: it carries no update, and an
@@ -258,7 +258,7 @@ def _audit_refusal(message: Message, context: Context, code: str, reason: str) -
         log(WARNING, "the refusal was not recorded in the audit log: %s", exc.message)
 
 
-def _refusal_of(exc: ConsortiaError) -> tuple[str, str]:
+def _refusal_of(exc: ConsortiaError) -> tuple[p.RefusalCode, str]:
     """(code, reason) of a condition the node declines on rather than fails with.
 
     Besides policy refusals: a budget spent by another job between admission
@@ -269,14 +269,14 @@ def _refusal_of(exc: ConsortiaError) -> tuple[str, str]:
     if isinstance(exc, NodeRefusedError):
         return exc.refusal.code, exc.refusal.reason
     if isinstance(exc, BudgetExceededError):
-        return "budget-exhausted", exc.message
+        return p.RefusalCode.BUDGET_EXHAUSTED, exc.message
     if isinstance(exc, PrivacyError):
-        return "privacy-target-unreachable", exc.message
+        return p.RefusalCode.PRIVACY_TARGET_UNREACHABLE, exc.message
     if isinstance(exc, DataError):
-        return "data-unusable", exc.message
+        return p.RefusalCode.DATA_UNUSABLE, exc.message
     if isinstance(exc, AuditError):
-        return "audit-unusable", exc.message
-    return "ledger-unusable", exc.message
+        return p.RefusalCode.AUDIT_UNUSABLE, exc.message
+    return p.RefusalCode.LEDGER_UNUSABLE, exc.message
 
 
 def query(view_of: ViewOf, message: Message, context: Context) -> Message:
@@ -313,7 +313,7 @@ def train(view_of: ViewOf, message: Message, context: Context) -> Message:
         # A plain round of a secure job would hand the coordinator this node's update alone.
         raise NodeRefusedError(
             Refusal(
-                code="secure-aggregation-required",
+                code=p.RefusalCode.SECURE_AGGREGATION_REQUIRED,
                 reason="the job uses secure aggregation: updates go only through 'train.secagg'",
             )
         )
@@ -403,10 +403,12 @@ def train_secure(view_of: ViewOf, message: Message, context: Context) -> Message
     except EncodingRangeError as exc:
         # Trained and recorded: the refusal carries the round's spend (ε), no update.
         spent = trained[0] if trained else None
-        refusal = Refusal(code="update-out-of-range", reason=str(exc))
+        refusal = Refusal(code=p.RefusalCode.UPDATE_OUT_OF_RANGE, reason=str(exc))
         raise NodeRefusedError(refusal, metrics=spent) from None
     except secagg.REFUSED as exc:
-        raise NodeRefusedError(Refusal(code="secagg-refused", reason=str(exc))) from None
+        raise NodeRefusedError(
+            Refusal(code=p.RefusalCode.SECAGG_REFUSED, reason=str(exc))
+        ) from None
 
 
 def _no_update() -> np.ndarray:
@@ -424,7 +426,7 @@ def _secure_setup(view_of: ViewOf, message: Message, context: Context, setup: Se
     if view.policy is not None and setup.cohort_size < view.policy.min_cohort:
         raise NodeRefusedError(
             Refusal(
-                code="cohort-too-small",
+                code=p.RefusalCode.COHORT_TOO_SMALL,
                 reason=f"the round's cohort has {setup.cohort_size} node(s), fewer than this "
                 f"node's policy minimum of {view.policy.min_cohort}",
             )
@@ -449,7 +451,9 @@ def statistics(view_of: ViewOf, message: Message, context: Context) -> Message:
     config = view.job.statistics
     if config is None:
         raise NodeRefusedError(
-            Refusal(code="no-statistics-query", reason="the job has no [statistics] block")
+            Refusal(
+                code=p.RefusalCode.NO_STATISTICS_QUERY, reason="the job has no [statistics] block"
+            )
         )
     facts = view.facts()
     account = view.account

@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import Field
 
 from consortia.common.config import JobConfig, StrictModel
+from consortia.common.protocol import RefusalCode
 
 
 class NodePolicy(StrictModel):
@@ -51,7 +52,7 @@ class NodePolicy(StrictModel):
 class Refusal(StrictModel):
     """Why a node will not take part: `code` for machines, `reason` for people."""
 
-    code: str
+    code: RefusalCode
     reason: str
 
     def __str__(self) -> str:
@@ -64,33 +65,33 @@ def check_job(job: JobConfig, policy: NodePolicy) -> Refusal | None:
     if not privacy.enabled:
         # Not a policy choice: the ledger can bound only DP releases, and one
         # non-private round would make every later ε of the dataset meaningless.
-        return Refusal(code="dp-required", reason="this node trains only with DP-SGD")
+        return Refusal(code=RefusalCode.DP_REQUIRED, reason="this node trains only with DP-SGD")
     if policy.require_secure_aggregation and job.secure_aggregation is None:
         return Refusal(
-            code="secure-aggregation-required",
+            code=RefusalCode.SECURE_AGGREGATION_REQUIRED,
             reason="this node's policy requires secure aggregation; the job has no "
             "[secure_aggregation] block",
         )
     if job.model.name not in policy.models:
         return Refusal(
-            code="model-not-allowed",
+            code=RefusalCode.MODEL_NOT_ALLOWED,
             reason=f"model {job.model.name!r} is not in this node's list {list(policy.models)}",
         )
     if job.training.local_epochs > policy.max_local_epochs:
         return Refusal(
-            code="too-many-epochs",
+            code=RefusalCode.TOO_MANY_EPOCHS,
             reason=f"{job.training.local_epochs} local epochs per round exceed the node's "
             f"maximum of {policy.max_local_epochs}",
         )
     if privacy.enabled and privacy.max_grad_norm > policy.max_grad_norm:
         return Refusal(
-            code="clipping-too-large",
+            code=RefusalCode.CLIPPING_TOO_LARGE,
             reason=f"max_grad_norm {privacy.max_grad_norm} exceeds the node's maximum "
             f"of {policy.max_grad_norm}",
         )
     if privacy.enabled and privacy.delta > policy.delta:
         return Refusal(
-            code="delta-too-large",
+            code=RefusalCode.DELTA_TOO_LARGE,
             reason=f"δ = {privacy.delta:g} exceeds the node's δ = {policy.delta:g}",
         )
     return None
@@ -100,7 +101,7 @@ def check_architecture(digest: str, policy: NodePolicy) -> Refusal | None:
     """Refuse a model whose architecture hash the operator has not pinned (if any are)."""
     if policy.architectures and digest not in policy.architectures:
         return Refusal(
-            code="architecture-not-allowed",
+            code=RefusalCode.ARCHITECTURE_NOT_ALLOWED,
             reason=f"the job's model has architecture {digest}, which is not among the "
             f"{len(policy.architectures)} hashes in this node's policy",
         )
@@ -111,7 +112,7 @@ def check_noise(noise_multiplier: float, policy: NodePolicy) -> Refusal | None:
     """Refuse a noise multiplier (the job's own, or calibrated to its ε) below the node's floor."""
     if noise_multiplier < policy.min_noise_multiplier:
         return Refusal(
-            code="noise-too-low",
+            code=RefusalCode.NOISE_TOO_LOW,
             reason=f"the job's noise multiplier {noise_multiplier:.3g} is below the node's "
             f"minimum of {policy.min_noise_multiplier}",
         )
@@ -124,7 +125,7 @@ def check_budget(
     """Refuse a round whose release would take the dataset past its ε budget."""
     if projected > policy.epsilon_budget:
         return Refusal(
-            code="budget-exhausted",
+            code=RefusalCode.BUDGET_EXHAUSTED,
             reason=f"dataset {dataset!r} has spent ε = {spent:.4g} of {policy.epsilon_budget:g}; "
             f"this round would bring it to {projected:.4g}",
         )
@@ -135,12 +136,12 @@ def check_statistics(query_epsilon: float, policy: NodePolicy) -> Refusal | None
     """Refuse a statistics query the policy does not answer, or one that costs too much ε."""
     if not policy.answer_statistics:
         return Refusal(
-            code="statistics-not-answered",
+            code=RefusalCode.STATISTICS_NOT_ANSWERED,
             reason="this node's policy does not answer statistics queries (answer_statistics)",
         )
     if query_epsilon > policy.max_statistics_epsilon:
         return Refusal(
-            code="statistics-too-costly",
+            code=RefusalCode.STATISTICS_TOO_COSTLY,
             reason=f"the query would cost ε = {query_epsilon:.4g}, above this node's limit of "
             f"{policy.max_statistics_epsilon:g} per statistics query",
         )

@@ -22,6 +22,7 @@ from consortia.client.onboarding.validation import Inspection, TableRecords
 from consortia.client.policy import Refusal
 from consortia.common.config import StatisticsConfig
 from consortia.common.privacy import AccountantName, Release, epsilon
+from consortia.common.protocol import RefusalCode
 from consortia.common.statistics import (
     AccuracyRelease,
     Block,
@@ -161,7 +162,7 @@ def select_features(facts: DataFacts, config: StatisticsConfig) -> Selection | R
     unknown = [name for name in wanted if name not in facts.names]
     if unknown:
         return Refusal(
-            code="unknown-feature",
+            code=RefusalCode.UNKNOWN_FEATURE,
             reason=f"the query names feature(s) {unknown} this node's data does not have "
             f"(it has {len(facts.names)}: {', '.join(facts.names[:8])}"
             + (", …)" if len(facts.names) > 8 else ")"),
@@ -216,7 +217,7 @@ def plan_query(
     if config.group_column is not None and config.group_column not in facts.test_groups:
         known = f" (it has {', '.join(facts.test_groups)})" if facts.test_groups else ""
         return Refusal(
-            code="unknown-group-column",
+            code=RefusalCode.UNKNOWN_GROUP_COLUMN,
             reason=f"'{config.group_column}' is not a category column of this node's dataset"
             + known,
         )

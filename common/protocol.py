@@ -7,6 +7,8 @@ metric names defined here. Both sides validate what they receive.
 
 from __future__ import annotations
 
+from enum import StrEnum
+
 from flwr.app import ConfigRecord, RecordDict
 from pydantic import ValidationError
 
@@ -34,7 +36,7 @@ NODE_LABEL_HISTOGRAM = "label-histogram"  # DP-noised class counts, if asked and
 NODE_HISTOGRAM_WITHHELD = "label-histogram-withheld"  # why the node did not share it
 
 # Refusal keys (node -> coordinator)
-REFUSAL_CODE = "code"
+REFUSAL_CODE = "code"  # a `RefusalCode` value
 REFUSAL_REASON = "reason"
 
 # MetricRecord keys (node -> coordinator)
@@ -74,14 +76,117 @@ class TaskSpec(StrictModel):
             raise FederationError(f"malformed task document: {exc}") from None
 
 
-def refusal_record(code: str, reason: str) -> RecordDict:
+class RefusalCode(StrEnum):
+    """Every code a refusal carries: why a node declined, for machines (the reason is for people).
+
+    A `StrEnum`: a member is its string, so what travels in a refusal reply,
+    and what metrics.json, stats.json and the audit logs hold, is the same
+    text as before the codes were an enum.
+    """
+
+    # The job breaks the node's policy (client/policy.py, client/app.py).
+    DP_REQUIRED = "dp-required"
+    SECURE_AGGREGATION_REQUIRED = "secure-aggregation-required"
+    MODEL_NOT_ALLOWED = "model-not-allowed"
+    ARCHITECTURE_NOT_ALLOWED = "architecture-not-allowed"
+    TOO_MANY_EPOCHS = "too-many-epochs"
+    CLIPPING_TOO_LARGE = "clipping-too-large"
+    DELTA_TOO_LARGE = "delta-too-large"
+    NOISE_TOO_LOW = "noise-too-low"
+    BUDGET_EXHAUSTED = "budget-exhausted"
+    STATISTICS_NOT_ANSWERED = "statistics-not-answered"
+    STATISTICS_TOO_COSTLY = "statistics-too-costly"
+    COHORT_TOO_SMALL = "cohort-too-small"
+    # The node cannot serve the job as it stands (client/admission.py, client/app.py).
+    DATASET_NOT_SERVED = "dataset-not-served"
+    DATA_UNUSABLE = "data-unusable"
+    PRIVACY_TARGET_UNREACHABLE = "privacy-target-unreachable"
+    LEDGER_UNUSABLE = "ledger-unusable"
+    AUDIT_UNUSABLE = "audit-unusable"
+    # Secure aggregation: a request the protocol forbids; an update outside the agreed range.
+    SECAGG_REFUSED = "secagg-refused"
+    UPDATE_OUT_OF_RANGE = "update-out-of-range"
+    # A statistics query this node cannot answer (client/statistics.py, client/app.py).
+    NO_STATISTICS_QUERY = "no-statistics-query"
+    UNKNOWN_FEATURE = "unknown-feature"
+    UNKNOWN_GROUP_COLUMN = "unknown-group-column"
+    # Not a refusal: a fault the simulation lab injects (simulations/faults.py) and reports
+    # in a refusal-shaped reply, so that the node answers at once (see `FAULT_KINDS`).
+    SIMULATED_DROPOUT = "simulated-dropout"
+    SIMULATED_STRAGGLER = "simulated-straggler"
+    SIMULATED_CRASH = "simulated-crash"
+    # Never sent by a node: what stats.json lists for a node whose answer the
+    # coordinator could not use (server/statistics/job.py).
+    NODE_ERROR = "node-error"
+    MALFORMED_RELEASE = "malformed-release"
+    NO_REPLY = "no-reply"
+    # A refusal record that names no code.
+    UNKNOWN = "unknown"
+
+
+class FailureKind(StrEnum):
+    """What went wrong with a node's part in a round: on every failure the coordinator records.
+
+    Set where the failure is found (screening, checks, defences, the round
+    loop's timeout), so that nothing downstream reads it back out of the
+    reason, which is free text for people.
+    """
+
+    REFUSED = "refused"  # the node declined (a refusal reply; its code says why)
+    ERROR_REPLY = "error-reply"  # Flower's error reply: the node's app failed
+    NO_REPLY = "no-reply"  # nothing arrived within round_timeout_s
+    MALFORMED = "malformed"  # a reply without the records, weight or array layout needed
+    SCREENED_OUT = "screened-out"  # an update the value checks reject (norm bound, NaN/∞)
+    KRUM_EXCLUDED = "krum-excluded"  # accepted, but not the update Krum selected
+    MULTIKRUM_EXCLUDED = "multikrum-excluded"  # accepted, but not among Multi-Krum's selection
+    SECAGG_DROPOUT = "secagg-dropout"  # left the secure-aggregation protocol after its setup
+    # A fault the node itself reports; only the simulation lab's virtual nodes do.
+    DROPOUT = "dropout"  # offline for the round: trained nothing, spent nothing
+    LATE = "late"  # trained and spent, but its update missed the round deadline
+    CRASH = "crash"  # crashed after recording its spend, before its update left
+
+
+# The refusal-shaped replies that report a fault rather than a refusal.
+FAULT_KINDS = {
+    RefusalCode.SIMULATED_DROPOUT: FailureKind.DROPOUT,
+    RefusalCode.SIMULATED_STRAGGLER: FailureKind.LATE,
+    RefusalCode.SIMULATED_CRASH: FailureKind.CRASH,
+}
+# The coordinator's own codes in stats.json.
+_COORDINATOR_KINDS = {
+    RefusalCode.NODE_ERROR: FailureKind.ERROR_REPLY,
+    RefusalCode.MALFORMED_RELEASE: FailureKind.MALFORMED,
+    RefusalCode.NO_REPLY: FailureKind.NO_REPLY,
+}
+
+
+def kind_of_code(code: str) -> FailureKind:
+    """The kind of failure a refusal reply (or a stats.json entry) with `code` stands for.
+
+    A fault the node reports, or else a refusal: a code this version does not
+    know (a node of another version) is a refusal all the same.
+    """
+    try:
+        known = RefusalCode(code)
+    except ValueError:
+        return FailureKind.REFUSED
+    return FAULT_KINDS.get(known) or _COORDINATOR_KINDS.get(known) or FailureKind.REFUSED
+
+
+def refusal_record(code: RefusalCode, reason: str) -> RecordDict:
     """The whole content of a node's refusal reply: nothing but why."""
-    return RecordDict({REFUSAL_KEY: ConfigRecord({REFUSAL_CODE: code, REFUSAL_REASON: reason})})
+    record = ConfigRecord({REFUSAL_CODE: str(code), REFUSAL_REASON: reason})
+    return RecordDict({REFUSAL_KEY: record})
 
 
 def read_refusal(content: RecordDict) -> tuple[str, str] | None:
-    """(code, reason) when a reply is a node's refusal, else None."""
+    """(code, reason) when a reply is a node's refusal, else None.
+
+    The code as sent: a `RefusalCode` value, or one a node of another version
+    knows (kept as text, so that records and messages show what the node said).
+    """
     record = content.get(REFUSAL_KEY)
     if not isinstance(record, ConfigRecord):
         return None
-    return str(record.get(REFUSAL_CODE, "unknown")), str(record.get(REFUSAL_REASON, ""))
+    code = str(record.get(REFUSAL_CODE, RefusalCode.UNKNOWN))
+    return code, str(record.get(REFUSAL_REASON, ""))

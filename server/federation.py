@@ -118,7 +118,7 @@ def run_federation(
     if scenario is not None and lab is None:
         raise FederationError(
             f"{loaded.source}: a simulation scenario runs in the simulation lab: "
-            "`consortia simulate` (or `flwr run .` from the repository); a deployment runs a job"
+            "`consortia simulate` (or `flwr run simulations/flower-app`); a deployment runs a job"
         )
     simulation = scenario.simulation if scenario is not None else None
     job = config.job() if isinstance(config, ScenarioConfig) else config
@@ -304,6 +304,7 @@ class _RoundObserver:
             NodeFailure(
                 node=roster.name_of(node_id),
                 reason=f"no {purpose} reply within {self.config.round_timeout_s:g} s",
+                kind=p.FailureKind.NO_REPLY,
             )
             for node_id in sent_to
             if node_id not in answered

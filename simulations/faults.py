@@ -13,10 +13,12 @@ backend a sleeping virtual node also holds one of the few actors that serve
 every node, so other nodes would miss the deadline too. The mod therefore
 answers at once with a reply shaped like a refusal (`protocol.refusal_record`:
 no update, a code and a reason): the strategy screens it out like any
-declined round, nothing is aggregated from the node, and the run log files
-it under its code (`dropouts`, `stragglers`, `crashes` in metrics.json),
-not as a crash of Flower or a timeout. The replies carry what the node
-would have been seen to do:
+declined round, nothing is aggregated from the node, and the coordinator
+gives the failure the kind its code stands for (`protocol.FAULT_KINDS`:
+dropout, late, crash), which the run log files under `dropouts`,
+`stragglers`, `crashes` in metrics.json, not as a refusal, a crash of
+Flower or a timeout. The coordinator needs nothing of this module for it.
+The replies carry what the node would have been seen to do:
 
 - dropout (`simulated-dropout`): the node is offline for the round (its
   train and its evaluate message); it trains nothing and spends nothing.
@@ -50,9 +52,10 @@ from consortia.common import protocol as p
 from consortia.common.config import FaultsConfig, SimulationConfig, StragglersConfig
 from consortia.common.secagg.wire import SECAGG_KEY
 
-DROPOUT = "simulated-dropout"
-LATE = "simulated-straggler"
-CRASH = "simulated-crash"
+# The codes of the fault replies; the coordinator files them by `protocol.FAULT_KINDS`.
+DROPOUT = p.RefusalCode.SIMULATED_DROPOUT
+LATE = p.RefusalCode.SIMULATED_STRAGGLER
+CRASH = p.RefusalCode.SIMULATED_CRASH
 
 # Random streams. Per (seed, node, round): one per fault kind, and the adversaries'
 # noise. Per scenario (seed only): which nodes straggle, which are adversaries.
@@ -251,7 +254,9 @@ def _dropout_reply(message: Message, node: LabNode, purpose: str) -> Message:
     return _fault_reply(message, DROPOUT, reason, None)
 
 
-def _fault_reply(message: Message, code: str, reason: str, spend: MetricRecord | None) -> Message:
+def _fault_reply(
+    message: Message, code: p.RefusalCode, reason: str, spend: MetricRecord | None
+) -> Message:
     """A refusal-shaped reply (no update) with the fault's code, and the node's spend if any."""
     content: RecordDict = p.refusal_record(code, reason)
     if spend is not None:

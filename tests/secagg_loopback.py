@@ -48,9 +48,9 @@ class Node:
                 return RecordDict({SECAGG_KEY: keys, p.METRICS_KEY: MetricRecord({p.WEIGHT: 1.0})})
             return secagg.answer(request, self.store, lambda: self.update)
         except secagg.REFUSED as exc:  # exactly what the ClientApp turns into refusals
-            return p.refusal_record("secagg-refused", str(exc))
+            return p.refusal_record(p.RefusalCode.SECAGG_REFUSED, str(exc))
         except EncodingRangeError as exc:
-            return p.refusal_record("update-out-of-range", str(exc))
+            return p.refusal_record(p.RefusalCode.UPDATE_OUT_OF_RANGE, str(exc))
 
 
 class LoopbackGrid:

@@ -237,7 +237,7 @@ def _update(request: Message, value: float) -> Message:
     return Message(RecordDict({p.ARRAYS_KEY: arrays, p.METRICS_KEY: metrics}), reply_to=request)
 
 
-def _fault(request: Message, code: str, epsilon: float | None) -> Message:
+def _fault(request: Message, code: p.RefusalCode, epsilon: float | None) -> Message:
     content = p.refusal_record(code, f"{code} (as the mod words it)")
     if epsilon is not None:
         content[p.METRICS_KEY] = MetricRecord({p.EPSILON: epsilon})

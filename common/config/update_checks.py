@@ -1,6 +1,6 @@
 """The `[update_checks]` block: what an update must satisfy to be aggregated.
 
-The checks themselves are `consortia.server.update_checks`.
+The checks themselves are `consortia.server.rounds.update_checks`.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ from pydantic import BaseModel, Field
 
 from consortia.common.atomic import write_bytes_atomic
 from consortia.common.membership import PrivacyAudit, read_audit
+from consortia.common.protocol import FailureKind
 from consortia.server.outputs import html_page as h
 from consortia.server.outputs import plots
 from consortia.server.outputs.manifest import Manifest
@@ -271,23 +272,26 @@ def _audit_section(audit: PrivacyAudit | None) -> str:
     return h.section("Privacy audit (membership inference)", body + h.table(headers, rows))
 
 
+# What the report calls each kind of failure.
+_KIND_LABELS = {
+    FailureKind.REFUSED: "refused",
+    FailureKind.ERROR_REPLY: "node error",
+    FailureKind.NO_REPLY: "no reply (dropout)",
+    FailureKind.MALFORMED: "malformed reply",
+    FailureKind.SCREENED_OUT: "rejected update",
+    FailureKind.KRUM_EXCLUDED: "not selected",
+    FailureKind.MULTIKRUM_EXCLUDED: "not selected",
+    FailureKind.SECAGG_DROPOUT: "left secure aggregation",
+    # Only the simulation lab's virtual nodes report these faults.
+    FailureKind.DROPOUT: "simulated dropout",
+    FailureKind.LATE: "simulated straggler",
+    FailureKind.CRASH: "simulated crash",
+}
+
+
 def failure_kind(failure: NodeFailure) -> str:
-    """A short category for a failure's reason (the record keeps only free text)."""
-    kind = getattr(failure, "kind", None)  # a later RoundRecord may carry its own category
-    if isinstance(kind, str) and kind:
-        return kind
-    reason = failure.reason
-    if failure.refusal is not None and failure.refusal.startswith("simulated-"):
-        return failure.refusal.replace("-", " ")  # the simulation lab's injected faults
-    if failure.refusal is not None:
-        return "refused"
-    if reason.startswith("no ") and "reply within" in reason:
-        return "no reply (dropout)"
-    if reason.startswith("node error"):
-        return "node error"
-    if reason.startswith("not selected"):
-        return "not selected"
-    return "rejected update"
+    """The failure's kind, as the report names it."""
+    return _KIND_LABELS[failure.kind]
 
 
 def _failures_section(rounds: list[RoundRecord]) -> str:
@@ -326,10 +330,11 @@ def _failures_section(rounds: list[RoundRecord]) -> str:
 
 
 def _failure_fields(rounds: list[RoundRecord]) -> list[str]:
-    """NodeFailure's fields besides node and reason (refusal, and any added later)."""
-    known = [k for k in NodeFailure.model_fields if k not in {"node", "reason"}]
+    """NodeFailure's fields besides node, kind and reason (refusal, and any added later)."""
+    shown = {"node", "kind", "reason"}  # columns of their own
+    known = [k for k in NodeFailure.model_fields if k not in shown]
     found = {k for r in rounds for f in r.failures for k in f.model_dump()}
-    return known + sorted(found - {"node", "reason", *known})
+    return known + sorted(found - {*shown, *known})
 
 
 def _failure_counts(rounds: list[RoundRecord], extras: list[str]) -> dict[str, list[int]]:

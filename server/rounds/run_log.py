@@ -6,34 +6,55 @@ from collections.abc import Iterable
 
 import numpy as np
 from flwr.app import ArrayRecord
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from consortia.common.privacy import Release
+from consortia.common.protocol import FailureKind
+from consortia.server.rounds import legacy_failures
 from consortia.server.rounds.aggregation import array_view
 from consortia.server.rounds.roster import Roster
-from consortia.simulations.faults import CRASH, DROPOUT, LATE
 
-# The `RoundRecord` list each simulated fault code is filed under.
-_FAULT_LISTS = {DROPOUT: "dropouts", LATE: "stragglers", CRASH: "crashes"}
-# How strategies.py words the updates Krum / Multi-Krum leave out (tests/test_faults.py pins it).
-_NOT_SELECTED = {"not selected by Krum": "krum", "not selected by Multi-Krum": "multikrum"}
-_NODE_ERROR = "node error:"  # strategies.py: a Flower error reply, a failure rather than a defence
+# The `RoundRecord` list each fault a node reports is filed under.
+_FAULT_LISTS = {
+    FailureKind.DROPOUT: "dropouts",
+    FailureKind.LATE: "stragglers",
+    FailureKind.CRASH: "crashes",
+}
+# The defence (`RoundRecord.rejected`) a train reply's failure of each kind is filed under;
+# refusals, faults, error replies and timeouts are not a defence's doing.
+_DEFENCES = {
+    FailureKind.MALFORMED: "update_checks",
+    FailureKind.SCREENED_OUT: "update_checks",
+    FailureKind.KRUM_EXCLUDED: "krum",
+    FailureKind.MULTIKRUM_EXCLUDED: "multikrum",
+    # As filed before failures had a kind, so that metrics.json keeps its values.
+    FailureKind.SECAGG_DROPOUT: "update_checks",
+}
 _CHUNK = 1 << 14  # coordinates per block when ranking updates for `kept_shares`
 
 
 class NodeFailure(BaseModel):
-    """A node's reply that was not used, and why."""
+    """A node's reply that was not used (or never came), what kind of failure it was, and why."""
 
     node: str
-    reason: str
-    refusal: str | None = None  # the node's refusal code when the node declined by policy
+    reason: str  # for people: free text, never parsed
+    refusal: str | None = None  # the code of the node's refusal-shaped reply (`RefusalCode`)
+    kind: FailureKind  # set where the failure is found; derived for records that predate it
+
+    @model_validator(mode="before")
+    @classmethod
+    def _kind_of_old_records(cls, data: object) -> object:
+        """A record written before failures had a kind gets the one its fields tell."""
+        if isinstance(data, dict) and "kind" not in data:
+            refusal, reason = data.get("refusal"), data.get("reason")
+            if isinstance(reason, str) and (refusal is None or isinstance(refusal, str)):
+                return {**data, "kind": legacy_failures.legacy_kind(refusal, reason)}
+        return data
 
     def __str__(self) -> str:
-        if self.refusal in _FAULT_LISTS:
-            return f"{self.node}: {self.reason}"  # a simulated fault, not a policy refusal
-        if self.refusal is not None:
+        if self.kind == FailureKind.REFUSED:
             return f"{self.node} refused [{self.refusal}]: {self.reason}"
-        return f"{self.node}: {self.reason}"
+        return f"{self.node}: {self.reason}"  # a fault too: its reply only looks like a refusal
 
 
 class RoundRecord(BaseModel):
@@ -124,7 +145,7 @@ class RunLog:
         record.train_loss = train_loss
         record.failures.extend(failures)
         for failure in failures:
-            defence = _defence_of(failure)
+            defence = _DEFENCES.get(failure.kind)
             if defence is not None:
                 record.rejected.setdefault(defence, []).append(failure.node)
 
@@ -154,24 +175,10 @@ class RunLog:
 
 
 def _file_faults(record: RoundRecord) -> None:
-    """List each simulated fault of the round once under its kind (train and evaluate alike)."""
-    for code, field in _FAULT_LISTS.items():
-        nodes = {f.node for f in record.failures if f.refusal == code}
+    """List each fault of the round once under its kind (train and evaluate alike)."""
+    for kind, field in _FAULT_LISTS.items():
+        nodes = {f.node for f in record.failures if f.kind == kind}
         setattr(record, field, sorted(nodes))
-
-
-def _defence_of(failure: NodeFailure) -> str | None:
-    """Which defence left a train reply's update out, or None (a refusal, a fault, an error).
-
-    Screening and `[update_checks]` (layout, finiteness, norm bound) word
-    their reasons freely; Krum's notes and node errors have fixed prefixes.
-    """
-    if failure.refusal is not None or failure.reason.startswith(_NODE_ERROR):
-        return None
-    for prefix, defence in _NOT_SELECTED.items():
-        if failure.reason.startswith(prefix):
-            return defence
-    return "update_checks"
 
 
 def kept_shares(updates: dict[str, ArrayRecord], lowercut: int) -> dict[str, float]:

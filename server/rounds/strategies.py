@@ -187,7 +187,9 @@ class ConsortiaStrategy(FedAvg):
         # A survivor silent at unmasking is still in the sum: a participant, not a failure.
         noted = {failure.node for failure in failures}
         failures += [
-            NodeFailure(node=name, reason=f"secure aggregation: {why}")
+            NodeFailure(
+                node=name, reason=f"secure aggregation: {why}", kind=p.FailureKind.SECAGG_DROPOUT
+            )
             for node_id, why in secure.dropped.items()
             if node_id not in survivors and (name := roster.name_of(node_id)) not in noted
         ]
@@ -253,7 +255,9 @@ class ConsortiaStrategy(FedAvg):
             if problem is None:
                 kept.append((name, reply))
             else:
-                rejected.append(NodeFailure(node=name, reason=problem))
+                rejected.append(
+                    NodeFailure(node=name, reason=problem, kind=p.FailureKind.SCREENED_OUT)
+                )
         return kept, rejected
 
     def _combine_finite(
@@ -275,7 +279,9 @@ class ConsortiaStrategy(FedAvg):
             raise FederationError("the aggregate of finite updates overflowed float range")
         kept = [(n, r) for n, r in accepted if all_finite(r.content[p.ARRAYS_KEY])]
         dropped = [
-            NodeFailure(node=n, reason=NON_FINITE) for n, r in accepted if (n, r) not in kept
+            NodeFailure(node=n, reason=NON_FINITE, kind=p.FailureKind.SCREENED_OUT)
+            for n, r in accepted
+            if (n, r) not in kept
         ]
         if len(kept) < self.update_checks.min_updates:
             return None, kept, dropped
@@ -335,11 +341,13 @@ class ConsortiaStrategy(FedAvg):
             problem = self._problem(reply, with_arrays)
             if refusal is not None:
                 code, reason = refusal
-                failures.append(NodeFailure(node=name, reason=reason, refusal=code))
+                kind = p.kind_of_code(code)  # a refusal, or a fault the node reports
+                failures.append(NodeFailure(node=name, reason=reason, refusal=code, kind=kind))
             elif problem is None:
                 accepted.append((name, reply))
             else:
-                failures.append(NodeFailure(node=name, reason=problem))
+                kind = p.FailureKind.ERROR_REPLY if reply.has_error() else p.FailureKind.MALFORMED
+                failures.append(NodeFailure(node=name, reason=problem, kind=kind))
         accepted.sort(key=lambda item: item[0])
         return accepted, sorted(failures, key=lambda f: f.node)
 
@@ -514,7 +522,9 @@ class ConsortiaMultiKrum(_RobustStrategy, MultiKrum):
             )
         }
         used = [item for item, c in zip(accepted, contents, strict=True) if id(c) in chosen]
-        label = "Krum" if self.num_nodes_to_select == 1 else "Multi-Krum"
+        krum = self.num_nodes_to_select == 1
+        label = "Krum" if krum else "Multi-Krum"
+        kind = p.FailureKind.KRUM_EXCLUDED if krum else p.FailureKind.MULTIKRUM_EXCLUDED
         picked = ", ".join(name for name, _ in used)
         notes = [
             NodeFailure(
@@ -523,6 +533,7 @@ class ConsortiaMultiKrum(_RobustStrategy, MultiKrum):
                     f"not selected by {label} (f = {self.num_malicious_nodes}): its update is "
                     f"farther from its nearest neighbours than the selected {picked}"
                 ),
+                kind=kind,
             )
             for (name, _), c in zip(accepted, contents, strict=True)
             if id(c) not in chosen

@@ -154,7 +154,9 @@ def _read_replies(
     for reply in replies:
         node = roster.name_of(reply.metadata.src_node_id)
         if reply.has_error():
-            refusals.append(NodeRefusal(node=node, code="node-error", reason=reply.error.reason))
+            refusals.append(
+                NodeRefusal(node=node, code=p.RefusalCode.NODE_ERROR, reason=reply.error.reason)
+            )
             continue
         refusal = p.read_refusal(reply.content)
         if refusal is not None:
@@ -166,16 +168,20 @@ def _read_replies(
                 None if record is None else record.get(STATISTICS_KEY)
             )
         except FederationError as exc:
-            refusals.append(NodeRefusal(node=node, code="malformed-release", reason=exc.message))
+            refusals.append(
+                NodeRefusal(node=node, code=p.RefusalCode.MALFORMED_RELEASE, reason=exc.message)
+            )
             continue
         problem = problem_of(release)
         if problem is not None:
-            refusals.append(NodeRefusal(node=node, code="malformed-release", reason=problem))
+            refusals.append(
+                NodeRefusal(node=node, code=p.RefusalCode.MALFORMED_RELEASE, reason=problem)
+            )
             continue
         releases[node] = release
     heard = set(releases) | {r.node for r in refusals}
     refusals += [
-        NodeRefusal(node=n, code="no-reply", reason=f"no reply within {timeout_s:g} s")
+        NodeRefusal(node=n, code=p.RefusalCode.NO_REPLY, reason=f"no reply within {timeout_s:g} s")
         for n in roster.names
         if n not in heard
     ]

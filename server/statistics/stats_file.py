@@ -26,7 +26,7 @@ class EvaluatedModel(BaseModel):
 
 class NodeRefusal(BaseModel):
     node: str
-    code: str
+    code: str  # a `RefusalCode` value (text: a node of another version may send another)
     reason: str
 
 
