@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from consortia.common.config import JobConfig
+from consortia.common.config import JobConfig, ScenarioConfig
 from consortia.server.label_skew import LabelSkew, label_skew
 from consortia.server.roster import Roster
 
@@ -20,7 +20,12 @@ _PACKAGES = ("consortia", "flwr", "torch", "opacus", "numpy")
 
 
 class Manifest(BaseModel):
-    """manifest.json."""
+    """manifest.json.
+
+    `config` is the resolved config the run used, defaults filled in, less
+    the settings the run never reads (see `applied_config`); `config_sha256`
+    hashes the whole config, so that a resume recognises its job.
+    """
 
     run_name: str
     created_utc: str
@@ -45,7 +50,7 @@ def build_manifest(
     roster: Roster,
     model_architecture: str,
 ) -> Manifest:
-    resolved = config.model_dump(mode="json")
+    resolved = applied_config(config)
     return Manifest(
         run_name=run_name,
         created_utc=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -65,6 +70,25 @@ def build_manifest(
             else label_skew(roster, config.label_histogram.noise_multiplier)
         ),
     )
+
+
+def applied_config(config: JobConfig) -> dict[str, object]:
+    """The resolved config, less the defaults of settings the run does not use.
+
+    A 'files' scenario would otherwise record the default `[simulation.partition]`
+    (method 'dirichlet') and `test_fraction` (0.2), neither of which it
+    applies. Leaving them out changes nothing a resume reads: validating the
+    manifest's config fills in the same defaults again.
+    """
+    resolved = config.model_dump(mode="json")
+    if isinstance(config, ScenarioConfig):
+        for path in config.simulation.unused_settings():
+            parent: object = resolved["simulation"]
+            for key in path[:-1]:
+                parent = parent[key] if isinstance(parent, dict) else None
+            if isinstance(parent, dict):
+                parent.pop(path[-1], None)
+    return resolved
 
 
 def config_sha256(config: JobConfig) -> str:
