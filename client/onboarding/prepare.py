@@ -5,7 +5,8 @@ drop records with a missing feature; map labels to class ids; split train /
 test (stratified by class unless `split.stratified = false`); with missing =
 "impute", fill gaps with the *train* split's median (numbers) or most
 frequent category (ties: the earlier declared category); one-hot encode
-category columns in the schema's declared order; with `standardize = true`,
+category columns in the schema's declared order (without the first
+category's column where `drop_first = true`); with `standardize = true`,
 z-score numeric features with the *train* split's mean and standard
 deviation. No statistic of the test split is ever used.
 """
@@ -145,9 +146,11 @@ def _table_features(
                 raise _no_train_values(source, column.name)
             mode = int(np.argmax(np.bincount(observed, minlength=len(categories))))
             codes = np.where(codes < 0, mode, codes)
-        blocks.append(np.eye(len(categories), dtype=np.float64)[codes])
-        names.extend(f"{column.name}={c}" for c in categories)
-        numeric.extend([False] * len(categories))
+        encoded = column.encoded_categories  # with drop_first, the first is the all-zero row
+        one_hot = np.eye(len(categories), dtype=np.float64)[codes]
+        blocks.append(one_hot[:, len(categories) - len(encoded) :])
+        names.extend(f"{column.name}={c}" for c in encoded)
+        numeric.extend([False] * len(encoded))
     x = np.concatenate(blocks, axis=1) if blocks else np.zeros((len(keep), 0))
     return x, tuple(names), np.asarray(numeric, dtype=bool)
 

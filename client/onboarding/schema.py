@@ -12,6 +12,9 @@ so a schema can sit next to its data and be moved together with it.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -119,6 +122,35 @@ Source = Annotated[
 # ----------------------------------------------------------------------- columns
 
 
+class CategoryKind(StrEnum):
+    """How a category column's cells are matched to its declared `categories`."""
+
+    NUMBER = "number"  # by value: "1", "1.0", "01" and "+1" are the category "1"
+    TEXT = "text"  # by the exact text after trimming: "1.0" is not "1"
+
+
+# A number as a data export writes one: sign, digits, decimal point, exponent.
+# Deliberately narrower than float(): no "nan", "inf", "1_000" or hex.
+_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
+
+
+def category_number(text: str) -> float | None:
+    """The value of a (trimmed) category text written as a finite number, else None."""
+    if not _NUMBER.fullmatch(text):
+        return None
+    value = float(text)
+    return value if value == value and abs(value) != float("inf") else None
+
+
+def _numbers_of(categories: tuple[str, ...]) -> list[float] | None:
+    """Each category's number, or None unless every one is a number and no two are equal."""
+    numbers = [category_number(c) for c in categories]
+    if any(n is None for n in numbers):
+        return None
+    values = [n for n in numbers if n is not None]
+    return values if len(set(values)) == len(values) else None
+
+
 class ColumnSpec(StrictModel):
     """One column of a table source.
 
@@ -126,6 +158,18 @@ class ColumnSpec(StrictModel):
     allowed values of a category column, in the order every node one-hot
     encodes them. `ignore = true` reads the column (it counts for the column
     count and the fingerprint) but never checks or uses it, e.g. a patient id.
+
+    `category_kind` says how cells match `categories`: "number" by value (one
+    site's export writes `1.0` where another writes `1`; both are the
+    category "1", one and the same one-hot column), "text" by the exact text.
+    Unset, the categories are numbers when every one is written as a number
+    and no two are equal ("1" and "01" together stay text), else text. A
+    matched cell takes the declared category's spelling, so everything
+    downstream (one-hot columns, labels, fingerprint) sees one spelling.
+
+    `drop_first = true` leaves out the one-hot column of the first declared
+    category (reference-category coding, as clinical models use): that
+    category is the all-zero row.
     """
 
     name: str = Field(min_length=1)
@@ -133,6 +177,8 @@ class ColumnSpec(StrictModel):
     min: float | None = None
     max: float | None = None
     categories: tuple[str, ...] | None = None
+    category_kind: CategoryKind | None = None
+    drop_first: bool = False
     label: bool = False
     ignore: bool = False
 
@@ -152,6 +198,29 @@ class ColumnSpec(StrictModel):
                 raise ValueError(f"{where}: 'categories' is empty; list the allowed values")
             if len(set(self.categories)) != len(self.categories):
                 raise ValueError(f"{where}: 'categories' lists a value twice")
+        if self.category_kind is not None and self.categories is None:
+            raise ValueError(
+                f"{where}: 'category_kind' says how values match 'categories'; list the "
+                "categories or remove it"
+            )
+        if self.category_kind == CategoryKind.NUMBER:
+            assert self.categories is not None
+            if _numbers_of(self.categories) is None:
+                raise ValueError(
+                    f'{where}: category_kind = "number" needs every category written as a '
+                    f"number, no two equal (e.g. '1' and '01'); got "
+                    f"{', '.join(repr(c) for c in self.categories[:10])}; correct them or use "
+                    'category_kind = "text"'
+                )
+        if self.drop_first and (self.label or self.ignore or self.type != "category"):
+            raise ValueError(
+                f"{where}: 'drop_first' applies to category feature columns (their one-hot "
+                "columns); remove it"
+            )
+        if self.drop_first and self.categories is not None and len(self.categories) < 2:
+            raise ValueError(
+                f"{where}: 'drop_first' with one category would leave no column; remove it"
+            )
         if self.label and self.ignore:
             raise ValueError(f"{where}: a column cannot be both 'label' and 'ignore'")
         if self.label and self.type == "float":
@@ -166,6 +235,32 @@ class ColumnSpec(StrictModel):
     @property
     def is_feature(self) -> bool:
         return not self.label and not self.ignore
+
+    @property
+    def numeric_categories(self) -> bool:
+        """Whether cells match `categories` by value (see the class docstring)."""
+        if self.categories is None or self.category_kind == CategoryKind.TEXT:
+            return False
+        return _numbers_of(self.categories) is not None
+
+    @property
+    def encoded_categories(self) -> tuple[str, ...]:
+        """The categories that get a one-hot column, in order (with drop_first, not the first)."""
+        categories = self.categories or ()
+        return categories[1:] if self.drop_first else categories
+
+    def match_categories(self, texts: Iterable[str]) -> dict[str, str | None]:
+        """Each of the (trimmed) cell texts' declared category, None where it is not one."""
+        categories = self.categories or ()
+        if not self.numeric_categories:
+            allowed = set(categories)
+            return {text: text if text in allowed else None for text in texts}
+        by_value = {category_number(c): c for c in categories}
+        matches: dict[str, str | None] = {}
+        for text in texts:
+            number = category_number(text)
+            matches[text] = None if number is None else by_value.get(number)
+        return matches
 
 
 class SplitSpec(StrictModel):
@@ -294,7 +389,7 @@ class DatasetSpec(StrictModel):
         ranges: dict[str, tuple[float, float]] = {}
         for column in self.feature_columns:
             if column.categories is not None:
-                ranges.update({f"{column.name}={c}": (0.0, 1.0) for c in column.categories})
+                ranges.update({f"{column.name}={c}": (0.0, 1.0) for c in column.encoded_categories})
             elif column.min is not None and column.max is not None and column.min < column.max:
                 ranges[column.name] = (column.min, column.max)
         return ranges
