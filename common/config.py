@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from consortia.common.secagg.graph import default_degree, effective_degree
 
@@ -476,6 +476,49 @@ def check_cohort(job: JobConfig, cohort: int, source: str) -> None:
 
 
 # Data sources that ship with scikit-learn: nothing to point at, so no `path`.
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+
+
+class ImageNormalization(StrictModel):
+    """Public per-channel constants that image pixels are standardised with.
+
+    A model sees (pixel on [0, 1] − mean) / std per channel: `mean` and `std`
+    are on the [0, 1] pixel scale (uint8 pixels / 255). They must be public,
+    published with the dataset (MNIST's 0.1307 / 0.3081) or agreed by the
+    consortium, never computed from one node's records: then every node
+    scales alike and nothing of its data is spent on it. One value stands
+    for every channel.
+    """
+
+    mean: tuple[FiniteFloat, ...] = Field(min_length=1)
+    std: tuple[Annotated[FiniteFloat, Field(gt=0)], ...] = Field(min_length=1)
+
+    @field_validator("mean", "std", mode="before")
+    @classmethod
+    def _one_value_for_all(cls, value: object) -> object:
+        return (value,) if isinstance(value, int | float) else value
+
+    @model_validator(mode="after")
+    def _same_length(self) -> ImageNormalization:
+        if len(self.mean) != len(self.std):
+            raise ValueError(
+                f"'mean' gives {len(self.mean)} values and 'std' {len(self.std)}; give one "
+                "value for every channel, or one for all"
+            )
+        return self
+
+    def per_channel(self, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """(mean, std) for images of `channels` channels; ValueError if the counts differ."""
+        if len(self.mean) == 1:
+            return self.mean * channels, self.std * channels
+        if len(self.mean) != channels:
+            raise ValueError(
+                f"'mean' and 'std' give {len(self.mean)} values for images of {channels} "
+                f"channel{'' if channels == 1 else 's'}; give one per channel, or one for all"
+            )
+        return self.mean, self.std
+
+
 BUNDLED_SOURCES = ("breast_cancer", "digits")
 DEFAULT_TEST_FRACTION = 0.2
 
@@ -516,10 +559,27 @@ class DataConfig(StrictModel):
         ge=1,
         description="partition a seeded random subset of this many pool records (faster runs)",
     )
+    normalize: ImageNormalization | None = Field(
+        default=None,
+        description="'idx': public mean and std of the pixels on [0, 1]; unset, the pixels "
+        "are used on their fixed [0, 1] scale",
+    )
 
     @model_validator(mode="after")
     def _keys_fit_source(self) -> DataConfig:
         where = f"source = '{self.source}'"
+        if self.normalize is not None and self.source != "idx":
+            raise ValueError(
+                f"{where} takes no [simulation.data.normalize] (public pixel constants for "
+                "source = 'idx'); remove it"
+            )
+        if self.normalize is not None:
+            try:
+                self.normalize.per_channel(1)
+            except ValueError as exc:
+                raise ValueError(
+                    f"[simulation.data.normalize]: IDX images are grayscale; {exc}"
+                ) from None
         if self.source in BUNDLED_SOURCES and self.path is not None:
             raise ValueError(
                 f"{where} is bundled with scikit-learn and takes no 'path' "

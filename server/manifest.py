@@ -13,6 +13,8 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from consortia.common.config import JobConfig, ScenarioConfig
+from consortia.common.datasets import source_scaling
+from consortia.common.scaling import FeatureScaling
 from consortia.server.label_skew import LabelSkew, label_skew
 from consortia.server.roster import Roster
 
@@ -25,6 +27,9 @@ class Manifest(BaseModel):
     `config` is the resolved config the run used, defaults filled in, less
     the settings the run never reads (see `applied_config`); `config_sha256`
     hashes the whole config, so that a resume recognises its job.
+    `feature_scaling` (simulations) records how the source's features were
+    scaled, with the image constants used; a deployed job leaves it None,
+    as each node records its own in its dataset registration.
     """
 
     run_name: str
@@ -40,6 +45,7 @@ class Manifest(BaseModel):
     data_fingerprints: dict[str, str]
     model_architecture: str
     label_skew: LabelSkew | None = None
+    feature_scaling: FeatureScaling | None = None
 
 
 def build_manifest(
@@ -68,6 +74,9 @@ def build_manifest(
             None
             if config.label_histogram is None
             else label_skew(roster, config.label_histogram.noise_multiplier)
+        ),
+        feature_scaling=(
+            source_scaling(config.simulation.data) if isinstance(config, ScenarioConfig) else None
         ),
     )
 
@@ -105,13 +114,18 @@ def config_sha256(config: JobConfig) -> str:
 def legacy_config_sha256(config: JobConfig) -> str:
     """The hash runs checkpointed before `config_sha256` left out None blocks carry.
 
-    Then every field was hashed, None or not, and `[secure_aggregation]` did
-    not exist yet: the full dump without that key. A resume accepts it, so
+    Then every field was hashed, None or not, and `[secure_aggregation]` and
+    `[simulation.data] normalize` did not exist yet: the full dump without
+    those keys. A resume accepts it, so
     runs begun before the change stay resumable.
     """
     dump = config.model_dump(mode="json")
     if dump.get("secure_aggregation", 0) is None:
         del dump["secure_aggregation"]
+    # Nor did `[simulation.data] normalize`: a None there is left out as well.
+    data = dump.get("simulation", {}).get("data", {})
+    if data.get("normalize", 0) is None:
+        del data["normalize"]
     return _sha256_of(dump)
 
 

@@ -298,6 +298,7 @@ def test_files_manifest_records_only_the_settings_the_run_used(tmp_path: Path) -
     again = config_of(Manifest.model_validate(written), tmp_path / "run-files").config
     assert again == loaded.config
     assert written["config_sha256"] == config_sha256(loaded.config)
+    assert written["feature_scaling"]["kind"] == "none"  # the schema: no standardize
 
     other = load_scenario("hospitals-breast-cancer")
     kept = _manifest_json(other, tmp_path / "run-bundled")["config"]["simulation"]

@@ -8,7 +8,9 @@ frequent category (ties: the earlier declared category); one-hot encode
 category columns in the schema's declared order (without the first
 category's column where `drop_first = true`); with `standardize = true`,
 z-score numeric features with the *train* split's mean and standard
-deviation. No statistic of the test split is ever used.
+deviation; with `[normalize]` (images), standardise each channel with its
+public, declared mean and std instead. No statistic of the test split is
+ever used.
 """
 
 from __future__ import annotations
@@ -37,8 +39,10 @@ class PreparedDataset:
 
     `feature_names` names the columns of tabular features (one-hot columns
     as "column=category"); for image data it names the channels.
-    `mean`/`std` are the train-split statistics used for standardisation
-    (None when `standardize = false`; 0/1 for one-hot columns).
+    `mean`/`std` are the constants the features were standardised with:
+    the train split's statistics with `standardize = true` (0/1 for one-hot
+    columns), the schema's public per-channel constants with `[normalize]`,
+    else None.
     """
 
     train: LabeledArrays
@@ -82,6 +86,10 @@ def prepare(spec: DatasetSpec, inspection: Inspection | None = None) -> Prepared
     mean = std = None
     if spec.standardize:
         x, mean, std = _standardize(x, train, numeric, image=_is_image(records))
+    elif spec.normalize is not None and _is_image(records):
+        scaling = spec.feature_scaling()
+        x = scaling.scale_images(x.astype(np.float32, copy=False))
+        mean, std = np.asarray(scaling.mean), np.asarray(scaling.std)
     x = x.astype(np.float32, copy=False)
     return PreparedDataset(
         train=LabeledArrays(x[train], labels[train]),

@@ -20,11 +20,14 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
-from consortia.common.config import StrictModel
+from consortia.common.config import ImageNormalization, StrictModel
 from consortia.common.config_io import read_toml, validate_model
+from consortia.common.scaling import FeatureScaling, ScalingKind, image_scaling
 
 FORMATS = ("csv", "parquet", "npz", "idx", "image_folder")
 TABLE_FORMATS = ("csv", "parquet")
+IMAGE_FORMATS = ("idx", "image_folder")
+IMAGE_PIXELS = "uint8 pixels / 255"
 
 # ----------------------------------------------------------------------- sources
 
@@ -290,6 +293,10 @@ class DatasetSpec(StrictModel):
       standard deviation (one-hot columns are left as 0/1). Off by default:
       statistics of one node's records differ from node to node, and under
       label skew they can erase the class signal (see common/datasets.py).
+    - `[normalize]` (image sources): public per-channel `mean` and `std` on
+      the [0, 1] pixel scale, e.g. the ones published with the dataset, that
+      every node standardises its pixels with. Without it (and without
+      `standardize`) pixels stay on their fixed [0, 1] scale.
     """
 
     description: str = ""
@@ -299,6 +306,7 @@ class DatasetSpec(StrictModel):
     num_classes: int | None = Field(default=None, ge=2, le=MAX_CLASSES)
     missing: Literal["drop", "impute"] = "drop"
     standardize: bool = False
+    normalize: ImageNormalization | None = None
     split: SplitSpec = SplitSpec()
 
     @field_validator("columns")
@@ -343,6 +351,21 @@ class DatasetSpec(StrictModel):
             )
         if fmt not in TABLE_FORMATS and self.columns:
             raise ValueError(f"[[columns]] describe table columns; a {fmt} source takes none")
+        if self.normalize is not None:
+            if fmt not in IMAGE_FORMATS:
+                raise ValueError(
+                    f"[normalize] gives public pixel constants of image sources; a {fmt} "
+                    "source takes none (remove it)"
+                )
+            if self.standardize:
+                raise ValueError(
+                    "[normalize] (public constants) and standardize = true (this node's "
+                    "train-split statistics) both scale the pixels; keep one"
+                )
+            try:
+                self.normalize.per_channel(self.image_channels)
+            except ValueError as exc:
+                raise ValueError(f"[normalize]: {exc}") from None
         label = self.label_column
         known = len(set(self.label_mapping.values())) if self.label_mapping else None
         if label is not None and label.type == "category" and known is None:
@@ -371,6 +394,27 @@ class DatasetSpec(StrictModel):
     @property
     def is_table(self) -> bool:
         return self.source.format in TABLE_FORMATS
+
+    @property
+    def image_channels(self) -> int:
+        """Channels of an image source's images (1 for other sources)."""
+        if isinstance(self.source, ImageFolderSource) and self.source.mode == "rgb":
+            return 3
+        return 1
+
+    def feature_scaling(self) -> FeatureScaling:
+        """How preparing the data scales its features (recorded in the registration)."""
+        if self.standardize:
+            return FeatureScaling(
+                kind=ScalingKind.TRAIN_SPLIT,
+                detail="z-score with this node's own train-split mean and std (per channel "
+                "for images, per numeric feature for tables; one-hot columns stay 0/1)",
+            )
+        if self.source.format in IMAGE_FORMATS:
+            return image_scaling(self.normalize, self.image_channels, IMAGE_PIXELS)
+        return FeatureScaling(
+            kind=ScalingKind.NONE, detail="values as parsed; one-hot columns 0 or 1"
+        )
 
     @property
     def label_column(self) -> ColumnSpec | None:
