@@ -119,7 +119,8 @@ def deployed_facts(prepared: PreparedDataset, inspection: Inspection) -> DataFac
 def _table_values(
     columns: tuple[ColumnSpec, ...], records: TableRecords, keep: np.ndarray
 ) -> tuple[np.ndarray, tuple[str, ...]]:
-    """The feature columns as the model sees them (one 0/1 column per category), NaN if missing."""
+    """The feature columns as the model sees them (one 0/1 column per encoded category), NaN
+    if missing."""
     blocks: list[np.ndarray] = []
     names: list[str] = []
     for column in columns:
@@ -130,9 +131,8 @@ def _table_values(
             blocks.append(np.where(missing, np.nan, values)[:, None])
             names.append(column.name)
             continue
-        categories = column.categories or ()
         texts = parsed.texts[keep] if parsed.texts is not None else np.zeros(len(keep), str)
-        for category in categories:
+        for category in column.encoded_categories:
             blocks.append(np.where(missing, np.nan, texts == category).astype(np.float64)[:, None])
             names.append(f"{column.name}={category}")
     values = np.concatenate(blocks, axis=1) if blocks else np.zeros((len(keep), 0))

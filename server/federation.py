@@ -33,6 +33,7 @@ from consortia.common.errors import FederationError
 from consortia.common.evaluation import evaluate_model
 from consortia.common.models import architecture_hash, build_model
 from consortia.common.privacy import Release, histogram_release
+from consortia.common.scaling import FeatureScaling
 from consortia.common.weights import load_arrays, model_to_arrays
 from consortia.server.outputs.checkpoint import CheckpointDoc, RoundCheckpoint
 from consortia.server.outputs.manifest import Manifest, build_manifest, config_sha256
@@ -73,6 +74,10 @@ class ScenarioLab(Protocol):
 
     def label_counts(self, config: ScenarioConfig) -> dict[str, tuple[int, ...]] | None:
         """Every virtual node's true label counts, for the report; None if it cannot say."""
+        ...
+
+    def feature_scaling(self, config: ScenarioConfig) -> FeatureScaling:
+        """How the scenario's source scales its features (the manifest records it)."""
         ...
 
 
@@ -153,6 +158,7 @@ def run_federation(
             loaded.source_sha256,
             roster,
             architecture_hash(model),
+            feature_scaling=in_lab[1].feature_scaling(in_lab[0]) if in_lab else None,
         )
         run = _RunFacts(
             config, manifest, outputs.write_manifest(manifest), feature_shape, num_classes

@@ -13,11 +13,13 @@ from flwr.clientapp import ClientApp
 
 from consortia.common.arrays import LabeledArrays
 from consortia.common.config import ScenarioConfig, SimulationConfig
+from consortia.common.scaling import FeatureScaling
 from consortia.common.secagg.wire import MESSAGE_ACTION
 from consortia.common.statistics import MESSAGE_ACTION as STATISTICS_ACTION
 from consortia.simulations.adversaries import adversary_names, attack
 from consortia.simulations.faults import evaluate_faults, secure_train_faults, train_faults
 from consortia.simulations.node_data import centralized_test_data, partition_label_counts
+from consortia.simulations.sources import source_scaling
 
 
 def lab_client_app(inner: ClientApp, simulation: SimulationConfig) -> ClientApp:
@@ -62,7 +64,8 @@ class SimulationLab:
 
     Handed to `run_federation` by the engine, so that the coordinator's code
     never imports the lab: the test set of centralised evaluation, the
-    adversaries metrics.json names, the true label mix the report draws.
+    adversaries metrics.json names, the true label mix the report draws, the
+    input scaling the manifest records.
     """
 
     def centralized_test_data(self, config: ScenarioConfig) -> LabeledArrays:
@@ -73,6 +76,9 @@ class SimulationLab:
 
     def label_counts(self, config: ScenarioConfig) -> dict[str, tuple[int, ...]] | None:
         return partition_label_counts(config)
+
+    def feature_scaling(self, config: ScenarioConfig) -> FeatureScaling:
+        return source_scaling(config.simulation.data)
 
 
 LAB = SimulationLab()

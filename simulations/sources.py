@@ -3,8 +3,12 @@
 Each source yields a training pool (split across nodes) and, where the data
 comes with one, an official test set. Features are scaled with public
 constants only, never with statistics of one node's records: image pixels by
-their fixed range, tabular features by the value ranges published in the
-dataset's documentation (a consortium agrees such a schema before training).
+their fixed range onto [0, 1], then, for an 'idx' source whose scenario
+declares them (`[simulation.data.normalize]`), by the dataset's public mean
+and std (MNIST's are in the bundled MNIST scenarios; another dataset's are
+its own, never MNIST's); tabular features by the value ranges published in
+the dataset's documentation (a consortium agrees such a schema before
+training). `source_scaling` says which, for the run's manifest.
 Scaling each node on its own statistics looks harmless but, under label skew,
 erases exactly the class signal (a node holding only benign cases would centre
 them at zero); measured here it cost over 20 points of accuracy.
@@ -32,12 +36,12 @@ from consortia.common.config_io import read_toml, validate_model
 from consortia.common.errors import ConfigError, DataError
 from consortia.common.idx import find_idx_pair, read_idx
 from consortia.common.preprocess import LogRangeScaler
+from consortia.common.scaling import FeatureScaling, ScalingKind, image_scaling
 
 if TYPE_CHECKING:
     from consortia.client.onboarding.schema import DatasetSpec
 
-# Public normalisation constants of MNIST (mean, std of the training pixels / 255).
-_MNIST_MEAN, _MNIST_STD = 0.1307, 0.3081
+_IDX_PIXELS = "uint8 pixels / 255"
 
 
 @dataclass(frozen=True)
@@ -80,8 +84,29 @@ def _load_source_cached(config: DataConfig) -> SourceData:
         return _sklearn_digits()
     path = data_path(config)
     if config.source == "idx":
-        return _idx_folder(path)
+        return _idx_folder(path, source_scaling(config))
     return _node_files(config, path)
+
+
+def source_scaling(config: DataConfig) -> FeatureScaling:
+    """How the source `config` names scales its features (what the run's manifest records).
+
+    Reads no data; a 'files' source reads its schema file (`standardize`).
+    """
+    if config.source == "breast_cancer":
+        return FeatureScaling(
+            kind=ScalingKind.PUBLIC_RANGE,
+            detail="log1p, then each feature's published [min, max] "
+            "(load_breast_cancer().DESCR) onto [-1, 1]",
+        )
+    if config.source == "digits":
+        return image_scaling(None, 1, "values 0..16 / 16")
+    if config.source == "idx":
+        return image_scaling(config.normalize, 1, _IDX_PIXELS)
+    assert config.files is not None and config.schema_file is not None  # DataConfig
+    schema_path = Path(config.schema_file).expanduser()
+    first = data_path(config) / Path(config.files[0]).expanduser()
+    return _node_spec(read_toml(schema_path), schema_path, first).feature_scaling()
 
 
 def data_path(config: DataConfig) -> Path:
@@ -143,7 +168,7 @@ def _sklearn_digits() -> SourceData:
     )
 
 
-def _idx_folder(folder: Path) -> SourceData:
+def _idx_folder(folder: Path, scaling: FeatureScaling) -> SourceData:
     if not folder.is_dir():
         raise DataError(f"{folder}: no such folder (expected MNIST-style IDX files in it)")
     train = find_idx_pair(folder, "train")
@@ -151,22 +176,21 @@ def _idx_folder(folder: Path) -> SourceData:
         raise DataError(
             f"{folder}: no train-images-idx3-ubyte[.gz] / train-labels-idx1-ubyte[.gz] pair found"
         )
-    pool = _idx_images(*train)
+    pool = _idx_images(*train, scaling)
     test_pair = find_idx_pair(folder, "t10k")
-    test = _idx_images(*test_pair) if test_pair else None
+    test = _idx_images(*test_pair, scaling) if test_pair else None
     num_classes = int(max(pool.y.max(), test.y.max() if test else 0)) + 1
-    low, high = (0.0 - _MNIST_MEAN) / _MNIST_STD, (1.0 - _MNIST_MEAN) / _MNIST_STD
     return SourceData(
         pool=pool,
         test=test,
         num_classes=num_classes,
         kind="image",
         feature_names=("gray",),
-        ranges={"gray": (low, high)},
+        ranges={"gray": scaling.range_of(0)},
     )
 
 
-def _idx_images(images_path: Path, labels_path: Path) -> LabeledArrays:
+def _idx_images(images_path: Path, labels_path: Path, scaling: FeatureScaling) -> LabeledArrays:
     images, labels = read_idx(images_path), read_idx(labels_path)
     if images.ndim != 3:
         raise DataError(f"{images_path}: expected a 3-d image array, got shape {images.shape}")
@@ -174,8 +198,8 @@ def _idx_images(images_path: Path, labels_path: Path) -> LabeledArrays:
         raise DataError(
             f"{labels_path}: {len(labels)} labels for {len(images)} images in {images_path}"
         )
-    x = (images.astype(np.float32) / 255.0 - _MNIST_MEAN) / _MNIST_STD
-    return LabeledArrays(x[:, None, :, :], labels.astype(np.int64))
+    x = scaling.scale_images((images.astype(np.float32) / 255.0)[:, None, :, :])
+    return LabeledArrays(x, labels.astype(np.int64))
 
 
 # ---------------------------------------------------------------- node files

@@ -251,6 +251,10 @@ nodes = 5
 source = "idx"
 path = "{mnist}"
 
+[simulation.data.normalize]  # MNIST's public constants, as the bundled MNIST scenarios
+mean = 0.1307
+std = 0.3081
+
 [simulation.partition]
 method = "iid"
 

@@ -9,7 +9,12 @@ import numpy as np
 import pytest
 
 from consortia.common.arrays import LabeledArrays
-from consortia.common.config import DataConfig, PartitionConfig, SimulationConfig
+from consortia.common.config import (
+    DataConfig,
+    ImageNormalization,
+    PartitionConfig,
+    SimulationConfig,
+)
 from consortia.common.errors import DataError
 from consortia.common.idx import read_idx
 from consortia.common.partition import partition_indices, train_test_split
@@ -48,12 +53,15 @@ def test_idx_errors_are_precise(tmp_path: Path) -> None:
 
 
 def test_mnist_idx_folder(mnist_dir: Path) -> None:
-    source = load_source(DataConfig(source="idx", path=str(mnist_dir)))
+    mnist = ImageNormalization(mean=(0.1307,), std=(0.3081,))  # as the MNIST scenarios declare
+    source = load_source(DataConfig(source="idx", path=str(mnist_dir), normalize=mnist))
     assert source.pool.x.shape == (60_000, 1, 28, 28)
     assert source.test is not None and source.test.x.shape == (10_000, 1, 28, 28)
     assert np.bincount(source.pool.y).tolist() == MNIST_TRAIN_LABEL_COUNTS
     assert source.num_classes == 10
     assert abs(float(source.pool.x.mean())) < 0.01  # normalised with the public constants
+    fixed = load_source(DataConfig(source="idx", path=str(mnist_dir)))  # none declared: [0, 1]
+    assert float(fixed.pool.x.min()) == 0.0 and float(fixed.pool.x.max()) == 1.0
 
 
 def test_idx_source_without_files_is_a_clear_error(tmp_path: Path) -> None:

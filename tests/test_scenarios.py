@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -16,9 +17,14 @@ import pytest
 from conftest import CliRunner, one_cli_error
 
 from consortia.common.config import ScenarioConfig
-from consortia.common.config_io import bundled_scenarios, load_scenario
+from consortia.common.config_io import LoadedScenario, bundled_scenarios, load_scenario
 from consortia.common.errors import ConfigError, DataError
 from consortia.common.models import build_model
+from consortia.server.outputs.manifest import Manifest, build_manifest, config_sha256
+from consortia.server.outputs.resume import config_of
+from consortia.server.outputs.run_outputs import RunOutputs
+from consortia.server.rounds.roster import NodeEntry, Roster
+from consortia.simulations.lab import LAB
 from consortia.simulations.node_data import (
     centralized_test_data,
     scenario_with_data,
@@ -255,6 +261,56 @@ def test_files_source_settings(
         return
     with pytest.raises(error, match=match):
         scenario_with_data(load_scenario(path))
+
+
+def _manifest_json(loaded: LoadedScenario, folder: Path) -> dict[str, Any]:
+    """manifest.json as a run of `loaded` writes it (one stand-in node per simulated node)."""
+    sim = loaded.config.simulation
+    roster = Roster(
+        nodes=tuple(
+            NodeEntry(
+                node_id=i + 1,
+                name=sim.node_name(i),
+                data_fingerprint="0" * 64,
+                feature_shape=(3,),
+                num_classes=2,
+            )
+            for i in range(sim.nodes)
+        )
+    )
+    manifest = build_manifest(
+        folder.name,
+        loaded.config,
+        loaded.source,
+        loaded.source_sha256,
+        roster,
+        "arch",
+        feature_scaling=LAB.feature_scaling(loaded.config),  # as the lab hands it in
+    )
+    RunOutputs(folder).write_manifest(manifest)
+    written: dict[str, Any] = json.loads((folder / "manifest.json").read_text())
+    return written
+
+
+def test_files_manifest_records_only_the_settings_the_run_used(tmp_path: Path) -> None:
+    """A 'files' run is partitioned by its files and split by the schema's [split]: its
+    manifest leaves out the default partition and test_fraction it never applied."""
+    loaded = scenario_with_data(load_scenario(_files_scenario(tmp_path / "consortium")))
+    written = _manifest_json(loaded, tmp_path / "run-files")
+    simulation = written["config"]["simulation"]
+    assert "partition" not in simulation
+    assert "test_fraction" not in simulation["data"] and "max_records" not in simulation["data"]
+    assert simulation["data"]["source"] == "files" and len(simulation["data"]["files"]) == 3
+    # Nothing a resume reads is lost: the manifest's config is the run's config again.
+    again = config_of(Manifest.model_validate(written), tmp_path / "run-files").config
+    assert again == loaded.config
+    assert written["config_sha256"] == config_sha256(loaded.config)
+    assert written["feature_scaling"]["kind"] == "none"  # the schema: no standardize
+
+    other = load_scenario("hospitals-breast-cancer")
+    kept = _manifest_json(other, tmp_path / "run-bundled")["config"]["simulation"]
+    assert kept["partition"]["method"] == other.config.simulation.partition.method
+    assert kept["data"]["test_fraction"] == other.config.simulation.data.test_fraction
 
 
 def test_files_source_count_must_match_nodes(tmp_path: Path) -> None:

@@ -5,14 +5,16 @@ registered schema reads it, not over the file's bytes:
 
 - tables (CSV, Parquet): the schema's column names, then per column, in
   file order, each record's parsed value: a number as IEEE float64, a category
-  or ignored column as its trimmed text, a missing value (empty cell or a
-  `missing_values` marker) as "missing", and a cell that is not a number as
-  its text; then the rows with a wrong field count with their position among
-  the records. So line endings (CRLF or LF), a trailing newline, a UTF-8
-  byte-order mark, quoting, blank lines, spaces around cells, how a number is
-  written ("5", "5.0", "5.00") and the order of the columns in the file do not
-  change it; any changed value, added, removed or reordered record does. The
-  same values in a CSV and a Parquet file give the same fingerprint.
+  as its declared text when it matches one (a number category written `1.0`
+  counts as its declared "1"), else as its trimmed text, an ignored column as
+  its trimmed text, a missing value (empty cell or a `missing_values`
+  marker) as "missing", and a cell that is not a number as its text; then
+  the rows with a wrong field count with their position among the records.
+  So line endings (CRLF or LF), a trailing newline, a UTF-8 byte-order mark,
+  quoting, blank lines, spaces around cells, how a number is written ("5",
+  "5.0", "5.00") and the order of the columns in the file do not change it;
+  any changed value, added, removed or reordered record does. The same
+  values in a CSV and a Parquet file give the same fingerprint.
 - npz and IDX: `LabeledArrays(x, y).fingerprint()` over the decoded arrays
   as stored (dtype, shape, values), so gzipping an IDX file does not change it.
 - image folders: each image's class folder and file name, and its pixels

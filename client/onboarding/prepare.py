@@ -5,9 +5,12 @@ drop records with a missing feature; map labels to class ids; split train /
 test (stratified by class unless `split.stratified = false`); with missing =
 "impute", fill gaps with the *train* split's median (numbers) or most
 frequent category (ties: the earlier declared category); one-hot encode
-category columns in the schema's declared order; with `standardize = true`,
+category columns in the schema's declared order (without the first
+category's column where `drop_first = true`); with `standardize = true`,
 z-score numeric features with the *train* split's mean and standard
-deviation. No statistic of the test split is ever used.
+deviation; with `[normalize]` (images), standardise each channel with its
+public, declared mean and std instead. No statistic of the test split is
+ever used.
 """
 
 from __future__ import annotations
@@ -36,8 +39,10 @@ class PreparedDataset:
 
     `feature_names` names the columns of tabular features (one-hot columns
     as "column=category"); for image data it names the channels.
-    `mean`/`std` are the train-split statistics used for standardisation
-    (None when `standardize = false`; 0/1 for one-hot columns).
+    `mean`/`std` are the constants the features were standardised with:
+    the train split's statistics with `standardize = true` (0/1 for one-hot
+    columns), the schema's public per-channel constants with `[normalize]`,
+    else None.
     """
 
     train: LabeledArrays
@@ -81,6 +86,10 @@ def prepare(spec: DatasetSpec, inspection: Inspection | None = None) -> Prepared
     mean = std = None
     if spec.standardize:
         x, mean, std = _standardize(x, train, numeric, image=_is_image(records))
+    elif spec.normalize is not None and _is_image(records):
+        scaling = spec.feature_scaling()
+        x = scaling.scale_images(x.astype(np.float32, copy=False))
+        mean, std = np.asarray(scaling.mean), np.asarray(scaling.std)
     x = x.astype(np.float32, copy=False)
     return PreparedDataset(
         train=LabeledArrays(x[train], labels[train]),
@@ -145,9 +154,11 @@ def _table_features(
                 raise _no_train_values(source, column.name)
             mode = int(np.argmax(np.bincount(observed, minlength=len(categories))))
             codes = np.where(codes < 0, mode, codes)
-        blocks.append(np.eye(len(categories), dtype=np.float64)[codes])
-        names.extend(f"{column.name}={c}" for c in categories)
-        numeric.extend([False] * len(categories))
+        encoded = column.encoded_categories  # with drop_first, the first is the all-zero row
+        one_hot = np.eye(len(categories), dtype=np.float64)[codes]
+        blocks.append(one_hot[:, len(categories) - len(encoded) :])
+        names.extend(f"{column.name}={c}" for c in encoded)
+        numeric.extend([False] * len(encoded))
     x = np.concatenate(blocks, axis=1) if blocks else np.zeros((len(keep), 0))
     return x, tuple(names), np.asarray(numeric, dtype=bool)
 

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from consortia.client.onboarding.schema import DatasetSpec
@@ -40,7 +41,10 @@ class QualityReport(BaseModel):
     counts are keyed by column name (for array sources: the feature array and
     the labels). `class_counts` counts the used records per class id, every
     class from 0 to `num_classes - 1` listed; `label_counts` counts the raw
-    label values before `[label_mapping]`.
+    label values before `[label_mapping]`. `normalised_per_column` counts,
+    per category column where any were, the values written otherwise than
+    their declared category and matched to it by number (`1.0` for "1"),
+    so that a site sees what its export changed.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -57,6 +61,7 @@ class QualityReport(BaseModel):
     missing_per_column: dict[str, int]
     out_of_range_per_column: dict[str, int]
     invalid_per_column: dict[str, int]
+    normalised_per_column: dict[str, int] = Field(default_factory=dict)
     num_classes: int
     class_counts: dict[int, int]
     label_counts: dict[str, int]
@@ -68,11 +73,13 @@ class QualityReport(BaseModel):
         records = inspection.records
         if isinstance(records, TableRecords):
             per_column = _table_counts(records)
+            normalised: dict[str, int] = _normalised_counts(records)
             raw_labels = _table_label_values(inspection.spec, records)
             duplicates = _table_duplicates(inspection.spec, records)
             malformed = len(records.raw.malformed)
         else:
             per_column = _array_counts(records)
+            normalised = {}
             raw_labels = [_text(v) for v in records.raw.y]
             duplicates = _array_duplicates(records)
             malformed = 0
@@ -90,6 +97,7 @@ class QualityReport(BaseModel):
             missing_per_column=per_column[0],
             out_of_range_per_column=per_column[1],
             invalid_per_column=per_column[2],
+            normalised_per_column=normalised,
             num_classes=records.num_classes,
             class_counts={k: int(c) for k, c in enumerate(counts)},
             label_counts=dict(sorted(Counter(raw_labels).items(), key=_natural)),
@@ -146,6 +154,11 @@ class QualityReport(BaseModel):
                     ),
                 )
             console.print(table)
+        for name, count in self.normalised_per_column.items():
+            console.print(
+                f"column '{escape(name)}': {count} value{'' if count == 1 else 's'} written "
+                "otherwise than the declared category (e.g. 1.0 for 1) matched it as a number"
+            )
 
         balance = Table(title="Class balance", title_justify="left")
         balance.add_column("class", justify="right")
@@ -195,6 +208,15 @@ def _table_counts(records: TableRecords) -> tuple[dict[str, int], ...]:
         else:
             invalid[name] = int(column.invalid.sum())
     return missing, out_of_range, invalid
+
+
+def _normalised_counts(records: TableRecords) -> dict[str, int]:
+    counts = {
+        name: int(column.normalised.sum())
+        for name, column in records.columns.items()
+        if column.normalised is not None
+    }
+    return {name: count for name, count in counts.items() if count}
 
 
 def _table_label_values(spec: DatasetSpec, records: TableRecords) -> list[str]:

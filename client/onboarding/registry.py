@@ -4,7 +4,8 @@ Layout, one folder per dataset::
 
     <state_dir>/datasets/<name>/
         registration.json   name, registered-at (UTC), the validated schema with
-                            absolute paths, the content fingerprint, sizes
+                            absolute paths, the content fingerprint, sizes, and
+                            the feature scaling (kind; image constants used)
         spec.toml           the schema file exactly as it was given
         quality.json        the quality report (stays on the node)
 
@@ -34,6 +35,7 @@ from consortia.client.onboarding.validation import CHECK_FAILED, Inspection, ins
 from consortia.common.atomic import fsync_dir, write_bytes_atomic, write_json_atomic
 from consortia.common.audit import AuditError, AuditLog
 from consortia.common.errors import ConfigError, DataError
+from consortia.common.scaling import FeatureScaling
 
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 REGISTRATION_FILE = "registration.json"
@@ -57,6 +59,8 @@ class Registration(BaseModel):
     num_classes: int
     feature_names: tuple[str, ...]
     feature_shape: tuple[int, ...]
+    # How the features are scaled (None: registered before it was recorded).
+    scaling: FeatureScaling | None = None
 
 
 def check_name(name: str) -> str:
@@ -124,6 +128,7 @@ class DatasetRegistry:
             num_classes=prepared.num_classes,
             feature_names=prepared.feature_names,
             feature_shape=prepared.feature_shape,
+            scaling=spec.feature_scaling(),
         )
         self._refuse_duplicate_content(registration)
         report = QualityReport.from_inspection(inspection, dataset=name)

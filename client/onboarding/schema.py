@@ -12,16 +12,22 @@ so a schema can sit next to its data and be moved together with it.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
-from consortia.common.config import StrictModel
+from consortia.common.config import ImageNormalization, StrictModel
 from consortia.common.config_io import read_toml, validate_model
+from consortia.common.scaling import FeatureScaling, ScalingKind, image_scaling
 
 FORMATS = ("csv", "parquet", "npz", "idx", "image_folder")
 TABLE_FORMATS = ("csv", "parquet")
+IMAGE_FORMATS = ("idx", "image_folder")
+IMAGE_PIXELS = "uint8 pixels / 255"
 
 # ----------------------------------------------------------------------- sources
 
@@ -119,6 +125,35 @@ Source = Annotated[
 # ----------------------------------------------------------------------- columns
 
 
+class CategoryKind(StrEnum):
+    """How a category column's cells are matched to its declared `categories`."""
+
+    NUMBER = "number"  # by value: "1", "1.0", "01" and "+1" are the category "1"
+    TEXT = "text"  # by the exact text after trimming: "1.0" is not "1"
+
+
+# A number as a data export writes one: sign, digits, decimal point, exponent.
+# Deliberately narrower than float(): no "nan", "inf", "1_000" or hex.
+_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
+
+
+def category_number(text: str) -> float | None:
+    """The value of a (trimmed) category text written as a finite number, else None."""
+    if not _NUMBER.fullmatch(text):
+        return None
+    value = float(text)
+    return value if value == value and abs(value) != float("inf") else None
+
+
+def _numbers_of(categories: tuple[str, ...]) -> list[float] | None:
+    """Each category's number, or None unless every one is a number and no two are equal."""
+    numbers = [category_number(c) for c in categories]
+    if any(n is None for n in numbers):
+        return None
+    values = [n for n in numbers if n is not None]
+    return values if len(set(values)) == len(values) else None
+
+
 class ColumnSpec(StrictModel):
     """One column of a table source.
 
@@ -126,6 +161,18 @@ class ColumnSpec(StrictModel):
     allowed values of a category column, in the order every node one-hot
     encodes them. `ignore = true` reads the column (it counts for the column
     count and the fingerprint) but never checks or uses it, e.g. a patient id.
+
+    `category_kind` says how cells match `categories`: "number" by value (one
+    site's export writes `1.0` where another writes `1`; both are the
+    category "1", one and the same one-hot column), "text" by the exact text.
+    Unset, the categories are numbers when every one is written as a number
+    and no two are equal ("1" and "01" together stay text), else text. A
+    matched cell takes the declared category's spelling, so everything
+    downstream (one-hot columns, labels, fingerprint) sees one spelling.
+
+    `drop_first = true` leaves out the one-hot column of the first declared
+    category (reference-category coding, as clinical models use): that
+    category is the all-zero row.
     """
 
     name: str = Field(min_length=1)
@@ -133,6 +180,8 @@ class ColumnSpec(StrictModel):
     min: float | None = None
     max: float | None = None
     categories: tuple[str, ...] | None = None
+    category_kind: CategoryKind | None = None
+    drop_first: bool = False
     label: bool = False
     ignore: bool = False
 
@@ -152,6 +201,29 @@ class ColumnSpec(StrictModel):
                 raise ValueError(f"{where}: 'categories' is empty; list the allowed values")
             if len(set(self.categories)) != len(self.categories):
                 raise ValueError(f"{where}: 'categories' lists a value twice")
+        if self.category_kind is not None and self.categories is None:
+            raise ValueError(
+                f"{where}: 'category_kind' says how values match 'categories'; list the "
+                "categories or remove it"
+            )
+        if self.category_kind == CategoryKind.NUMBER:
+            assert self.categories is not None
+            if _numbers_of(self.categories) is None:
+                raise ValueError(
+                    f'{where}: category_kind = "number" needs every category written as a '
+                    f"number, no two equal (e.g. '1' and '01'); got "
+                    f"{', '.join(repr(c) for c in self.categories[:10])}; correct them or use "
+                    'category_kind = "text"'
+                )
+        if self.drop_first and (self.label or self.ignore or self.type != "category"):
+            raise ValueError(
+                f"{where}: 'drop_first' applies to category feature columns (their one-hot "
+                "columns); remove it"
+            )
+        if self.drop_first and self.categories is not None and len(self.categories) < 2:
+            raise ValueError(
+                f"{where}: 'drop_first' with one category would leave no column; remove it"
+            )
         if self.label and self.ignore:
             raise ValueError(f"{where}: a column cannot be both 'label' and 'ignore'")
         if self.label and self.type == "float":
@@ -166,6 +238,32 @@ class ColumnSpec(StrictModel):
     @property
     def is_feature(self) -> bool:
         return not self.label and not self.ignore
+
+    @property
+    def numeric_categories(self) -> bool:
+        """Whether cells match `categories` by value (see the class docstring)."""
+        if self.categories is None or self.category_kind == CategoryKind.TEXT:
+            return False
+        return _numbers_of(self.categories) is not None
+
+    @property
+    def encoded_categories(self) -> tuple[str, ...]:
+        """The categories that get a one-hot column, in order (with drop_first, not the first)."""
+        categories = self.categories or ()
+        return categories[1:] if self.drop_first else categories
+
+    def match_categories(self, texts: Iterable[str]) -> dict[str, str | None]:
+        """Each of the (trimmed) cell texts' declared category, None where it is not one."""
+        categories = self.categories or ()
+        if not self.numeric_categories:
+            allowed = set(categories)
+            return {text: text if text in allowed else None for text in texts}
+        by_value = {category_number(c): c for c in categories}
+        matches: dict[str, str | None] = {}
+        for text in texts:
+            number = category_number(text)
+            matches[text] = None if number is None else by_value.get(number)
+        return matches
 
 
 class SplitSpec(StrictModel):
@@ -195,6 +293,10 @@ class DatasetSpec(StrictModel):
       standard deviation (one-hot columns are left as 0/1). Off by default:
       statistics of one node's records differ from node to node, and under
       label skew they can erase the class signal (see simulations/sources.py).
+    - `[normalize]` (image sources): public per-channel `mean` and `std` on
+      the [0, 1] pixel scale, e.g. the ones published with the dataset, that
+      every node standardises its pixels with. Without it (and without
+      `standardize`) pixels stay on their fixed [0, 1] scale.
     """
 
     description: str = ""
@@ -204,6 +306,7 @@ class DatasetSpec(StrictModel):
     num_classes: int | None = Field(default=None, ge=2, le=MAX_CLASSES)
     missing: Literal["drop", "impute"] = "drop"
     standardize: bool = False
+    normalize: ImageNormalization | None = None
     split: SplitSpec = SplitSpec()
 
     @field_validator("columns")
@@ -248,6 +351,21 @@ class DatasetSpec(StrictModel):
             )
         if fmt not in TABLE_FORMATS and self.columns:
             raise ValueError(f"[[columns]] describe table columns; a {fmt} source takes none")
+        if self.normalize is not None:
+            if fmt not in IMAGE_FORMATS:
+                raise ValueError(
+                    f"[normalize] gives public pixel constants of image sources; a {fmt} "
+                    "source takes none (remove it)"
+                )
+            if self.standardize:
+                raise ValueError(
+                    "[normalize] (public constants) and standardize = true (this node's "
+                    "train-split statistics) both scale the pixels; keep one"
+                )
+            try:
+                self.normalize.per_channel(self.image_channels)
+            except ValueError as exc:
+                raise ValueError(f"[normalize]: {exc}") from None
         label = self.label_column
         known = len(set(self.label_mapping.values())) if self.label_mapping else None
         if label is not None and label.type == "category" and known is None:
@@ -278,6 +396,27 @@ class DatasetSpec(StrictModel):
         return self.source.format in TABLE_FORMATS
 
     @property
+    def image_channels(self) -> int:
+        """Channels of an image source's images (1 for other sources)."""
+        if isinstance(self.source, ImageFolderSource) and self.source.mode == "rgb":
+            return 3
+        return 1
+
+    def feature_scaling(self) -> FeatureScaling:
+        """How preparing the data scales its features (recorded in the registration)."""
+        if self.standardize:
+            return FeatureScaling(
+                kind=ScalingKind.TRAIN_SPLIT,
+                detail="z-score with this node's own train-split mean and std (per channel "
+                "for images, per numeric feature for tables; one-hot columns stay 0/1)",
+            )
+        if self.source.format in IMAGE_FORMATS:
+            return image_scaling(self.normalize, self.image_channels, IMAGE_PIXELS)
+        return FeatureScaling(
+            kind=ScalingKind.NONE, detail="values as parsed; one-hot columns 0 or 1"
+        )
+
+    @property
     def label_column(self) -> ColumnSpec | None:
         return next((c for c in self.columns if c.label), None)
 
@@ -294,7 +433,7 @@ class DatasetSpec(StrictModel):
         ranges: dict[str, tuple[float, float]] = {}
         for column in self.feature_columns:
             if column.categories is not None:
-                ranges.update({f"{column.name}={c}": (0.0, 1.0) for c in column.categories})
+                ranges.update({f"{column.name}={c}": (0.0, 1.0) for c in column.encoded_categories})
             elif column.min is not None and column.max is not None and column.min < column.max:
                 ranges[column.name] = (column.min, column.max)
         return ranges

@@ -35,7 +35,10 @@ class ParsedColumn:
     `numbers` (numeric columns) holds each parsed value, NaN where the cell
     is missing or not a number; `texts` holds the trimmed cell texts (None
     where the file holds no value), derived from the numbers for Parquet
-    columns stored as numbers.
+    columns stored as numbers. In a column with `categories`, a cell that
+    matches a category holds that category's declared text, and
+    `normalised` marks the cells written otherwise (`1.0` for the number
+    category "1"; see `ColumnSpec.match_categories`).
     """
 
     spec: ColumnSpec
@@ -45,6 +48,7 @@ class ParsedColumn:
     missing: np.ndarray
     invalid: np.ndarray
     out_of_range: np.ndarray
+    normalised: np.ndarray | None = None
 
     @property
     def unparsed(self) -> np.ndarray:
@@ -222,7 +226,11 @@ def _parse_column(
             )
     invalid = np.zeros(n, dtype=bool)
     out_of_range = np.zeros(n, dtype=bool)
-    parsed = ParsedColumn(column, index, texts, numbers, missing, invalid, out_of_range)
+    unknown = normalised = None
+    if column.categories is not None and not column.ignore:
+        assert texts is not None  # a category column's numbers became texts above
+        texts, unknown, normalised = _match_categories(column, texts, missing)
+    parsed = ParsedColumn(column, index, texts, numbers, missing, invalid, out_of_range, normalised)
     if column.ignore:
         return parsed
 
@@ -279,10 +287,7 @@ def _parse_column(
             ),
         )
     elif column.categories is not None:
-        assert texts is not None
-        unknown = ~missing & ~pd.Series(texts, dtype=object).isin(column.categories).to_numpy(
-            dtype=bool
-        )
+        assert unknown is not None
         allowed = ", ".join(repr(c) for c in column.categories[:10])
         allowed += ", …" if len(column.categories) > 10 else ""
         _report(
@@ -298,6 +303,21 @@ def _parse_column(
         )
         invalid |= unknown
     return parsed
+
+
+def _match_categories(
+    column: ColumnSpec, texts: np.ndarray, missing: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Cell texts in the declared spelling, where no category matches, and where respelled.
+
+    A cell that matches no category keeps its own text, for the message
+    that reports it.
+    """
+    matches = column.match_categories({str(t) for t in texts[~missing]})
+    found = pd.Series(texts, dtype=object).where(~missing).map(matches)
+    matched = found.notna().to_numpy(dtype=bool)
+    canonical = np.where(matched, found.to_numpy(dtype=object), texts)
+    return canonical, ~missing & ~matched, matched & (canonical != texts)
 
 
 def _range_text(column: ColumnSpec) -> str:

@@ -14,6 +14,7 @@ one concern each and import one another, never this package:
 - `secure_aggregation`: `[secure_aggregation]` (SecAgg+);
 - `statistics`: `[label_histogram]`, `[statistics]` (DP releases of data statistics);
 - `job`: `JobConfig`, which gathers the blocks above, and `check_cohort`;
+- `scaling`: public image constants (`normalize` tables);
 - `simulation_data`: `[simulation.data]`, `[simulation.partition]`;
 - `simulation`: the rest of `[simulation]` (backend, faults, adversaries, canaries);
 - `scenario`: `ScenarioConfig`, a job plus its `[simulation]`.
@@ -21,6 +22,7 @@ one concern each and import one another, never this package:
 
 from consortia.common.config.job import JobConfig, check_cohort
 from consortia.common.config.privacy import PrivacyConfig
+from consortia.common.config.scaling import ImageNormalization
 from consortia.common.config.scenario import ScenarioConfig
 from consortia.common.config.secure_aggregation import SecureAggregationConfig, check_secure_cohort
 from consortia.common.config.simulation import (
@@ -72,6 +74,7 @@ __all__ = [
     "FedProxConfig",
     "FedTrimmedAvgConfig",
     "FedYogiConfig",
+    "ImageNormalization",
     "JobConfig",
     "KrumConfig",
     "LabelHistogramConfig",

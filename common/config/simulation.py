@@ -166,6 +166,18 @@ class SimulationConfig(StrictModel):
                 raise ValueError("'node_names' must be unique")
         return self
 
+    def unused_settings(self) -> tuple[tuple[str, ...], ...]:
+        """Paths (under `simulation`) of settings that hold a default but that the run never reads.
+
+        A 'files' source is partitioned by its files (one per node) and split
+        by its schema's `[split]`, so the default `[simulation.partition]`
+        (method 'dirichlet') and `test_fraction` (0.2) describe nothing it
+        does: a manifest must not record them as if they applied.
+        """
+        if self.data.source == "files":
+            return (("partition",), ("data", "test_fraction"), ("data", "max_records"))
+        return ()
+
     def node_name(self, partition_id: int) -> str:
         """Stable, human name of the simulated node holding `partition_id`."""
         if self.node_names is not None:

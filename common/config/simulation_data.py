@@ -11,6 +11,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from consortia.common.config.scaling import ImageNormalization
 from consortia.common.config.strict import StrictModel
 
 # Data sources that ship with scikit-learn: nothing to point at, so no `path`.
@@ -54,10 +55,27 @@ class DataConfig(StrictModel):
         ge=1,
         description="partition a seeded random subset of this many pool records (faster runs)",
     )
+    normalize: ImageNormalization | None = Field(
+        default=None,
+        description="'idx': public mean and std of the pixels on [0, 1]; unset, the pixels "
+        "are used on their fixed [0, 1] scale",
+    )
 
     @model_validator(mode="after")
     def _keys_fit_source(self) -> DataConfig:
         where = f"source = '{self.source}'"
+        if self.normalize is not None and self.source != "idx":
+            raise ValueError(
+                f"{where} takes no [simulation.data.normalize] (public pixel constants for "
+                "source = 'idx'); remove it"
+            )
+        if self.normalize is not None:
+            try:
+                self.normalize.per_channel(1)
+            except ValueError as exc:
+                raise ValueError(
+                    f"[simulation.data.normalize]: IDX images are grayscale; {exc}"
+                ) from None
         if self.source in BUNDLED_SOURCES and self.path is not None:
             raise ValueError(
                 f"{where} is bundled with scikit-learn and takes no 'path' "

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from consortia.common.config import JobConfig
+from consortia.common.config import JobConfig, ScenarioConfig
+from consortia.common.scaling import FeatureScaling
 from consortia.server.rounds.label_skew import LabelSkew, label_skew
 from consortia.server.rounds.roster import Roster
 
@@ -20,7 +21,15 @@ _PACKAGES = ("consortia", "flwr", "torch", "opacus", "numpy")
 
 
 class Manifest(BaseModel):
-    """manifest.json."""
+    """manifest.json.
+
+    `config` is the resolved config the run used, defaults filled in, less
+    the settings the run never reads (see `applied_config`); `config_sha256`
+    hashes the whole config, so that a resume recognises its job.
+    `feature_scaling` (simulations) records how the source's features were
+    scaled, with the image constants used; a deployed job leaves it None,
+    as each node records its own in its dataset registration.
+    """
 
     run_name: str
     created_utc: str
@@ -35,6 +44,7 @@ class Manifest(BaseModel):
     data_fingerprints: dict[str, str]
     model_architecture: str
     label_skew: LabelSkew | None = None
+    feature_scaling: FeatureScaling | None = None
 
 
 def build_manifest(
@@ -44,8 +54,10 @@ def build_manifest(
     source_sha256: str,
     roster: Roster,
     model_architecture: str,
+    feature_scaling: FeatureScaling | None = None,
 ) -> Manifest:
-    resolved = config.model_dump(mode="json")
+    """The manifest of a run of `config`; `feature_scaling`: a simulation's input scaling."""
+    resolved = applied_config(config)
     return Manifest(
         run_name=run_name,
         created_utc=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -64,7 +76,27 @@ def build_manifest(
             if config.label_histogram is None
             else label_skew(roster, config.label_histogram.noise_multiplier)
         ),
+        feature_scaling=feature_scaling,
     )
+
+
+def applied_config(config: JobConfig) -> dict[str, object]:
+    """The resolved config, less the defaults of settings the run does not use.
+
+    A 'files' scenario would otherwise record the default `[simulation.partition]`
+    (method 'dirichlet') and `test_fraction` (0.2), neither of which it
+    applies. Leaving them out changes nothing a resume reads: validating the
+    manifest's config fills in the same defaults again.
+    """
+    resolved = config.model_dump(mode="json")
+    if isinstance(config, ScenarioConfig):
+        for path in config.simulation.unused_settings():
+            parent: object = resolved["simulation"]
+            for key in path[:-1]:
+                parent = parent[key] if isinstance(parent, dict) else None
+            if isinstance(parent, dict):
+                parent.pop(path[-1], None)
+    return resolved
 
 
 def config_sha256(config: JobConfig) -> str:
@@ -81,13 +113,18 @@ def config_sha256(config: JobConfig) -> str:
 def legacy_config_sha256(config: JobConfig) -> str:
     """The hash runs checkpointed before `config_sha256` left out None blocks carry.
 
-    Then every field was hashed, None or not, and `[secure_aggregation]` did
-    not exist yet: the full dump without that key. A resume accepts it, so
+    Then every field was hashed, None or not, and `[secure_aggregation]` and
+    `[simulation.data] normalize` did not exist yet: the full dump without
+    those keys. A resume accepts it, so
     runs begun before the change stay resumable.
     """
     dump = config.model_dump(mode="json")
     if dump.get("secure_aggregation", 0) is None:
         del dump["secure_aggregation"]
+    # Nor did `[simulation.data] normalize`: a None there is left out as well.
+    data = dump.get("simulation", {}).get("data", {})
+    if data.get("normalize", 0) is None:
+        del data["normalize"]
     return _sha256_of(dump)
 
 
