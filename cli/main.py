@@ -20,6 +20,7 @@ from rich.table import Table
 from consortia.cli.audit import audit_app
 from consortia.cli.coordinator import coordinator_app
 from consortia.cli.job import job_app
+from consortia.cli.local_superlink import local_superlink_app
 from consortia.cli.models import models_app
 from consortia.cli.node import node_app
 from consortia.cli.plain_help import escape_help
@@ -39,6 +40,7 @@ app.add_typer(coordinator_app, name="coordinator")
 app.add_typer(job_app, name="job")
 app.add_typer(provision_app, name="provision")
 app.add_typer(audit_app, name="audit")
+app.add_typer(local_superlink_app, name="local-superlink")
 console = Console()
 err_console = Console(stderr=True)
 
