@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import logging
 
-FLOWER_LOGGER = "flwr"
+_FLOWER = "flwr"  # the name of Flower's logger (flwr.common.logger.FLOWER_LOGGER)
 
 
 def flower_handler_only() -> None:
     """Print Flower's records (and consortia's, logged through Flower) by Flower's handler only."""
-    logging.getLogger(FLOWER_LOGGER).propagate = False
+    logging.getLogger(_FLOWER).propagate = False
