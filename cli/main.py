@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
+import click
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -26,8 +27,10 @@ from rich.table import Table
 from consortia.cli.audit import audit_app
 from consortia.cli.coordinator import coordinator_app
 from consortia.cli.job import job_app
+from consortia.cli.local_superlink import local_superlink_app
 from consortia.cli.models import models_app
 from consortia.cli.node import node_app
+from consortia.cli.plain_help import escape_help
 from consortia.cli.provision import provision_app
 from consortia.common.errors import ConsortiaError
 
@@ -44,6 +47,7 @@ app.add_typer(coordinator_app, name="coordinator")
 app.add_typer(job_app, name="job")
 app.add_typer(provision_app, name="provision")
 app.add_typer(audit_app, name="audit")
+app.add_typer(local_superlink_app, name="local-superlink")
 console = Console()
 err_console = Console(stderr=True)
 
@@ -262,11 +266,18 @@ def _print_summary(summary: object, config: object) -> None:
     console.print(f"run written to {summary.out_dir}")  # type: ignore[attr-defined]
 
 
+def command() -> click.Command:
+    """The `consortia` command tree, every help text escaped (help is plain text, not markup)."""
+    tree = typer.main.get_command(app)
+    escape_help(tree)
+    return tree
+
+
 def run() -> None:
     """Console entry point: turn user errors into one message and exit code 2."""
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     try:
-        app()
+        command()()
     except ConsortiaError as exc:
         # soft_wrap: the message stays one line (paths intact for copy-paste and grep).
         err_console.print(

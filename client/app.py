@@ -68,6 +68,7 @@ from consortia.common.errors import (
     PrivacyError,
 )
 from consortia.common.evaluation import evaluate_model, predict
+from consortia.common.flower_log import flower_handler_only
 from consortia.common.models import architecture_hash, build_model
 from consortia.common.privacy import Release
 from consortia.common.secagg.fixed_point import EncodingRangeError
@@ -85,6 +86,9 @@ from consortia.common.statistics import (
     StatisticsRelease,
 )
 from consortia.common.weights import flatten_update, load_arrays, model_to_arrays
+
+# Importing consortia imported Opacus, whose root handler would print Flower's lines twice.
+flower_handler_only()
 
 
 @dataclass(frozen=True)

@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import logging
 import math
 import signal
 import sys
@@ -88,6 +87,7 @@ from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, 
 
 from consortia.client.app import app as consortia_app
 from consortia.common.errors import ConsortiaError
+from consortia.common.flower_log import flower_handler_only
 from consortia.common.flower_waits import (
     ACTIVE_WINDOW_S,
     DEFAULT_POLL_INTERVAL_S,
@@ -368,9 +368,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--poll-interval-s", type=float, default=DEFAULT_POLL_INTERVAL_S)
     parser.add_argument("--parent-pid", type=int, default=None, help="exit when it exits")
     args = parser.parse_args(argv)
-    # Opacus calls `logging.basicConfig` on import: the root logger's handler would print
-    # every Flower line a second time, in another format. Flower's own handler suffices.
-    logging.getLogger("flwr").propagate = False
+    flower_handler_only()  # Opacus' root handler would print every Flower line twice
     _stop_on_signals()
     try:
         install_quick_object_pulls(args.poll_interval_s)

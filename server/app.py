@@ -9,15 +9,17 @@ file (deployment: `job = "/path/job.toml"`) and the output folder.
 
 from __future__ import annotations
 
-import logging
+from logging import INFO, WARNING
 from pathlib import Path
 
 from flwr.app import Context, UserConfig
+from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from consortia.common.config import ScenarioConfig
 from consortia.common.config_io import LoadedConfig, load_job, load_job_text, load_scenario
 from consortia.common.errors import ConsortiaError, FederationError
+from consortia.common.flower_log import flower_handler_only
 from consortia.server.coordinator.config import audit_log
 from consortia.server.coordinator.jobs import (
     JOB_KIND_KEY,
@@ -41,29 +43,31 @@ from consortia.server.rounds.run_log import RoundRecord
 from consortia.server.statistics.job import run_statistics
 
 app = ServerApp()
-_log = logging.getLogger("consortia")
+# Importing consortia imported Opacus, whose root handler would print Flower's lines twice.
+flower_handler_only()
 
 
 class LogListener:
     """Progress as log lines (there is no terminal UI under `flwr run`)."""
 
     def on_start(self, total_rounds: int, roster: Roster, skew: LabelSkew | None) -> None:
-        _log.warning("consortia: %d rounds over nodes %s", total_rounds, ", ".join(roster.names))
+        log(INFO, "consortia: %d rounds over nodes %s", total_rounds, ", ".join(roster.names))
         for line in skew.lines() if skew is not None else []:
-            _log.warning("consortia: %s", line)
+            log(INFO, "consortia: %s", line)
 
     def on_round_started(self, server_round: int) -> None:
-        _log.info("consortia: round %d started", server_round)
+        log(INFO, "consortia: round %d started", server_round)
 
     def on_round(self, record: RoundRecord) -> None:
-        _log.warning(
+        log(
+            INFO,
             "consortia: round %d accuracy=%s max ε=%.3f",
             record.round,
             f"{record.accuracy:.4f}" if record.accuracy is not None else "n/a",
             max(record.epsilon.values(), default=0.0),
         )
         for failure in record.failures:
-            _log.warning("consortia: round %d: %s", record.round, failure)
+            log(WARNING, "consortia: round %d: %s", record.round, failure)
 
 
 @app.main()
@@ -97,7 +101,7 @@ def serve(grid: Grid, context: Context, lab: ScenarioLab | None) -> None:
             raise FederationError(
                 f"{resume}: a simulation resumes with `consortia simulate --resume {resume}`"
             )
-        _log.warning("consortia: resuming %s", resume.resolve())
+        log(INFO, "consortia: resuming %s", resume.resolve())
     elif context.run_config.get(JOB_TOML_KEY):
         keep_job_text(out_dir, str(context.run_config[JOB_TOML_KEY]))
     if context.run_config.get(JOB_KIND_KEY) == STATISTICS_KIND:
@@ -113,7 +117,7 @@ def serve(grid: Grid, context: Context, lab: ScenarioLab | None) -> None:
         raise
     if audited is not None:
         audited.finished(summary)
-    _log.warning("consortia: run written to %s", summary.out_dir.resolve())
+    log(INFO, "consortia: run written to %s", summary.out_dir.resolve())
 
 
 def _statistics(grid: Grid, run_id: int, loaded: LoadedConfig, out_dir: Path) -> None:
@@ -147,8 +151,8 @@ def _statistics(grid: Grid, run_id: int, loaded: LoadedConfig, out_dir: Path) ->
             epsilon=spent,
         )
     for refusal in result.refusals:
-        _log.warning("consortia: %s refused [%s]: %s", refusal.node, refusal.code, refusal.reason)
-    _log.warning("consortia: statistics of %d node(s) written to %s", len(spent), out_dir.resolve())
+        log(WARNING, "consortia: %s refused [%s]: %s", refusal.node, refusal.code, refusal.reason)
+    log(INFO, "consortia: statistics of %d node(s) written to %s", len(spent), out_dir.resolve())
 
 
 def _audited(run_id: int, loaded: LoadedConfig, resume: Path | None) -> AuditedListener | None:

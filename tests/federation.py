@@ -222,11 +222,16 @@ class Federation:
             f'[superlink.test]\naddress = "127.0.0.1:{self.port}"\ninsecure = true\n'
         )
 
-    def spawn(self, args: list[str], log: str) -> subprocess.Popen[bytes]:
+    def spawn(self, args: list[str], log: str, cwd: Path | None = None) -> subprocess.Popen[bytes]:
         """Start `args` in its own session (so its whole group can be killed), output to `log`."""
         with (self.root / log).open("ab") as handle:
             process = subprocess.Popen(
-                args, stdout=handle, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+                args,
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                start_new_session=True,
+                cwd=cwd,
             )
         self.processes.append(process)
         return process

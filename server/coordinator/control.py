@@ -11,8 +11,11 @@ that says what to do, never a traceback.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
+import re
 import ssl
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +25,9 @@ import httpx
 from pydantic import BaseModel, ConfigDict
 
 from consortia.common.errors import FederationError
+
+_BANNER = "Using SuperLink:"
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 class CoordinatorTarget(BaseModel):
@@ -77,7 +83,7 @@ class Control:
             ),
             insecure=target.insecure,
         )
-        with self._translated(), _quiet_flower():
+        with self._translated(), _without_flower_banner():
             self._client = init_http_client_from_connection(connection)
 
     def __enter__(self) -> Control:
@@ -209,15 +215,25 @@ class Control:
 
 
 @contextlib.contextmanager
-def _quiet_flower() -> Iterator[None]:
-    """Silence Flower's "Using SuperLink: …" banner: consortia prints its own messages."""
+def _without_flower_banner() -> Iterator[None]:
+    """Drop Flower's "Using SuperLink: …" banner: consortia prints its own messages.
+
+    Flower 1.42's client factory prints it on stdout (`typer.secho`), where
+    `consortia coordinator status` and `job submit` print their results; an
+    older Flower logged it at INFO. Anything else printed meanwhile is kept.
+    """
     logger = logging.getLogger("flwr")
     level = logger.level
     logger.setLevel(logging.WARNING)
+    printed = io.StringIO()
     try:
-        yield
+        with contextlib.redirect_stdout(printed):
+            yield
     finally:
         logger.setLevel(level)
+        for line in printed.getvalue().splitlines(keepends=True):
+            if not _ANSI.sub("", line).startswith(_BANNER):
+                sys.stdout.write(line)
 
 
 def _is_certificate_failure(exc: BaseException) -> bool:

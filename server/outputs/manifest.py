@@ -6,14 +6,13 @@ import datetime as dt
 import hashlib
 import json
 import platform
-import subprocess
 from importlib import metadata
-from pathlib import Path
 
 from pydantic import BaseModel
 
 from consortia.common.config import JobConfig, ScenarioConfig
 from consortia.common.scaling import FeatureScaling
+from consortia.common.source_revision import source_revision
 from consortia.server.rounds.label_skew import LabelSkew, label_skew
 from consortia.server.rounds.roster import Roster
 
@@ -40,6 +39,7 @@ class Manifest(BaseModel):
     seed: int
     packages: dict[str, str]
     python: str
+    # The consortia source revision (`<commit>[-dirty]`): live in a checkout, else the build's.
     git_commit: str | None
     data_fingerprints: dict[str, str]
     model_architecture: str
@@ -68,7 +68,7 @@ def build_manifest(
         seed=config.seed,
         packages={name: _version(name) for name in _PACKAGES},
         python=platform.python_version(),
-        git_commit=_git_commit(),
+        git_commit=source_revision(),
         data_fingerprints={n.name: n.data_fingerprint for n in roster.nodes},
         model_architecture=model_architecture,
         label_skew=(
@@ -138,24 +138,3 @@ def _version(name: str) -> str:
         return metadata.version(name)
     except metadata.PackageNotFoundError:
         return "not installed"
-
-
-def _git_commit() -> str | None:
-    """The commit of consortia's source tree, when it runs from a git checkout."""
-    source_dir = Path(__file__).resolve().parent
-    try:
-        commit = _git(source_dir, "rev-parse", "HEAD")
-        dirty = _git(source_dir, "status", "--porcelain", "--untracked-files=no")
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if commit is None:
-        return None
-    return commit + ("-dirty" if dirty else "")
-
-
-def _git(folder: Path, *args: str) -> str | None:
-    """git's stripped output, or None if it fails (not a checkout, no git)."""
-    result = subprocess.run(
-        ["git", *args], cwd=folder, capture_output=True, text=True, timeout=5, check=False
-    )
-    return result.stdout.strip() if result.returncode == 0 else None

@@ -388,7 +388,7 @@ def _manifest_section(manifest: Manifest | None) -> str:
         ("seed", str(manifest.seed)),
         ("created (UTC)", manifest.created_utc),
         ("consortia", packages.get("consortia", "?")),
-        ("git commit", manifest.git_commit or "not a git checkout"),
+        ("git commit", manifest.git_commit or "unknown: not built from a git checkout"),
         ("packages", ", ".join(f"{k} {v}" for k, v in packages.items() if k != "consortia")),
         ("python", manifest.python),
         ("model architecture", manifest.model_architecture),
