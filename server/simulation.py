@@ -16,11 +16,12 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 
 from consortia.client.app import app as client_app
+from consortia.client.spend import check_simulated_target
 from consortia.common.config import BackendConfig
 from consortia.common.config_io import LoadedScenario
-from consortia.common.errors import FederationError
+from consortia.common.errors import FederationError, PrivacyError
 from consortia.common.models import build_model
-from consortia.common.simulated_data import source_of
+from consortia.common.simulated_data import simulated_node_data, source_of
 from consortia.server.federation import RoundListener, RunSummary, run_federation
 from consortia.server.ray_start import check_ray_address, ray_init_args
 from consortia.server.resume import load_resume_point
@@ -64,6 +65,7 @@ def _simulate(
     ray_address: str | None,
 ) -> RunSummary:
     _preflight(loaded)
+    _check_privacy_target(loaded)
     app = client_app
     if resume is not None:
         # Fails here, before Ray starts, on a finished run or a changed job.
@@ -132,6 +134,28 @@ def _preflight(loaded: LoadedScenario) -> None:
     config = loaded.config
     source = source_of(config.simulation)
     build_model(config.model, source.feature_shape, source.num_classes, config.seed)
+
+
+def _check_privacy_target(loaded: LoadedScenario) -> None:
+    """Every virtual node's ε target must be reachable: refuse here, in one message.
+
+    Each node calibrates its own noise when it first trains, inside Ray, and
+    refuses an unreachable target then: after Ray has started, once per node.
+    The coordinator knows every node's data size, so it runs the same check
+    first (`check_simulated_target`: closed-form bounds, at most one ε
+    evaluation per node size), in seconds, before Ray starts.
+    """
+    config = loaded.config
+    sim = config.simulation
+    sizes: dict[int, str] = {}
+    for partition in range(sim.nodes):
+        records = len(simulated_node_data(sim, config.seed, partition).train)
+        sizes.setdefault(records, sim.node_name(partition))
+    for records, node in sorted(sizes.items()):
+        try:
+            check_simulated_target(config, records)
+        except PrivacyError as exc:
+            raise PrivacyError(f"node {node} ({records} training records): {exc.message}") from None
 
 
 def backend_config(backend: BackendConfig, ray_address: str | None = None) -> dict[str, Any]:
