@@ -21,6 +21,7 @@ from consortia.client.spend import (
     admit_under_policy,
     histogram_refusal,
     other_releases,
+    planned_job,
     planned_release,
     register_budget,
 )
@@ -28,7 +29,7 @@ from consortia.client.statistics import deployed_facts, plan_query
 from consortia.common.config import JobConfig
 from consortia.common.errors import DataError, PrivacyError
 from consortia.common.models import architecture_hash, build_model
-from consortia.common.privacy import epsilon
+from consortia.common.privacy import Mechanism
 from consortia.common.protocol import RefusalCode
 
 
@@ -102,13 +103,13 @@ def preview_admission(job: JobConfig, node: NodeConfig) -> AdmissionPreview:
             refusal = refused.refusal
         after_round = after_job = None
         if state.noise_multiplier is not None:
-            one_round = planned_release(job, registration.train_records, state.noise_multiplier)
-            every_round = one_round.model_copy(update={"steps": one_round.steps * job.rounds})
+            sigma, records = state.noise_multiplier, registration.train_records
             # What the node would release: its history, the histogram if it shares it, rounds.
-            before = [entry.release for entry in ledger.history(dataset)]
-            before += other_releases(job, histogram_refusal(job, policy) is None)
-            after_round = epsilon([*before, one_round], budget.delta, budget.accountant)
-            after_job = epsilon([*before, every_round], budget.delta, budget.accountant)
+            before = ledger.accountant(dataset)
+            for release in other_releases(job, histogram_refusal(job, policy) is None):
+                before.compose(release, Mechanism.GAUSSIAN)
+            after_round = before.projected(planned_release(job, records, sigma), budget.delta)
+            after_job = before.projected(planned_job(job, records, sigma), budget.delta)
     return preview.model_copy(
         update={
             "architecture": digest,

@@ -70,7 +70,7 @@ from consortia.common.errors import (
 from consortia.common.evaluation import evaluate_model, predict
 from consortia.common.flower_log import flower_handler_only
 from consortia.common.models import architecture_hash, build_model
-from consortia.common.privacy import Release
+from consortia.common.privacy import Mechanism, Release
 from consortia.common.secagg.fixed_point import EncodingRangeError
 from consortia.common.secagg.wire import (
     MESSAGE_ACTION,
@@ -473,7 +473,8 @@ def statistics(view_of: ViewOf, message: Message, context: Context) -> Message:
         predictions = _predictions(view, arrays, facts, config.group_column)
         model_bytes = _array_bytes(arrays)
     account.check_statistics(plan.epsilon)
-    spent = account.record(plan.release, server_round=0, mechanism="gaussian")  # before release
+    # Recorded before the release is drawn.
+    spent = account.record(plan.release, server_round=0, mechanism=Mechanism.GAUSSIAN)
     question = _question(view, b"statistics", *model_bytes)
     secret = account.noise_secret(question)
     # The question itself in the stream too: in simulation (no secret) two different

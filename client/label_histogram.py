@@ -15,7 +15,7 @@ from consortia.client.ledger import BudgetExceededError
 from consortia.client.spend import PrivacyAccount
 from consortia.common import protocol as p
 from consortia.common.arrays import LabeledArrays
-from consortia.common.privacy import histogram_release
+from consortia.common.privacy import Mechanism, histogram_release
 
 
 def noisy_counts(
@@ -39,7 +39,7 @@ def release_label_histogram(
     afford it (recording refuses), the histogram is withheld instead.
     """
     try:
-        account.record(histogram_release(sigma), server_round=0, mechanism="gaussian")
+        account.record(histogram_release(sigma), server_round=0, mechanism=Mechanism.GAUSSIAN)
     except BudgetExceededError as exc:
         return {p.NODE_HISTOGRAM_WITHHELD: f"privacy budget: {exc.message}"}
     counts = noisy_counts(train.y, num_classes, sigma, np.random.default_rng(seed))

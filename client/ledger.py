@@ -8,45 +8,49 @@ in the node's state directory, holding per registered dataset its ε budget,
 
 - **Composition never resets.** ε is the composition of the dataset's whole
   history, across rounds and across jobs (run ids).
-- **RDP is O(#orders) per release.** RDP composes additively per order, so
-  the dataset row keeps the composed RDP vector (float64 over `RDP_ORDERS`)
-  and a release adds `steps × curve(σ, q)` to it, the very sum
-  `consortia.common.privacy.epsilon` computes over the history (bit-for-bit:
-  same operations, same order). Recording a release does not read the
-  history. A (σ, q) pair's curve costs 10-20 ms the first time in a process
-  (Opacus' `compute_rdp`) and is cached after: `projected_epsilon` before
-  training warms it for `record_release` after.
+- **Storage, not accounting.** ε is composed by consortia's one accountant
+  (`consortia.common.privacy`); the ledger stores its state, loads it back
+  into an accountant to compose a release, and stores the result.
+- **RDP is O(#orders) per release.** The accountant's RDP state is one
+  vector (float64 over `RDP_ORDERS`), kept in the dataset row; a release
+  adds `steps × curve(σ, q)` to it, the very sum `privacy.epsilon` computes
+  over the history (bit-for-bit: same operations, same order). Recording a
+  release does not read the history. A (σ, q) pair's curve costs 10-20 ms
+  the first time (Opacus' `compute_rdp`) and is cached in the file after
+  (`step_curves`): `projected_epsilon` before training warms it for
+  `record_release` after.
 - **PRV is selectable per dataset, and slow.** The PRV accountant has no
-  additive shortcut: every release recomputes ε with Opacus' `PRVAccountant`
-  over the history (releases of one (σ, q) merged, as Opacus' accountants
-  merge repeated steps), 0.1 s to tens of seconds depending on the number of
-  distinct (σ, q) pairs and total steps. The accountant cannot change after
-  registration: one history is never accounted two ways.
+  additive shortcut: its state is the history (releases of one mechanism,
+  σ and q merged, which SQL groups), and every release recomputes ε with
+  Opacus' `PRVAccountant`, 0.1 s to tens of seconds depending on the number
+  of distinct (σ, q) pairs and total steps. The accountant cannot change
+  after registration: one history is never accounted two ways.
 - **Durable before the update leaves.** `record_release` writes the release
   row and the new composed state in one transaction, committed with
   `synchronous=FULL` (see `_open_connection`), and refuses (writing nothing)
   a release that would exceed the budget. A caller records *before* it sends
   the update; a crash between the two over-counts, never under-counts.
 - **Auditable.** `verify` recomputes ε from the stored history with Opacus'
-  own accountant and compares it with the stored composed value.
+  own accountant and compares it with the stored composed value, and (RDP)
+  recomposes the stored vector from the history with curves computed afresh.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import math
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal, TypeVar, get_args
+from typing import TypeVar, get_args
 
 import numpy as np
-from opacus.accountants.analysis import rdp as rdp_analysis
 from pydantic import BaseModel, ConfigDict, ValidationError, computed_field
 
 from consortia.common.atomic import fsync_dir
@@ -54,16 +58,15 @@ from consortia.common.errors import ConsortiaError, PrivacyError
 from consortia.common.privacy import (
     RDP_ORDERS,
     AccountantName,
+    Mechanism,
+    PrivacyAccountant,
+    PrvAccountant,
+    RdpAccountant,
     Release,
-    merge_pairs,
+    StepCurves,
     opacus_epsilon,
     rdp_per_step,
 )
-
-Mechanism = Literal["dpsgd", "gaussian"]
-"""`dpsgd`: Poisson-subsampled DP-SGD steps. `gaussian`: a Gaussian mechanism
-on a statistic (σ relative to its L2 sensitivity; usually q = 1, one step),
-which RDP and PRV account exactly like one subsampled-Gaussian step."""
 
 LEDGER_FILENAME = "privacy-ledger.sqlite3"
 SCHEMA_VERSION = 1
@@ -77,7 +80,8 @@ VERIFY_REL_TOL = 1e-9
 _ORDER_LIST: list[float] = list(RDP_ORDERS)
 _VECTOR_BYTES = 8 * len(RDP_ORDERS)
 _ACCOUNTANTS: tuple[str, ...] = get_args(AccountantName)
-_MECHANISMS: tuple[str, ...] = get_args(Mechanism)
+_MECHANISMS: tuple[str, ...] = tuple(mechanism.value for mechanism in Mechanism)
+_MECHANISM_LIST = ", ".join(f"'{mechanism}'" for mechanism in _MECHANISMS)  # for SQL
 # Optimistic PRV writes: recompute this often if another writer got in between.
 _PRV_ATTEMPTS = 3
 
@@ -111,13 +115,14 @@ CREATE TABLE datasets (
     -- float64 little-endian, one per RDP order (NULL for PRV datasets)
     composed_rdp BLOB
 )""",
-    """
+    # The mechanisms of this consortia; a ledger created before a new one needs a migration.
+    f"""
 CREATE TABLE releases (
     dataset TEXT NOT NULL REFERENCES datasets (name),
     seq INTEGER NOT NULL CHECK (seq >= 1),
     run_id TEXT NOT NULL,
     server_round INTEGER NOT NULL,
-    mechanism TEXT NOT NULL CHECK (mechanism IN ('dpsgd', 'gaussian')),
+    mechanism TEXT NOT NULL CHECK (mechanism IN ({_MECHANISM_LIST})),
     noise_multiplier REAL NOT NULL CHECK (noise_multiplier > 0),
     sample_rate REAL NOT NULL CHECK (sample_rate > 0 AND sample_rate <= 1),
     steps INTEGER NOT NULL CHECK (steps >= 0),
@@ -317,7 +322,15 @@ class PrivacyLedger:
 
     # ----------------------------------------------------------- releases
 
-    def projected_epsilon(self, dataset: str, release: Release) -> float:
+    def accountant(self, dataset: str) -> PrivacyAccountant:
+        """The dataset's composed state in an accountant, to project releases on; writes nothing."""
+        with self._transaction(f"read dataset {dataset!r}", write=False) as conn:
+            row = _require_dataset(conn, dataset, self.path)
+            return _stored_accountant(conn, row, self.path)
+
+    def projected_epsilon(
+        self, dataset: str, release: Release, mechanism: Mechanism = Mechanism.DPSGD
+    ) -> float:
         """ε of `dataset` if `release` were added; writes nothing.
 
         A node calls this before training to refuse a round that would exceed
@@ -325,10 +338,9 @@ class PrivacyLedger:
         """
         with self._transaction(f"read dataset {dataset!r}", write=False) as conn:
             row = _require_dataset(conn, dataset, self.path)
-            if row["accountant"] == "rdp":
-                return _compose_rdp(conn, row, release, self.path, store=False)[1]
-            grouped = _grouped_history(conn, dataset)
-        return _prv_epsilon([*grouped, release], float(row["delta"]))
+            accountant = _stored_accountant(conn, row, self.path, _file_curves(conn, store=False))
+            accountant.compose(release, mechanism)
+        return accountant.epsilon(float(row["delta"]))  # PRV: seconds, outside the transaction
 
     def record_release(
         self,
@@ -337,7 +349,7 @@ class PrivacyLedger:
         *,
         run_id: str,
         server_round: int,
-        mechanism: Mechanism = "dpsgd",
+        mechanism: Mechanism = Mechanism.DPSGD,
     ) -> LedgerEntry:
         """Durably record `release` of `dataset` and return it with the composed ε.
 
@@ -347,12 +359,16 @@ class PrivacyLedger:
         take ε above the dataset's budget: the update must then not be sent.
         """
         _check_release_labels(run_id, server_round, mechanism)
-        labels = _Labels(run_id=run_id, server_round=server_round, mechanism=mechanism)
+        labels = _Labels(run_id=run_id, server_round=server_round, mechanism=Mechanism(mechanism))
         with self._transaction(f"record a release of {dataset!r}", write=True) as conn:
             row = _require_dataset(conn, dataset, self.path)
             if row["accountant"] == "rdp":
-                vector, projected = _compose_rdp(conn, row, release, self.path, store=True)
-                return _write_release(conn, row, release, projected, vector, labels)
+                accountant = _stored_accountant(
+                    conn, row, self.path, _file_curves(conn, store=True)
+                )
+                accountant.compose(release, labels.mechanism)
+                projected = accountant.epsilon(float(row["delta"]))
+                return _write_release(conn, row, release, projected, accountant, labels)
         return self._record_prv(dataset, release, labels)
 
     def verify(self, dataset: str) -> LedgerVerification:
@@ -369,7 +385,7 @@ class PrivacyLedger:
             entries = _entries(conn, dataset, self.path)
             composed = row["composed_rdp"]
         problem = _history_problem(budget, entries)
-        recomputed = _reference_epsilon([e.release for e in entries], budget)
+        recomputed = _reference_epsilon(entries, budget)
         if problem is None and not _close(recomputed, budget.epsilon_spent):
             problem = (
                 f"the stored ε={budget.epsilon_spent!r} differs from ε={recomputed!r} recomputed "
@@ -407,16 +423,19 @@ class PrivacyLedger:
         for _ in range(_PRV_ATTEMPTS):
             with self._transaction(f"read dataset {dataset!r}", write=False) as conn:
                 seen = _require_dataset(conn, dataset, self.path)
-                grouped = _grouped_history(conn, dataset)
-            projected = _prv_epsilon([*grouped, release], float(seen["delta"]))
+                accountant = _stored_accountant(conn, seen, self.path)
+            accountant.compose(release, labels.mechanism)
+            projected = accountant.epsilon(float(seen["delta"]))
             with self._transaction(action, write=True) as conn:
                 row = _require_dataset(conn, dataset, self.path)
                 if row["releases"] == seen["releases"]:
-                    return _write_release(conn, row, release, projected, None, labels)
+                    return _write_release(conn, row, release, projected, accountant, labels)
         with self._transaction(action, write=True) as conn:
             row = _require_dataset(conn, dataset, self.path)
-            projected = _prv_epsilon([*_grouped_history(conn, dataset), release], row["delta"])
-            return _write_release(conn, row, release, projected, None, labels)
+            accountant = _stored_accountant(conn, row, self.path)
+            accountant.compose(release, labels.mechanism)
+            projected = accountant.epsilon(float(row["delta"]))
+            return _write_release(conn, row, release, projected, accountant, labels)
 
     @contextmanager
     def _transaction(self, action: str, *, write: bool) -> Iterator[sqlite3.Connection]:
@@ -619,15 +638,32 @@ def _validated(model: type[_M], fields: dict[str, object], path: Path) -> _M:
         ) from None
 
 
-def _grouped_history(conn: sqlite3.Connection, dataset: str) -> list[Release]:
-    """The history with releases of one (σ, q) merged (summed steps), in first-use order."""
+class _Group(BaseModel):
+    """Releases of one mechanism, σ and q, merged: their steps summed."""
+
+    mechanism: Mechanism
+    release: Release
+
+
+def _grouped_history(conn: sqlite3.Connection, dataset: str, path: Path) -> list[_Group]:
+    """The history merged per mechanism, σ and q, in first-use order: the PRV state.
+
+    SQL merges it without parsing every row; the PRV accountant merges the same way.
+    """
     rows = conn.execute(
-        "SELECT noise_multiplier, sample_rate, SUM(steps) FROM releases "
-        "WHERE dataset = ? AND steps > 0 GROUP BY noise_multiplier, sample_rate "
+        "SELECT mechanism, noise_multiplier, sample_rate, SUM(steps) FROM releases "
+        "WHERE dataset = ? AND steps > 0 GROUP BY mechanism, noise_multiplier, sample_rate "
         "ORDER BY MIN(seq)",
         (dataset,),
     ).fetchall()
-    return [Release(noise_multiplier=s, sample_rate=q, steps=n) for s, q, n in rows]
+    return [
+        _validated(
+            _Group,
+            {"mechanism": m, "release": {"noise_multiplier": s, "sample_rate": q, "steps": n}},
+            path,
+        )
+        for m, s, q, n in rows
+    ]
 
 
 @dataclass(frozen=True)
@@ -644,13 +680,17 @@ def _write_release(
     row: sqlite3.Row,
     release: Release,
     projected: float,
-    composed_rdp: np.ndarray | None,
+    accountant: PrivacyAccountant,
     labels: _Labels,
 ) -> LedgerEntry:
-    """Inside the caller's write transaction: refuse over budget, else insert and compose."""
+    """Inside the caller's write transaction: refuse over budget, else insert and compose.
+
+    `accountant` has composed `release`; `projected` is its ε.
+    """
     _refuse_over_budget(row, projected)
     entry = _new_entry(row, release, projected, labels)
     _insert_entry(conn, entry)
+    composed_rdp = accountant.composed if isinstance(accountant, RdpAccountant) else None
     _store_composition(conn, entry.dataset, entry.seq, projected, composed_rdp)
     return entry
 
@@ -685,7 +725,7 @@ def _insert_entry(conn: sqlite3.Connection, entry: LedgerEntry) -> None:
             entry.seq,
             entry.run_id,
             entry.server_round,
-            entry.mechanism,
+            entry.mechanism.value,
             entry.noise_multiplier,
             entry.sample_rate,
             entry.steps,
@@ -732,25 +772,34 @@ def _decode_vector(blob: object, dataset: str, path: Path) -> np.ndarray:
     return np.frombuffer(blob, dtype="<f8").astype(np.float64)
 
 
-def _compose_rdp(
-    conn: sqlite3.Connection, row: sqlite3.Row, release: Release, path: Path, store: bool
-) -> tuple[np.ndarray, float]:
-    """The composed RDP vector with `release` added, and its ε: O(#orders)."""
-    vector = _decode_vector(row["composed_rdp"], row["name"], path)
-    if release.steps:
-        vector = vector + release.steps * _step_curve(conn, release, store)
-    return vector, _rdp_epsilon(vector, float(row["delta"]))
+def _stored_accountant(
+    conn: sqlite3.Connection, row: sqlite3.Row, path: Path, curves: StepCurves = rdp_per_step
+) -> PrivacyAccountant:
+    """The dataset's stored composed state, loaded into the accountant it was composed by."""
+    if row["accountant"] == "rdp":
+        return RdpAccountant(_decode_vector(row["composed_rdp"], row["name"], path), curves)
+    accountant = PrvAccountant()
+    for group in _grouped_history(conn, row["name"], path):
+        accountant.compose(group.release, group.mechanism)
+    return accountant
 
 
-def _step_curve(conn: sqlite3.Connection, release: Release, store: bool) -> np.ndarray:
-    """RDP of one step of `release`'s (σ, q), from the ledger's cache when it is there.
+def _file_curves(conn: sqlite3.Connection, *, store: bool) -> StepCurves:
+    """One step's RDP curve from the ledger file's cache (`store`: cache what is computed)."""
+    return functools.partial(_step_curve, conn, store)
+
+
+def _step_curve(
+    conn: sqlite3.Connection, store: bool, noise_multiplier: float, sample_rate: float
+) -> np.ndarray:
+    """RDP of one step at (σ, q), from the ledger's cache when it is there.
 
     Opacus' `compute_rdp` costs up to ~0.5 s for q < 1, and a deployed node
     runs every message in a new process, so the in-process cache alone would
     pay it per round. The stored curve is derived data: `verify` recomputes
     every curve from scratch, so a wrong cache entry cannot hide.
     """
-    key = (release.noise_multiplier, release.sample_rate)
+    key = (noise_multiplier, sample_rate)
     cached = conn.execute(
         "SELECT curve FROM step_curves WHERE noise_multiplier = ? AND sample_rate = ?", key
     ).fetchone()
@@ -767,21 +816,9 @@ def _step_curve(conn: sqlite3.Connection, release: Release, store: bool) -> np.n
     return curve
 
 
-def _rdp_epsilon(vector: np.ndarray, delta: float) -> float:
-    """ε of a composed RDP vector; 0 when nothing was spent, as `privacy.epsilon` says."""
-    if not vector.any():
-        return 0.0
-    eps, _ = rdp_analysis.get_privacy_spent(orders=_ORDER_LIST, rdp=vector, delta=delta)
-    return float(eps)
-
-
-def _prv_epsilon(history: Iterable[Release], delta: float) -> float:
-    """ε by Opacus' PRVAccountant over `history` (merged per (σ, q))."""
-    return opacus_epsilon(list(history), delta, "prv")
-
-
-def _reference_epsilon(history: list[Release], budget: DatasetBudget) -> float:
+def _reference_epsilon(entries: list[LedgerEntry], budget: DatasetBudget) -> float:
     """ε by Opacus' own accountant over the history (merged per (σ, q) to stay fast)."""
+    history = [entry.mechanism.accounted_as(entry.release) for entry in entries]
     return opacus_epsilon(history, budget.delta, budget.accountant)
 
 
@@ -875,12 +912,12 @@ def _composed_rdp_problem(
     composed: object, entries: list[LedgerEntry], budget: DatasetBudget, path: Path
 ) -> str | None:
     """Does the stored RDP vector (what future releases build on) match the history?"""
-    stored = _decode_vector(composed, budget.name, path)
-    expected = np.zeros(len(RDP_ORDERS))
-    for release in merge_pairs(e.release for e in entries):
-        expected += release.steps * rdp_per_step(release.noise_multiplier, release.sample_rate)
-    if not np.allclose(stored, expected, rtol=VERIFY_REL_TOL, atol=0.0):
+    stored = RdpAccountant(_decode_vector(composed, budget.name, path))
+    expected = RdpAccountant()  # curves computed afresh, not read from the file's cache
+    for entry in entries:
+        expected.compose(entry.release, entry.mechanism)
+    if not np.allclose(stored.composed, expected.composed, rtol=VERIFY_REL_TOL, atol=0.0):
         return "its stored composed RDP vector does not match the sum over its releases"
-    if not _close(_rdp_epsilon(stored, budget.delta), budget.epsilon_spent):
+    if not _close(stored.epsilon(budget.delta), budget.epsilon_spent):
         return "its stored composed RDP vector does not give the stored ε"
     return None

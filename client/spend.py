@@ -23,7 +23,7 @@ from typing import Protocol
 from flwr.app import Context, MetricRecord
 
 from consortia.client import training
-from consortia.client.ledger import DatasetBudget, Mechanism, PrivacyLedger
+from consortia.client.ledger import DatasetBudget, PrivacyLedger
 from consortia.client.noise_key import derive_secret, noise_key
 from consortia.client.policy import (
     NodePolicy,
@@ -40,8 +40,10 @@ from consortia.common.config import JobConfig
 from consortia.common.errors import ConsortiaError
 from consortia.common.privacy import (
     AccountantName,
+    Mechanism,
     Release,
     calibrate_noise,
+    check_reachable,
     epsilon,
     histogram_release,
 )
@@ -79,7 +81,9 @@ class PrivacyAccount(Protocol):
         """`NodeRefusedError` if the node would not run this job's model at all (evaluation)."""
         ...
 
-    def record(self, release: Release, server_round: int, mechanism: Mechanism = "dpsgd") -> float:
+    def record(
+        self, release: Release, server_round: int, mechanism: Mechanism = Mechanism.DPSGD
+    ) -> float:
         """Store the release durably; return ε spent so far. Call before replying.
 
         Raises `BudgetExceededError` (recording nothing) if it would pass the budget.
@@ -123,16 +127,37 @@ def planned_noise(
             state.noise_multiplier = privacy.noise_multiplier
         else:
             assert privacy.target_epsilon is not None  # guaranteed by PrivacyConfig
-            one_round = planned_release(job, num_records, 1.0)
+            job_steps = planned_job(job, num_records, 1.0)
             state.noise_multiplier = calibrate_noise(
                 privacy.target_epsilon,
                 privacy.delta,
-                one_round.sample_rate,
-                job.rounds * one_round.steps,
+                job_steps.sample_rate,
+                job_steps.steps,
                 accountant,
                 prior=prior,
             )
     return state.noise_multiplier
+
+
+def check_simulated_target(job: JobConfig, num_records: int) -> None:
+    """`UnreachableTargetError` if a simulated node of `num_records` could not meet the ε target.
+
+    What `planned_noise` would raise on that node (its accountant, its
+    histogram), found without the search: closed-form checks and at most
+    one evaluation at the cap (`privacy.check_reachable`).
+    """
+    privacy = job.privacy
+    if not privacy.enabled or privacy.target_epsilon is None:
+        return
+    job_steps = planned_job(job, num_records, 1.0)
+    check_reachable(
+        privacy.target_epsilon,
+        privacy.delta,
+        job_steps.sample_rate,
+        job_steps.steps,
+        privacy.accountant,
+        prior=other_releases(job),
+    )
 
 
 def planned_release(job: JobConfig, num_records: int, sigma: float) -> Release:
@@ -143,6 +168,12 @@ def planned_release(job: JobConfig, num_records: int, sigma: float) -> Release:
         sample_rate=training.poisson_sample_rate(num_records, batch),
         steps=job.training.local_epochs * training.steps_per_epoch(num_records, batch),
     )
+
+
+def planned_job(job: JobConfig, num_records: int, sigma: float) -> Release:
+    """The releases of every planned round, as one (what the ε target covers besides `prior`)."""
+    one_round = planned_release(job, num_records, sigma)
+    return one_round.model_copy(update={"steps": one_round.steps * job.rounds})
 
 
 def other_releases(job: JobConfig, shares_histogram: bool = True) -> list[Release]:
@@ -180,7 +211,9 @@ class JobAccount:
     def check_model(self, job: JobConfig, architecture: str) -> None:
         return None  # a simulated node runs whatever the scenario names
 
-    def record(self, release: Release, server_round: int, mechanism: Mechanism = "dpsgd") -> float:
+    def record(
+        self, release: Release, server_round: int, mechanism: Mechanism = Mechanism.DPSGD
+    ) -> float:
         self.state.history.append(release)
         save_state(self.context, self.state)
         return epsilon(self.state.history, self.delta, self.job.privacy.accountant)
@@ -246,7 +279,9 @@ class LedgerAccount:
         if refusal is not None:
             raise NodeRefusedError(refusal)
 
-    def record(self, release: Release, server_round: int, mechanism: Mechanism = "dpsgd") -> float:
+    def record(
+        self, release: Release, server_round: int, mechanism: Mechanism = Mechanism.DPSGD
+    ) -> float:
         with self._ledger() as ledger:
             entry = ledger.record_release(
                 self.dataset,
@@ -264,7 +299,7 @@ class LedgerAccount:
                 job=self.job,
                 run_id=entry.run_id,
                 round=entry.server_round,
-                mechanism=entry.mechanism,
+                mechanism=entry.mechanism.value,
                 noise_multiplier=entry.noise_multiplier,
                 sample_rate=entry.sample_rate,
                 steps=entry.steps,

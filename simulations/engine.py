@@ -15,9 +15,10 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 
+from consortia.client.spend import check_simulated_target
 from consortia.common.config import BackendConfig
 from consortia.common.config_io import LoadedScenario
-from consortia.common.errors import FederationError
+from consortia.common.errors import FederationError, PrivacyError
 from consortia.common.models import build_model
 from consortia.server.federation import RoundListener, RunSummary, run_federation
 from consortia.server.outputs.resume import load_resume_point
@@ -25,7 +26,7 @@ from consortia.server.statistics.job import run_statistics
 from consortia.server.statistics.stats_file import StatisticsFile
 from consortia.simulations.lab import LAB, lab_client_app
 from consortia.simulations.link_state import indexed_link_state
-from consortia.simulations.node_data import source_of
+from consortia.simulations.node_data import simulated_node_data, source_of
 from consortia.simulations.node_privacy import resumed_client_app
 from consortia.simulations.ray_start import check_ray_address, ray_init_args
 from consortia.simulations.virtual_node import virtual_node_app as client_app
@@ -65,6 +66,7 @@ def _simulate(
     ray_address: str | None,
 ) -> RunSummary:
     _preflight(loaded)
+    _check_privacy_target(loaded)
     app = client_app
     if resume is not None:
         # Fails here, before Ray starts, on a finished run or a changed job.
@@ -133,6 +135,28 @@ def _preflight(loaded: LoadedScenario) -> None:
     config = loaded.config
     source = source_of(config.simulation)
     build_model(config.model, source.feature_shape, source.num_classes, config.seed)
+
+
+def _check_privacy_target(loaded: LoadedScenario) -> None:
+    """Every virtual node's ε target must be reachable: refuse here, in one message.
+
+    Each node calibrates its own noise when it first trains, inside Ray, and
+    refuses an unreachable target then: after Ray has started, once per node.
+    The coordinator knows every node's data size, so it runs the same check
+    first (`check_simulated_target`: closed-form bounds, at most one ε
+    evaluation per node size), in seconds, before Ray starts.
+    """
+    config = loaded.config
+    sim = config.simulation
+    sizes: dict[int, str] = {}
+    for partition in range(sim.nodes):
+        records = len(simulated_node_data(sim, config.seed, partition).train)
+        sizes.setdefault(records, sim.node_name(partition))
+    for records, node in sorted(sizes.items()):
+        try:
+            check_simulated_target(config, records)
+        except PrivacyError as exc:
+            raise PrivacyError(f"node {node} ({records} training records): {exc.message}") from None
 
 
 def backend_config(backend: BackendConfig, ray_address: str | None = None) -> dict[str, Any]:
