@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, JsonValue
 
-from consortia.common.atomic import write_bytes_atomic, write_json_atomic
+from consortia.common.atomic import FileAccess, write_bytes_atomic, write_json_atomic
 from consortia.common.config import ScenarioConfig
 from consortia.common.config_io import LoadedScenario, validate_model
 from consortia.common.errors import ConfigError
@@ -304,10 +304,10 @@ def write_sweep(sweep_dir: Path, sweep: SweepFile) -> None:
     from consortia.server.outputs import plots
     from consortia.simulations.sweep_report import write_sweep_report
 
-    write_json_atomic(sweep_dir / SWEEP_FILE, sweep.model_dump(mode="json"))
-    write_bytes_atomic(sweep_dir / SWEEP_CSV, sweep_csv(sweep).encode("utf-8"))
+    write_json_atomic(sweep_dir / SWEEP_FILE, sweep.model_dump(mode="json"), FileAccess.UMASK)
+    write_bytes_atomic(sweep_dir / SWEEP_CSV, sweep_csv(sweep).encode("utf-8"), FileAccess.UMASK)
     curve = plots.privacy_utility_png(curves(sweep))
-    write_bytes_atomic(sweep_dir / CURVE_FILE, curve)
+    write_bytes_atomic(sweep_dir / CURVE_FILE, curve, FileAccess.UMASK)
     write_sweep_report(sweep_dir, sweep, curve)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
-from consortia.common.atomic import write_bytes_atomic
+from consortia.common.atomic import FileAccess, write_bytes_atomic
 from consortia.server.outputs import html_page as h
 from consortia.server.outputs.report import REPORT_FILE
 from consortia.simulations.sweep_file import SweepFile
@@ -16,7 +16,8 @@ __all__ = ["render_sweep_report", "write_sweep_report"]
 def write_sweep_report(folder: Path, sweep: SweepFile, curve_png: bytes) -> Path:
     """The sweep's report.html: the privacy–utility curve, the table, links to every run."""
     path = folder / REPORT_FILE
-    write_bytes_atomic(path, render_sweep_report(sweep, curve_png).encode("utf-8"))
+    page = render_sweep_report(sweep, curve_png).encode("utf-8")
+    write_bytes_atomic(path, page, FileAccess.UMASK)
     return path
 
 

@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from consortia.common.atomic import write_bytes_atomic
+from consortia.common.atomic import FileAccess, write_bytes_atomic
 from consortia.common.errors import FederationError
 from consortia.server.coordinator.config import CoordinatorConfig
 
@@ -93,7 +93,7 @@ def run_dir(config: CoordinatorConfig, run_id: int) -> Path:
 
 def keep_job_text(out_dir: Path, text: str) -> None:
     """Keep the job text beside the run's outputs: `job resume` resubmits exactly this."""
-    write_bytes_atomic(out_dir / JOB_COPY, text.encode("utf-8"))
+    write_bytes_atomic(out_dir / JOB_COPY, text.encode("utf-8"), FileAccess.UMASK)
 
 
 def resumable_run(config: CoordinatorConfig, run_id: int) -> tuple[Path, str, str]:

@@ -19,7 +19,7 @@ import torch
 from pydantic import BaseModel
 from torch import nn
 
-from consortia.common.atomic import write_bytes_atomic
+from consortia.common.atomic import FileAccess, write_bytes_atomic
 from consortia.common.config import JobConfig
 from consortia.common.errors import ConsortiaError
 from consortia.common.models import architecture_hash, build_model
@@ -154,7 +154,7 @@ def export_state_dict(run_dir: Path, server_round: int | None, out: Path) -> Exp
         raise ConsortiaError(f"{out}: is a folder; give a file name such as model.pt")
     buffer = io.BytesIO()
     torch.save(state, buffer)
-    write_bytes_atomic(out, buffer.getvalue())
+    write_bytes_atomic(out, buffer.getvalue(), FileAccess.UMASK)
     return Export(
         path=out,
         tensors=len(state),

@@ -19,7 +19,7 @@ matplotlib.use("Agg")  # headless: coordinators and CI have no display
 import matplotlib.pyplot as plt
 from matplotlib.ticker import MaxNLocator
 
-from consortia.common.atomic import write_bytes_atomic
+from consortia.common.atomic import FileAccess, write_bytes_atomic
 from consortia.server.rounds.run_log import RoundRecord
 
 _DPI = 100
@@ -31,7 +31,9 @@ def write_plots(plots_dir: Path, rounds: list[RoundRecord], delta: float | None)
     plots_dir.mkdir(parents=True, exist_ok=True)
     figures = {"accuracy.png": accuracy_png(rounds), "epsilon.png": epsilon_png(rounds, delta)}
     for name, png in figures.items():
-        write_bytes_atomic(plots_dir / name, png)  # a crash never leaves half a PNG
+        write_bytes_atomic(
+            plots_dir / name, png, FileAccess.UMASK
+        )  # a crash never leaves half a PNG
     return [plots_dir / name for name in figures]
 
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, Field
 
-from consortia.common.atomic import write_bytes_atomic
+from consortia.common.atomic import FileAccess, write_bytes_atomic
 from consortia.common.membership import PrivacyAudit, read_audit
 from consortia.server.outputs import html_page as h
 from consortia.server.outputs import plots
@@ -136,7 +136,7 @@ class RunReport:
         page = render_run_report(
             metrics, self.manifest, self.labels, self._label_png, audit_dir=self.path.parent
         )
-        write_bytes_atomic(self.path, page.encode("utf-8"))
+        write_bytes_atomic(self.path, page.encode("utf-8"), FileAccess.UMASK)
         self._written_at = time.monotonic()
         self._cost_s = self._written_at - started
         return self.path
