@@ -24,7 +24,7 @@ from consortia.common.membership import PrivacyAudit, read_audit
 from consortia.server.outputs import html_page as h
 from consortia.server.outputs import plots
 from consortia.server.outputs.manifest import Manifest
-from consortia.server.rounds.run_log import NodeFailure, RoundRecord
+from consortia.server.rounds.run_log import NOT_PRIVATE, NodeFailure, RoundRecord
 
 if TYPE_CHECKING:
     from consortia.server.outputs.metrics_file import MetricsFile
@@ -151,6 +151,10 @@ def render_run_report(
 ) -> str:
     """The whole page as one string (label_png: the label chart, if already rendered;
     audit_dir: the run folder, whose privacy-audit.json, if any, gets a section)."""
+    if not _private(metrics, manifest):
+        # An older file of a run without DP may hold ε 0.0 per round: no ε is what it means.
+        rounds = [r.model_copy(update={"epsilon": None}) for r in metrics.rounds]
+        metrics = metrics.model_copy(update={"rounds": rounds})
     rounds = metrics.rounds
     title = manifest.run_name if manifest is not None else "run"
     if labels is not None and label_png is None:
@@ -185,11 +189,13 @@ def _run_summary(metrics: MetricsFile, manifest: Manifest | None) -> str:
     last = metrics.rounds[-1] if metrics.rounds else None
     accuracy = final.accuracy if final is not None else last.accuracy if last else None
     rows.append(("accuracy", h.number(accuracy)))
-    epsilon = max(last.epsilon.values(), default=0.0) if last is not None else None
     delta = _delta(manifest)
-    rows.append(
-        ("max ε per node", h.number(epsilon) + (f" at δ = {delta:g}" if delta is not None else ""))
-    )
+    if not _private(metrics, manifest):
+        rows.append(("max ε per node", f"{NOT_PRIVATE} (trained without DP: no finite ε)"))
+    else:
+        epsilon = last.epsilon_max if last is not None else None
+        at = f" at δ = {delta:g}" if delta is not None else ""
+        rows.append(("max ε per node", h.number(epsilon) + at))
     if manifest is not None:
         rows.append(("scenario", manifest.scenario_source))
         rows.append(("started (UTC)", manifest.created_utc))
@@ -203,6 +209,15 @@ def _epsilon_section(metrics: MetricsFile, manifest: Manifest | None) -> str:
         return h.section("Privacy spent (ε) per node", h.note("No round has finished yet."))
     delta = _delta(manifest)
     last = rounds[-1].epsilon
+    if last is None:
+        return h.section(
+            "Privacy spent (ε) per node",
+            h.note(
+                f"{NOT_PRIVATE.capitalize()}: the nodes trained without differential privacy, "
+                "so no ε bounds what the models reveal about any record (ε is not 0, it does "
+                "not exist)."
+            ),
+        )
     table = h.table(
         ["node", f"ε after round {rounds[-1].round}"],
         [[name, f"{value:.4f}"] for name, value in sorted(last.items())],
@@ -406,7 +421,7 @@ def _rounds_section(rounds: list[RoundRecord]) -> str:
             h.number(r.accuracy),
             h.number(r.loss),
             h.number(r.train_loss),
-            h.number(max(r.epsilon.values(), default=None)),
+            NOT_PRIVATE if r.epsilon is None else h.number(max(r.epsilon.values(), default=None)),
             str(len(r.participants)),
             str(len(r.failures)),
             h.number(r.seconds, "{:.2f}"),
@@ -419,6 +434,15 @@ def _rounds_section(rounds: list[RoundRecord]) -> str:
         headers.append("secure-aggregation error")
     body = f"<details><summary>{len(rounds)} rounds</summary>{h.table(headers, rows)}</details>"
     return h.section("Every round", body)
+
+
+def _private(metrics: MetricsFile, manifest: Manifest | None) -> bool:
+    """Whether the run trains with DP: its final block says, else its manifest, else its rounds."""
+    if metrics.final is not None:
+        return metrics.final.private
+    if manifest is not None:
+        return manifest.private
+    return all(r.epsilon is not None for r in metrics.rounds)
 
 
 def _delta(manifest: Manifest | None) -> float | None:

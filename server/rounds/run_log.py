@@ -19,6 +19,9 @@ _FAULT_LISTS = {DROPOUT: "dropouts", LATE: "stragglers", CRASH: "crashes"}
 _NOT_SELECTED = {"not selected by Krum": "krum", "not selected by Multi-Krum": "multikrum"}
 _NODE_ERROR = "node error:"  # strategies.py: a Flower error reply, a failure rather than a defence
 _CHUNK = 1 << 14  # coordinates per block when ranking updates for `kept_shares`
+# How a run trained without DP states its ε, in every text and figure: it has no finite ε,
+# and 0 (perfect privacy) is the one number it must never be read as.
+NOT_PRIVATE = "not private"
 
 
 class NodeFailure(BaseModel):
@@ -42,7 +45,10 @@ class RoundRecord(BaseModel):
     round: int
     accuracy: float | None = None
     loss: float | None = None
-    epsilon: dict[str, float] = Field(default_factory=dict)
+    epsilon: dict[str, float] | None = Field(
+        default_factory=dict,
+        description="each node's ε so far; None: the run trains without DP (no finite ε)",
+    )
     participants: list[str] = Field(default_factory=list)
     failures: list[NodeFailure] = Field(default_factory=list)
     train_loss: float | None = None
@@ -75,6 +81,11 @@ class RoundRecord(BaseModel):
         default=None, description="largest fixed-point error of the mean update, per entry"
     )
 
+    @property
+    def epsilon_max(self) -> float | None:
+        """The largest ε any node has spent so far; None when the run trains without DP."""
+        return None if self.epsilon is None else max(self.epsilon.values(), default=0.0)
+
 
 class RunLog:
     """Accumulates per-round facts reported by the strategy and the evaluator.
@@ -87,8 +98,13 @@ class RunLog:
     lived in the interrupted process.
     """
 
-    def __init__(self, roster: Roster, adversaries: Iterable[str] = ()) -> None:
-        self.epsilon: dict[str, float] = dict.fromkeys(roster.names, 0.0)
+    def __init__(
+        self, roster: Roster, adversaries: Iterable[str] = (), *, private: bool = True
+    ) -> None:
+        """`private`: the job trains with DP. Without it no node has a finite ε, and every
+        record says so (`epsilon` None) instead of a 0 that reads as perfect privacy."""
+        self.private = private
+        self.epsilon: dict[str, float] = dict.fromkeys(roster.names, 0.0) if private else {}
         self.releases: dict[str, list[Release]] = {name: [] for name in roster.names}
         self.adversaries = frozenset(adversaries)  # a simulation's Byzantine nodes, by name
         self._current: dict[int, RoundRecord] = {}
@@ -144,7 +160,7 @@ class RunLog:
     def close(self, server_round: int, seconds: float) -> RoundRecord:
         """Finish the round's record and hand it out."""
         record = self._current.pop(server_round, RoundRecord(round=server_round))
-        record.epsilon = dict(self.epsilon)
+        record.epsilon = dict(self.epsilon) if self.private else None
         record.seconds = seconds
         _file_faults(record)
         record.rejected = {name: sorted(set(nodes)) for name, nodes in record.rejected.items()}
