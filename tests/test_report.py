@@ -303,6 +303,8 @@ def test_an_older_metrics_file_without_dp_loads_as_not_private(tmp_path: Path) -
     zeros = dict.fromkeys(NODES, 0.0)
     for record in old["rounds"]:
         record["epsilon"] = zeros
+        for key in ("accuracy_per_node", "loss_per_node", "accuracy_node_mean", "loss_node_mean"):
+            del record[key]
     del old["final"]["private"]
     old["final"].update(epsilon_max=0.0, epsilon=zeros)
     loaded = MetricsFile.model_validate_json(json.dumps(old))
@@ -337,6 +339,23 @@ def test_a_final_block_cannot_claim_an_epsilon_without_dp() -> None:
             model="model/round-001.safetensors",
             model_sha256="00" * 32,
         )
+
+
+def test_report_shows_every_nodes_own_evaluation_and_their_mean(tmp_path: Path) -> None:
+    rounds = synthetic_rounds()
+    for record in rounds:
+        record.accuracy_per_node = {"node-1": 0.5, "node-2": 0.9, "node-3": 1.0}
+        record.loss_per_node = {"node-1": 0.8, "node-2": 0.2, "node-3": 0.05}
+        record.accuracy_node_mean = 0.8
+        record.loss_node_mean = 0.35
+    page = render_run_report(MetricsFile(rounds=rounds), synthetic_manifest(tmp_path), None)
+    text = _visible_text(page)
+    assert "Evaluation per node" in text
+    cells = dict(re.findall(r"<tr><td>(node-\d)</td><td>([0-9.]+)</td><td>[0-9.]+</td></tr>", page))
+    assert cells == {"node-1": "0.5000", "node-2": "0.9000", "node-3": "1.0000"}
+    assert "unweighted mean over nodes" in text and "0.8000" in text
+    assert "node mean accuracy" in text  # a column of every round
+    assert "accuracy_per_node" not in text  # not listed again as an unknown field
 
 
 def test_run_outputs_follow_the_umask_for_sharing(tmp_path: Path) -> None:

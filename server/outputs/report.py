@@ -48,6 +48,10 @@ _ROUND_FIELDS = frozenset(
         "train_loss",
         "seconds",
         "quantization_error",  # a column of "Every round" when secure aggregation ran
+        "accuracy_per_node",  # federated evaluation node by node: its own section
+        "loss_per_node",
+        "accuracy_node_mean",
+        "loss_node_mean",
     }
 )
 
@@ -167,6 +171,7 @@ def render_run_report(
             if rounds
             else h.note("No round has finished yet."),
         ),
+        _node_evaluation_section(rounds),
         _epsilon_section(metrics, manifest),
         _labels_section(labels, label_png),
         _failures_section(rounds),
@@ -189,6 +194,8 @@ def _run_summary(metrics: MetricsFile, manifest: Manifest | None) -> str:
     last = metrics.rounds[-1] if metrics.rounds else None
     accuracy = final.accuracy if final is not None else last.accuracy if last else None
     rows.append(("accuracy", h.number(accuracy)))
+    if last is not None and last.accuracy_node_mean is not None:
+        rows.append(("accuracy, unweighted mean over nodes", h.number(last.accuracy_node_mean)))
     delta = _delta(manifest)
     if not _private(metrics, manifest):
         rows.append(("max ε per node", f"{NOT_PRIVATE} (trained without DP: no finite ε)"))
@@ -232,6 +239,34 @@ def _epsilon_section(metrics: MetricsFile, manifest: Manifest | None) -> str:
     body = h.figure(plots.epsilon_png(rounds, delta), "ε per node per round") + note
     body += h.folded(table, len(last), "nodes")
     return h.section("Privacy spent (ε) per node", body)
+
+
+def _node_evaluation_section(rounds: list[RoundRecord]) -> str:
+    """Federated evaluation node by node: every site's own figures, beside the pooled one."""
+    evaluated = [r for r in rounds if r.accuracy_per_node or r.loss_per_node]
+    if not evaluated:
+        return ""  # centralized or no evaluation: there is no per-node figure
+    last = evaluated[-1]
+    names = sorted({*last.accuracy_per_node, *last.loss_per_node})
+    rows = [
+        [name, h.number(last.accuracy_per_node.get(name)), h.number(last.loss_per_node.get(name))]
+        for name in names
+    ]
+    rows.append(
+        [
+            "unweighted mean over nodes",
+            h.number(last.accuracy_node_mean),
+            h.number(last.loss_node_mean),
+        ]
+    )
+    rows.append(["pooled (weighted by test records)", h.number(last.accuracy), h.number(last.loss)])
+    body = h.note(
+        f"Each node's accuracy and loss on its own test split in round {last.round}; the "
+        "unweighted mean counts every node once, the pooled figure counts every test record "
+        "once (large sites weigh more). metrics.json has them for every round."
+    )
+    table = h.table(["node", "accuracy", "loss"], rows)
+    return h.section("Evaluation per node", body + h.folded(table, len(rows), "nodes"))
 
 
 def _labels_section(labels: LabelMix | None, label_png: bytes | None) -> str:
@@ -415,10 +450,12 @@ def _manifest_section(manifest: Manifest | None) -> str:
 def _rounds_section(rounds: list[RoundRecord]) -> str:
     """One row a round; secure-aggregation runs add the fixed-point error of each mean."""
     secure = any(r.quantization_error is not None for r in rounds)
+    per_node = any(r.accuracy_node_mean is not None for r in rounds)
     rows = [
         [
             str(r.round),
             h.number(r.accuracy),
+            *([h.number(r.accuracy_node_mean)] if per_node else []),
             h.number(r.loss),
             h.number(r.train_loss),
             NOT_PRIVATE if r.epsilon is None else h.number(max(r.epsilon.values(), default=None)),
@@ -429,7 +466,8 @@ def _rounds_section(rounds: list[RoundRecord]) -> str:
         ]
         for r in rounds
     ]
-    headers = ["round", "accuracy", "loss", "train loss", "max ε", "used", "failures", "seconds"]
+    headers = ["round", "accuracy", *(["node mean accuracy"] if per_node else [])]
+    headers += ["loss", "train loss", "max ε", "used", "failures", "seconds"]
     if secure:
         headers.append("secure-aggregation error")
     body = f"<details><summary>{len(rounds)} rounds</summary>{h.table(headers, rows)}</details>"

@@ -43,7 +43,11 @@ class RoundRecord(BaseModel):
     """One finished round: metrics.json holds a list of these."""
 
     round: int
-    accuracy: float | None = None
+    accuracy: float | None = Field(
+        default=None,
+        description="federated evaluation: pooled over the nodes' test records (a large test "
+        "set weighs more); centralized: on the coordinator's test set",
+    )
     loss: float | None = None
     epsilon: dict[str, float] | None = Field(
         default_factory=dict,
@@ -79,6 +83,19 @@ class RoundRecord(BaseModel):
     )
     quantization_error: float | None = Field(
         default=None, description="largest fixed-point error of the mean update, per entry"
+    )
+    # Federated evaluation, node by node (empty with centralized or no evaluation).
+    accuracy_per_node: dict[str, float] = Field(
+        default_factory=dict, description="each evaluating node's accuracy on its own test split"
+    )
+    loss_per_node: dict[str, float] = Field(
+        default_factory=dict, description="each evaluating node's loss on its own test split"
+    )
+    accuracy_node_mean: float | None = Field(
+        default=None, description="unweighted mean of accuracy_per_node: each node counts once"
+    )
+    loss_node_mean: float | None = Field(
+        default=None, description="unweighted mean of loss_per_node: each node counts once"
     )
 
     @property
@@ -150,6 +167,16 @@ class RunLog:
         record = self.current(server_round)
         record.loss, record.accuracy = loss, accuracy
 
+    def record_node_evaluation(
+        self, server_round: int, accuracy: dict[str, float], loss: dict[str, float]
+    ) -> None:
+        """Each node's own federated-evaluation figures, and their unweighted means."""
+        record = self.current(server_round)
+        record.accuracy_per_node = dict(sorted(accuracy.items()))
+        record.loss_per_node = dict(sorted(loss.items()))
+        record.accuracy_node_mean = _mean(accuracy.values())
+        record.loss_node_mean = _mean(loss.values())
+
     def record_failures(self, server_round: int, failures: list[NodeFailure]) -> None:
         self.current(server_round).failures.extend(failures)
 
@@ -167,6 +194,11 @@ class RunLog:
         sent_update = set(record.participants).union(*record.rejected.values())
         record.adversaries = sorted(self.adversaries & sent_update)
         return record
+
+
+def _mean(values: Iterable[float]) -> float | None:
+    listed = list(values)
+    return sum(listed) / len(listed) if listed else None
 
 
 def _file_faults(record: RoundRecord) -> None:
