@@ -245,8 +245,18 @@ def _privacy_line(config: object) -> str:
 
 
 def _print_summary(summary: object, config: object) -> None:
+    from consortia.server.rounds.run_log import NOT_PRIVATE
+
     final = summary.final  # type: ignore[attr-defined]
     privacy = config.privacy  # type: ignore[attr-defined]
+    accuracy = "n/a" if final.accuracy is None else f"{final.accuracy:.4f}"
+    if final.epsilon is None:  # no DP: no finite ε to tabulate, and no 0 to misread
+        console.print(
+            f"final accuracy [bold]{accuracy}[/], [red]{NOT_PRIVATE}[/] "
+            "(trained without differential privacy: no finite ε)"
+        )
+        console.print(f"run written to {summary.out_dir}")  # type: ignore[attr-defined]
+        return
     table = Table(title="Privacy spent per node", show_edge=False)
     table.add_column("node")
     table.add_column("ε", justify="right")
@@ -258,7 +268,6 @@ def _print_summary(summary: object, config: object) -> None:
             row.append(f"{privacy.target_epsilon:g}")
         table.add_row(*row)
     console.print(table)
-    accuracy = "n/a" if final.accuracy is None else f"{final.accuracy:.4f}"
     delta = "" if final.delta is None else f" at δ = {final.delta:g}"
     console.print(
         f"final accuracy [bold]{accuracy}[/], max ε [bold]{final.epsilon_max:.4f}[/]{delta}"

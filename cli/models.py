@@ -45,17 +45,22 @@ def list_models(
 ) -> None:
     """Every checkpoint: run, round, accuracy, loss, ε per node, manifest and model hashes."""
     from consortia.server.outputs.model_registry import list_checkpoints
+    from consortia.server.rounds.run_log import NOT_PRIVATE
 
     listing = list_checkpoints(path)
     table = Table("run", "round", "accuracy", "loss", "max ε", "ε per node", "manifest", "model")
     for row in listing.checkpoints:
-        per_node = ", ".join(f"{name}={eps:.3f}" for name, eps in sorted(row.epsilon.items()))
+        if row.epsilon is None or row.epsilon_max is None:
+            per_node, epsilon_max = "", NOT_PRIVATE  # no DP: no finite ε, and no 0 to misread
+        else:
+            per_node = ", ".join(f"{name}={eps:.3f}" for name, eps in sorted(row.epsilon.items()))
+            epsilon_max = f"{row.epsilon_max:.4f}"
         table.add_row(
             escape(row.run),
             f"{row.round}/{row.rounds_planned}",
             _number(row.accuracy),
             _number(row.loss),
-            f"{row.epsilon_max:.4f}",
+            epsilon_max,
             escape(per_node),
             _short(row.manifest_sha256),
             _short(row.model_sha256),
@@ -92,10 +97,13 @@ def show(run_dir: RunArgument, round_: RoundOption = None) -> None:
     facts.add_row("architecture", doc.manifest.model_architecture)
     facts.add_row("strategy state", ", ".join(sorted(checkpoint.strategy)) or "none")
     console.print(facts)
-    privacy = Table("node", "ε so far", "releases", title="Privacy spent per node")
-    for name, eps in sorted(doc.epsilon.items()):
-        privacy.add_row(escape(name), f"{eps:.4f}", str(len(doc.releases.get(name, []))))
-    console.print(privacy)
+    if doc.manifest.private:
+        privacy = Table("node", "ε so far", "releases", title="Privacy spent per node")
+        for name, eps in sorted(doc.epsilon.items()):
+            privacy.add_row(escape(name), f"{eps:.4f}", str(len(doc.releases.get(name, []))))
+        console.print(privacy)
+    else:
+        console.print("privacy: not private (trained without differential privacy: no finite ε)")
     arrays = Table("array", "shape", "dtype", title="Model arrays")
     for key in doc.model_keys:
         array = checkpoint.model[key]

@@ -5,7 +5,8 @@ Three listeners for the same `RoundListener` protocol
 
 - `ProgressListener` (the default, for people): a live bar with rounds done,
   the estimated time left, the current accuracy and the largest ε any node
-  has spent so far; node failures as lines above it.
+  has spent so far ("not private" for a run without DP); node failures as
+  lines above it.
 - `QuietListener` (`--quiet`, for scripts that only need the exit code and
   the run folder): prints nothing.
 - `JsonLinesListener` (`--json`, for scripts that follow a run): one JSON
@@ -34,7 +35,7 @@ from rich.progress import (
 
 from consortia.server.rounds.label_skew import LabelSkew
 from consortia.server.rounds.roster import Roster
-from consortia.server.rounds.run_log import RoundRecord
+from consortia.server.rounds.run_log import NOT_PRIVATE, RoundRecord
 
 
 class ProgressListener:
@@ -141,7 +142,7 @@ def _finite(value: Any) -> Any:
 
 
 def round_status(record: RoundRecord) -> str:
-    """'accuracy 0.9123  max ε 0.412': what a round leaves to show."""
+    """'accuracy 0.9123  max ε 0.412' (without DP: '... not private'): a round's status."""
     accuracy = "n/a" if record.accuracy is None else f"{record.accuracy:.4f}"
-    eps = max(record.epsilon.values(), default=0.0)
-    return f"accuracy {accuracy}  max ε {eps:.3f}"
+    epsilon = record.epsilon_max
+    return f"accuracy {accuracy}  " + (NOT_PRIVATE if epsilon is None else f"max ε {epsilon:.3f}")

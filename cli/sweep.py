@@ -88,14 +88,21 @@ def _run_one(simulate: Simulate, base: LoadedScenario, run: PlannedRun, out_dir:
 
 
 def _outcome(result: RunResult) -> str:
+    from consortia.server.rounds.run_log import NOT_PRIVATE  # torch: loaded by the run already
+
     if result.error is not None:
         return f"[red]failed:[/] {escape(result.error)}"
     accuracy = "n/a" if result.accuracy is None else f"{result.accuracy:.4f}"
-    epsilon = "n/a" if result.epsilon_max is None else f"{result.epsilon_max:.4f}"
-    return f"accuracy {accuracy}, max ε {epsilon}, {result.wall_s:.1f} s"
+    if result.private is False:
+        epsilon = NOT_PRIVATE
+    else:
+        epsilon = "max ε " + ("n/a" if result.epsilon_max is None else f"{result.epsilon_max:.4f}")
+    return f"accuracy {accuracy}, {epsilon}, {result.wall_s:.1f} s"
 
 
 def _table(sweep: SweepFile) -> Table:
+    from consortia.server.rounds.run_log import NOT_PRIVATE  # torch: loaded by the runs already
+
     keys = [axis.key for axis in sweep.axes]
     table = Table(title="Privacy–utility (mean ± std over seeds)", show_edge=False)
     for key in keys:
@@ -107,7 +114,9 @@ def _table(sweep: SweepFile) -> Table:
             *(str(point.point[k]) for k in keys),
             f"{point.runs_ok}/{len(sweep.seeds)}",
             _mean_std(point.accuracy_mean, point.accuracy_std),
-            _mean_std(point.epsilon_max_mean, point.epsilon_max_std),
+            NOT_PRIVATE
+            if point.private is False
+            else _mean_std(point.epsilon_max_mean, point.epsilon_max_std),
             "n/a" if point.wall_s_mean is None else f"{point.wall_s_mean:.1f}",
         )
     return table

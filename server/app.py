@@ -39,7 +39,7 @@ from consortia.server.outputs.resume import run_config as run_config_of
 from consortia.server.outputs.run_dirs import default_run_dir
 from consortia.server.rounds.label_skew import LabelSkew
 from consortia.server.rounds.roster import Roster
-from consortia.server.rounds.run_log import RoundRecord
+from consortia.server.rounds.run_log import NOT_PRIVATE, RoundRecord
 from consortia.server.statistics.job import run_statistics
 
 app = ServerApp()
@@ -59,12 +59,13 @@ class LogListener:
         log(INFO, "consortia: round %d started", server_round)
 
     def on_round(self, record: RoundRecord) -> None:
+        epsilon = record.epsilon_max
         log(
             INFO,
-            "consortia: round %d accuracy=%s max ε=%.3f",
+            "consortia: round %d accuracy=%s %s",
             record.round,
             f"{record.accuracy:.4f}" if record.accuracy is not None else "n/a",
-            max(record.epsilon.values(), default=0.0),
+            NOT_PRIVATE if epsilon is None else f"max ε={epsilon:.3f}",
         )
         for failure in record.failures:
             log(WARNING, "consortia: round %d: %s", record.round, failure)

@@ -143,7 +143,11 @@ def run_federation(
     model = build_model(config.model, feature_shape, num_classes, config.seed)
     in_lab = (scenario, lab) if scenario is not None and lab is not None else None
     outputs = RunOutputs(out_dir, in_lab[1].label_counts(in_lab[0]) if in_lab else None)
-    run_log = RunLog(roster, adversaries=in_lab[1].adversary_names(in_lab[0]) if in_lab else ())
+    run_log = RunLog(
+        roster,
+        adversaries=in_lab[1].adversary_names(in_lab[0]) if in_lab else (),
+        private=config.privacy.enabled,
+    )
     strategy = build_strategy(job)
     strategy.attach(
         Cohort(roster, config.clients_per_round, config.seed),
@@ -378,11 +382,13 @@ class _RoundObserver:
     def final(self) -> FinalMetrics:
         last = self.outputs.metrics.rounds[-1]
         assert self.last_model is not None  # at least one round ran
-        epsilon = dict(self.run_log.epsilon)
+        private = self.config.privacy.enabled
+        epsilon = dict(self.run_log.epsilon) if private else None
         return FinalMetrics(
             accuracy=last.accuracy,
             loss=last.loss,
-            epsilon_max=max(epsilon.values(), default=0.0),
+            private=private,
+            epsilon_max=None if epsilon is None else max(epsilon.values(), default=0.0),
             epsilon=epsilon,
             delta=self.config.privacy.delta if self.config.privacy.enabled else None,
             model=str(self.last_model.relative_to(self.outputs.root)),

@@ -37,7 +37,7 @@ from consortia.client.membership_attack import (
     standard_attacks,
 )
 from consortia.common.arrays import LabeledArrays, concat
-from consortia.common.atomic import write_bytes_atomic
+from consortia.common.atomic import FileAccess, write_bytes_atomic
 from consortia.common.config import ScenarioConfig
 from consortia.common.errors import ConsortiaError
 from consortia.common.membership import AUDIT_FILE, PrivacyAudit
@@ -77,7 +77,9 @@ def audit_run(run_dir: Path, server_round: int | None, shadows: int, seed: int =
         shadows=shadows,
         attacks=attacks,
     )
-    write_bytes_atomic(run_dir / AUDIT_FILE, audit.model_dump_json(indent=2).encode("utf-8"))
+    write_bytes_atomic(
+        run_dir / AUDIT_FILE, audit.model_dump_json(indent=2).encode("utf-8"), FileAccess.UMASK
+    )
     rewrite_report(run_dir, LAB.label_counts(config))  # report.html gains its audit section
     return audit
 

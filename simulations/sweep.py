@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, JsonValue
 
-from consortia.common.atomic import write_bytes_atomic, write_json_atomic
+from consortia.common.atomic import FileAccess, write_bytes_atomic, write_json_atomic
 from consortia.common.config import ScenarioConfig
 from consortia.common.config_io import LoadedScenario, validate_model
 from consortia.common.errors import ConfigError
@@ -38,7 +38,7 @@ from consortia.simulations.sweep_file import (
 )
 
 if TYPE_CHECKING:
-    from consortia.server.outputs.plots import CurvePoint
+    from consortia.server.outputs.plots import CurvePoint, NonPrivatePoint
 
 # Planning imports no torch, Flower or matplotlib: a bad --sweep fails in a blink. Reading
 # results and drawing import them where they are needed (read_result, write_sweep).
@@ -250,6 +250,7 @@ def read_result(sweep_dir: Path, run: PlannedRun, wall_s: float) -> RunResult:
         seed=run.seed,
         accuracy=final.accuracy,
         loss=final.loss,
+        private=final.private,
         epsilon_max=final.epsilon_max,
         delta=final.delta,
         wall_s=wall_s,
@@ -271,14 +272,18 @@ def with_result(sweep: SweepFile, result: RunResult | None) -> SweepFile:
 
 
 def summarize(point: dict[str, JsonValue], runs: list[RunResult]) -> PointSummary:
+    """Means and stds over a point's finished runs. A point trained without DP has no ε:
+    its ε columns stay None (one run without DP makes the point not private)."""
     ok = [r for r in runs if r.error is None]
     accuracy = [r.accuracy for r in ok if r.accuracy is not None]
-    epsilon = [r.epsilon_max for r in ok if r.epsilon_max is not None]
+    private = None if not ok else all(r.private is not False for r in ok)
+    epsilon = [r.epsilon_max for r in ok if r.epsilon_max is not None] if private else []
     return PointSummary(
         point=point,
         folders=[r.folder for r in runs],
         runs_ok=len(ok),
         runs_failed=len(runs) - len(ok),
+        private=private,
         accuracy_mean=_mean(accuracy),
         accuracy_std=_std(accuracy),
         epsilon_max_mean=_mean(epsilon),
@@ -304,17 +309,18 @@ def write_sweep(sweep_dir: Path, sweep: SweepFile) -> None:
     from consortia.server.outputs import plots
     from consortia.simulations.sweep_report import write_sweep_report
 
-    write_json_atomic(sweep_dir / SWEEP_FILE, sweep.model_dump(mode="json"))
-    write_bytes_atomic(sweep_dir / SWEEP_CSV, sweep_csv(sweep).encode("utf-8"))
-    curve = plots.privacy_utility_png(curves(sweep))
-    write_bytes_atomic(sweep_dir / CURVE_FILE, curve)
+    write_json_atomic(sweep_dir / SWEEP_FILE, sweep.model_dump(mode="json"), FileAccess.UMASK)
+    write_bytes_atomic(sweep_dir / SWEEP_CSV, sweep_csv(sweep).encode("utf-8"), FileAccess.UMASK)
+    curve = plots.privacy_utility_png(curves(sweep), non_private_points(sweep))
+    write_bytes_atomic(sweep_dir / CURVE_FILE, curve, FileAccess.UMASK)
     write_sweep_report(sweep_dir, sweep, curve)
 
 
 def sweep_csv(sweep: SweepFile) -> str:
+    """One row per point. A point without DP has `private` false and empty ε cells (no ε)."""
     keys = [axis.key for axis in sweep.axes]
     columns = ["runs_ok", "runs_failed", "accuracy_mean", "accuracy_std"]
-    columns += ["epsilon_max_mean", "epsilon_max_std", "wall_s_mean"]
+    columns += ["epsilon_max_mean", "epsilon_max_std", "wall_s_mean", "private"]
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow([*keys, *columns])
@@ -323,23 +329,29 @@ def sweep_csv(sweep: SweepFile) -> str:
         writer.writerow(
             [
                 *(_short(point.point[k]) for k in keys),
-                *("" if row[c] is None else row[c] for c in columns),
+                *(_cell(row[c]) for c in columns),
             ]
         )
     return buffer.getvalue()
 
 
+def _cell(value: object) -> object:
+    """A CSV cell: None empty, booleans as JSON writes them (true/false)."""
+    if value is None:
+        return ""
+    return json.dumps(value) if isinstance(value, bool) else value
+
+
 def curves(sweep: SweepFile) -> dict[str, list[CurvePoint]]:
-    """Accuracy-vs-ε points, one curve per combination of the axes after the first."""
+    """Accuracy-vs-ε points of the private grid points, one curve per combination of the
+    axes after the first (points without DP: `non_private_points`)."""
     from consortia.server.outputs.plots import CurvePoint, finite
 
-    others = [axis.key for axis in sweep.axes[1:]]
     out: dict[str, list[CurvePoint]] = {}
     for point in sweep.points:
-        if point.accuracy_mean is None or point.epsilon_max_mean is None:
+        if not point.private or point.accuracy_mean is None or point.epsilon_max_mean is None:
             continue
-        label = ", ".join(f"{k}={_short(point.point[k])}" for k in others)
-        out.setdefault(label, []).append(
+        out.setdefault(_curve_label(sweep, point), []).append(
             CurvePoint(
                 epsilon=point.epsilon_max_mean,
                 epsilon_std=finite(point.epsilon_max_std),
@@ -348,3 +360,28 @@ def curves(sweep: SweepFile) -> dict[str, list[CurvePoint]]:
             )
         )
     return out
+
+
+def non_private_points(sweep: SweepFile) -> list[NonPrivatePoint]:
+    """The grid points trained without DP: no ε, so on no curve. Each is labelled by its
+    settings other than `privacy.*` (which a run without DP does not use)."""
+    from consortia.server.outputs.plots import NonPrivatePoint, finite
+
+    return [
+        NonPrivatePoint(
+            label=", ".join(
+                f"{key}={_short(value)}"
+                for key, value in point.point.items()
+                if not key.startswith("privacy.")
+            ),
+            accuracy=point.accuracy_mean,
+            accuracy_std=finite(point.accuracy_std),
+        )
+        for point in sweep.points
+        if point.private is False and point.accuracy_mean is not None
+    ]
+
+
+def _curve_label(sweep: SweepFile, point: PointSummary) -> str:
+    """The settings of the axes after the first: one curve per combination."""
+    return ", ".join(f"{axis.key}={_short(point.point[axis.key])}" for axis in sweep.axes[1:])

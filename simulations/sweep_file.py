@@ -27,6 +27,9 @@ class RunResult(BaseModel):
     seed: int
     accuracy: float | None = None
     loss: float | None = None
+    # False: trained without DP, so `epsilon_max` is None (no finite ε), never 0.
+    # None: the run failed (or was recorded before this field existed).
+    private: bool | None = None
     epsilon_max: float | None = None
     delta: float | None = None
     wall_s: float
@@ -40,6 +43,9 @@ class PointSummary(BaseModel):
     folders: list[str]
     runs_ok: int
     runs_failed: int
+    # False: the point trains without DP; its ε columns are None (no finite ε), never 0.
+    # None: no run of the point finished.
+    private: bool | None = None
     accuracy_mean: float | None
     accuracy_std: float | None
     epsilon_max_mean: float | None

@@ -5,9 +5,10 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
-from consortia.common.atomic import write_bytes_atomic
+from consortia.common.atomic import FileAccess, write_bytes_atomic
 from consortia.server.outputs import html_page as h
 from consortia.server.outputs.report import REPORT_FILE
+from consortia.server.rounds.run_log import NOT_PRIVATE
 from consortia.simulations.sweep_file import SweepFile
 
 __all__ = ["render_sweep_report", "write_sweep_report"]
@@ -16,7 +17,8 @@ __all__ = ["render_sweep_report", "write_sweep_report"]
 def write_sweep_report(folder: Path, sweep: SweepFile, curve_png: bytes) -> Path:
     """The sweep's report.html: the privacy–utility curve, the table, links to every run."""
     path = folder / REPORT_FILE
-    write_bytes_atomic(path, render_sweep_report(sweep, curve_png).encode("utf-8"))
+    page = render_sweep_report(sweep, curve_png).encode("utf-8")
+    write_bytes_atomic(path, page, FileAccess.UMASK)
     return path
 
 
@@ -49,8 +51,11 @@ def render_sweep_report(sweep: SweepFile, curve_png: bytes) -> str:
                 f"{p.runs_ok}/{len(sweep.seeds)}",
                 h.number(p.accuracy_mean),
                 h.number(p.accuracy_std),
-                h.number(p.epsilon_max_mean),
-                h.number(p.epsilon_max_std),
+                *(
+                    [NOT_PRIVATE, ""]  # no DP: no ε, not ε = 0
+                    if p.private is False
+                    else [h.number(p.epsilon_max_mean), h.number(p.epsilon_max_std)]
+                ),
                 h.number(p.wall_s_mean, "{:.1f}"),
             ]
             for p in sweep.points
@@ -63,7 +68,7 @@ def render_sweep_report(sweep: SweepFile, curve_png: bytes) -> str:
                 f'<a href="{html.escape(r.folder)}/{REPORT_FILE}">{html.escape(r.folder)}</a>',
                 str(r.seed),
                 h.number(r.accuracy),
-                h.number(r.epsilon_max),
+                NOT_PRIVATE if r.private is False else h.number(r.epsilon_max),
                 h.number(r.wall_s, "{:.1f}"),
                 html.escape(r.error or "ok"),
             ]
@@ -76,7 +81,12 @@ def render_sweep_report(sweep: SweepFile, curve_png: bytes) -> str:
         h.section(
             "Privacy–utility",
             h.figure(curve_png, "final accuracy against max ε, mean ± std over seeds")
-            + h.note("Mean ± sample standard deviation over seeds (none with one seed).")
+            + h.note(
+                "Mean ± sample standard deviation over seeds (none with one seed: a "
+                "difference between two points may then be seed noise). Accuracy is drawn "
+                "from 0 to 1. Runs without DP have no ε: a dashed line at their accuracy, "
+                f"'{NOT_PRIVATE}' in the tables."
+            )
             + points,
         ),
         h.section("Runs", runs),

@@ -35,6 +35,20 @@ def test_bar_shows_accuracy_largest_epsilon_and_time_left() -> None:
     assert "ETA" in text
 
 
+def test_a_run_without_dp_is_not_private_never_epsilon_zero() -> None:
+    out = io.StringIO()
+    listener = ProgressListener(Console(file=out, width=140))
+    listener.on_start(4, _roster(), None)
+    listener.on_round(RoundRecord(round=1, accuracy=0.8125, epsilon=None))
+    listener.stop()
+    text = out.getvalue()
+    assert "accuracy 0.8125  not private" in text and "ε" not in text
+
+    stream = io.StringIO()
+    JsonLinesListener(stream).on_round(RoundRecord(round=1, accuracy=0.5, epsilon=None))
+    assert json.loads(stream.getvalue())["epsilon"] is None  # null, not {} or 0
+
+
 def test_json_lines_are_strict_json_one_event_each() -> None:
     stream = io.StringIO()
     listener = JsonLinesListener(stream)

@@ -4,7 +4,10 @@ content and, in headless Chromium, for charts that actually render."""
 from __future__ import annotations
 
 import html
+import json
+import os
 import re
+import stat
 from pathlib import Path
 
 import pytest
@@ -250,6 +253,125 @@ def test_interrupted_run_and_deployed_run(tmp_path: Path) -> None:
     assert "DP label histograms (Gaussian noise, σ = 4)" in text
     assert "0.250" in text and "0.750" in text
     assert "withheld: policy forbids label histograms" in text
+
+
+def non_private_metrics() -> MetricsFile:
+    """What a run with `privacy.enabled = false` writes: no ε anywhere, `private` false."""
+    rounds = [r.model_copy(update={"epsilon": None}) for r in synthetic_rounds()]
+    final = FinalMetrics(
+        accuracy=rounds[-1].accuracy,
+        loss=rounds[-1].loss,
+        private=False,
+        epsilon_max=None,
+        epsilon=None,
+        delta=None,
+        model="model/round-003.safetensors",
+        model_sha256="00" * 32,
+    )
+    return MetricsFile(rounds=rounds, final=final)
+
+
+def _no_dp_manifest(folder: Path) -> Manifest:
+    manifest = synthetic_manifest(folder)
+    config = dict(manifest.config)
+    config["privacy"] = {**config["privacy"], "enabled": False}  # type: ignore[dict-item]
+    return manifest.model_copy(update={"config": config})
+
+
+def _epsilon_cells(page: str) -> list[str]:
+    """The 'max ε' column of the 'Every round' table."""
+    table = page[page.index("Every round") :]
+    headers = re.findall(r"<th>([^<]*)</th>", table)
+    column = headers.index("max ε")
+    rows = re.findall(r"<tr>((?:<td>[^<]*</td>)+)</tr>", table)
+    return [re.findall(r"<td>([^<]*)</td>", row)[column] for row in rows]
+
+
+def test_a_run_without_dp_reads_not_private_never_epsilon_zero(tmp_path: Path) -> None:
+    page = render_run_report(non_private_metrics(), _no_dp_manifest(tmp_path), None)
+    text = " ".join(_visible_text(page).split())
+    assert "max ε per node not private (trained without DP: no finite ε)" in text
+    assert "Not private: the nodes trained without differential privacy" in text
+    assert _epsilon_cells(page) == ["not private"] * 3
+    assert "0.0000" not in text and "ε after round" not in text
+
+
+def test_an_older_metrics_file_without_dp_loads_as_not_private(tmp_path: Path) -> None:
+    """metrics.json before `private` existed: ε 0.0 per node, δ null. It must still load,
+    and read as what it meant; an older file of a DP run keeps its ε."""
+    old = non_private_metrics().model_dump(mode="json")
+    zeros = dict.fromkeys(NODES, 0.0)
+    for record in old["rounds"]:
+        record["epsilon"] = zeros
+        for key in ("accuracy_per_node", "loss_per_node", "accuracy_node_mean", "loss_node_mean"):
+            del record[key]
+    del old["final"]["private"]
+    old["final"].update(epsilon_max=0.0, epsilon=zeros)
+    loaded = MetricsFile.model_validate_json(json.dumps(old))
+    assert loaded.final is not None and loaded.final.private is False
+    assert loaded.final.epsilon_max is None and loaded.final.epsilon is None
+    assert all(r.epsilon is None for r in loaded.rounds)
+    text = _visible_text(render_run_report(loaded, _no_dp_manifest(tmp_path), None))
+    assert "not private" in text and "0.0000" not in text
+
+    private = synthetic_metrics().model_dump(mode="json")
+    del private["final"]["private"]
+    again = MetricsFile.model_validate_json(json.dumps(private))
+    assert again.final is not None and again.final.private is True
+    assert again.final.epsilon_max == pytest.approx(1.52)
+    # An interrupted older run without DP: no final block, its manifest says no DP.
+    del old["final"]
+    interrupted = render_run_report(
+        MetricsFile.model_validate_json(json.dumps(old)), _no_dp_manifest(tmp_path), None
+    )
+    assert _epsilon_cells(interrupted) == ["not private"] * 3
+
+
+def test_a_final_block_cannot_claim_an_epsilon_without_dp() -> None:
+    with pytest.raises(ValueError, match="exactly when private is true"):
+        FinalMetrics(
+            accuracy=0.9,
+            loss=0.1,
+            private=False,
+            epsilon_max=0.0,
+            epsilon={"node-1": 0.0},
+            delta=None,
+            model="model/round-001.safetensors",
+            model_sha256="00" * 32,
+        )
+
+
+def test_report_shows_every_nodes_own_evaluation_and_their_mean(tmp_path: Path) -> None:
+    rounds = synthetic_rounds()
+    for record in rounds:
+        record.accuracy_per_node = {"node-1": 0.5, "node-2": 0.9, "node-3": 1.0}
+        record.loss_per_node = {"node-1": 0.8, "node-2": 0.2, "node-3": 0.05}
+        record.accuracy_node_mean = 0.8
+        record.loss_node_mean = 0.35
+    page = render_run_report(MetricsFile(rounds=rounds), synthetic_manifest(tmp_path), None)
+    text = _visible_text(page)
+    assert "Evaluation per node" in text
+    cells = dict(re.findall(r"<tr><td>(node-\d)</td><td>([0-9.]+)</td><td>[0-9.]+</td></tr>", page))
+    assert cells == {"node-1": "0.5000", "node-2": "0.9000", "node-3": "1.0000"}
+    assert "unweighted mean over nodes" in text and "0.8000" in text
+    assert "node mean accuracy" in text  # a column of every round
+    assert "accuracy_per_node" not in text  # not listed again as an unknown field
+
+
+def test_run_outputs_follow_the_umask_for_sharing(tmp_path: Path) -> None:
+    """report.html and metrics.json are for colleagues: the umask decides, not a fixed 0600."""
+    from consortia.server.outputs.run_outputs import RunOutputs
+
+    previous = os.umask(0o022)
+    try:
+        outputs = RunOutputs(tmp_path / "run")
+        outputs.write_manifest(synthetic_manifest(tmp_path))
+        outputs.metrics = synthetic_metrics(finished=False)
+        outputs.finish(synthetic_metrics().final, 1e-5)  # type: ignore[arg-type]
+    finally:
+        os.umask(previous)
+    for name in ("report.html", "metrics.json", "manifest.json", "plots/accuracy.png"):
+        assert stat.S_IMODE((tmp_path / "run" / name).stat().st_mode) == 0o644, name
 
 
 def test_rewrites_after_a_round_only_when_cheap(tmp_path: Path) -> None:

@@ -80,6 +80,70 @@ def test_json_lines_report_every_round(default_runs: tuple[Path, Path, str, str]
     assert events[-1]["out_dir"] == str(run.resolve())
 
 
+def test_every_round_has_each_nodes_own_evaluation(
+    default_runs: tuple[Path, Path, str, str],
+) -> None:
+    """Federated evaluation: each node's accuracy and loss by name, and their unweighted mean,
+    beside the pooled figure (metrics.json; `--json` carries the same records)."""
+    run, _, _, _ = default_runs
+    names = {"st-mary", "riverside", "northgate", "lakeview", "hillcrest"}
+    for record in json.loads((run / "metrics.json").read_text())["rounds"]:
+        per_node = record["accuracy_per_node"]
+        assert set(per_node) == set(record["loss_per_node"]) == names
+        assert all(0.0 <= value <= 1.0 for value in per_node.values())
+        mean = sum(per_node.values()) / len(per_node)
+        assert record["accuracy_node_mean"] == pytest.approx(mean)
+        assert min(per_node.values()) <= record["accuracy"] <= max(per_node.values())
+    assert "Evaluation per node" in (run / "report.html").read_text()
+
+
+NO_DP_SCENARIO = """
+name = "no-dp"
+seed = 3
+rounds = 2
+
+[model]
+name = "logreg"
+
+[privacy]
+enabled = false
+
+[simulation]
+nodes = 2
+
+[simulation.data]
+source = "breast_cancer"
+
+[simulation.partition]
+method = "iid"
+"""
+
+
+def test_a_run_without_dp_states_no_epsilon_anywhere(
+    tmp_path: Path, consortia_cli: CliRunner
+) -> None:
+    """Issue 18: ε was 0.0 everywhere, which reads as perfect privacy. Now: null and
+    `private: false` in metrics.json and `--json`, 'not private' in the report."""
+    from consortia.server.outputs.model_registry import list_checkpoints
+
+    (tmp_path / "no-dp.toml").write_text(NO_DP_SCENARIO)
+    result = consortia_cli("simulate", "no-dp.toml", "--out", "run", "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "run"
+    metrics = json.loads((run / "metrics.json").read_text())
+    final = metrics["final"]
+    assert final["private"] is False
+    assert final["epsilon_max"] is None and final["epsilon"] is None and final["delta"] is None
+    assert [r["epsilon"] for r in metrics["rounds"]] == [None, None]
+    assert all(len(r["accuracy_per_node"]) == 2 for r in metrics["rounds"])
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [e["epsilon"] for e in events if e["event"] == "round"] == [None, None]
+    assert events[-1]["final"]["private"] is False
+    report = (run / "report.html").read_text()
+    assert "not private" in report and "ε after round" not in report
+    assert [row.epsilon_max for row in list_checkpoints(run).checkpoints] == [None, None]
+
+
 def test_manifest_makes_the_run_reproducible(default_runs: tuple[Path, Path, str, str]) -> None:
     run, _, _, _ = default_runs
     manifest = json.loads((run / "manifest.json").read_text())

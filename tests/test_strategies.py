@@ -231,3 +231,42 @@ def test_a_server_optimiser_steps_on_the_secure_mean_as_on_the_clear_one() -> No
     for key in ("w", "b"):
         assert arrays[key].numpy().dtype == np.float32
         assert np.array_equal(arrays[key].numpy(), expected[key].numpy())
+
+
+# ------------------------------------------------------------- federated evaluation
+
+
+def _evaluation(request: Message, accuracy: float, loss: float, examples: int) -> Message:
+    """A node's evaluate reply as client/app.py's `evaluate` sends it."""
+    metrics = MetricRecord({p.WEIGHT: examples, p.EVAL_LOSS: loss, p.EVAL_ACCURACY: accuracy})
+    return Message(RecordDict({p.METRICS_KEY: metrics}), reply_to=request)
+
+
+def test_federated_evaluation_records_every_node_by_name_and_their_unweighted_mean() -> None:
+    """The deployed and the simulated coordinator share this aggregation: the pooled figure
+    weighs test records, the per-node figures and their mean weigh every node once."""
+    strategy, run_log = _strategy()
+    requests = list(
+        strategy.configure_evaluate(1, _global(), ConfigRecord({p.TASK_KEY: "{}"}), None)
+    )  # type: ignore[arg-type]
+    by_name = dict(zip(NAMES, IDS, strict=True))
+    request = {
+        name: next(r for r in requests if r.metadata.dst_node_id == node)
+        for name, node in by_name.items()
+    }
+    replies = [
+        _evaluation(request["delta"], 0.5, 1.2, 100),
+        _evaluation(request["alpha"], 1.0, 0.1, 300),
+        Message(Error(code=0, reason="disk full"), reply_to=request["bravo"]),
+        _evaluation(request["charlie"], 0.75, 0.5, 100),
+    ]
+    strategy.aggregate_evaluate(1, replies)
+    record = run_log.close(1, 0.0)
+    assert record.accuracy_per_node == {"alpha": 1.0, "charlie": 0.75, "delta": 0.5}
+    assert record.loss_per_node == {"alpha": 0.1, "charlie": 0.5, "delta": 1.2}
+    assert record.accuracy_node_mean == pytest.approx(0.75)
+    assert record.loss_node_mean == pytest.approx(0.6)
+    assert record.accuracy == pytest.approx((300 * 1.0 + 100 * 0.75 + 100 * 0.5) / 500)  # pooled
+    assert [f.node for f in record.failures] == ["bravo"]
+    dumped = record.model_dump(mode="json")  # metrics.json and --json carry them by those names
+    assert dumped["accuracy_per_node"]["alpha"] == 1.0 and dumped["accuracy_node_mean"] == 0.75

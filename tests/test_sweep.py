@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
+import os
+import re
+import stat
 import statistics
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import pytest
 from conftest import CliRunner, one_cli_error
 from rich.console import Console
@@ -13,10 +19,15 @@ from test_report import SWEEP_ACCURACY, synthetic_sweep, tiny_scenario, write_ru
 
 from consortia.common.config_io import LoadedScenario, load_scenario
 from consortia.common.errors import ConfigError, FederationError, PrivacyError
+from consortia.server.outputs.metrics_file import FinalMetrics, MetricsFile
+from consortia.server.outputs.plots import CurvePoint, NonPrivatePoint, privacy_utility_figure
 from consortia.server.outputs.report import REPORT_FILE
+from consortia.server.rounds.run_log import RoundRecord
 from consortia.simulations.sweep import (
     CURVE_FILE,
     SWEEP_CSV,
+    curves,
+    non_private_points,
     parse_axis,
     plan_runs,
     sweep_spec,
@@ -169,6 +180,113 @@ def test_a_failed_run_is_recorded_and_the_sweep_goes_on(tmp_path: Path) -> None:
     assert [run["error"] for run in sweep["runs"]] == ["ε = 0.5 is out of reach", None]
     assert sweep["points"][0]["accuracy_mean"] is None
     assert sweep["points"][1]["accuracy_mean"] == 0.9
+
+
+def _write_run(out_dir: Path, loaded: LoadedScenario) -> None:
+    """A finished run's metrics.json as the run would write it, with or without DP."""
+    privacy = loaded.config.privacy
+    if privacy.enabled:
+        write_run_metrics(out_dir, 0.955, 1.5)
+        return
+    out_dir.mkdir(parents=True)
+    metrics = MetricsFile(
+        rounds=[RoundRecord(round=1, accuracy=0.973, epsilon=None)],
+        final=FinalMetrics(
+            accuracy=0.973,
+            loss=0.1,
+            private=False,
+            epsilon_max=None,
+            epsilon=None,
+            delta=None,
+            model="model/round-001.safetensors",
+            model_sha256="00" * 32,
+        ),
+    )
+    (out_dir / "metrics.json").write_text(metrics.model_dump_json())
+
+
+def test_a_sweep_over_dp_on_and_off_never_shows_the_run_without_dp_at_epsilon_zero(
+    tmp_path: Path,
+) -> None:
+    """sweep.json, sweep.csv, the curve's points, the report and the terminal table all say
+    'not private' (null, empty, a separate line), never ε = 0 (issue 18)."""
+    from consortia.cli.sweep import run_sweep
+
+    out = io.StringIO()
+    loaded = load_scenario(tiny_scenario(tmp_path))
+    run_sweep(
+        Console(file=out, width=160),
+        loaded,
+        tmp_path / "s",
+        ["privacy.enabled=true,false"],
+        1,
+        simulate=lambda config, out_dir, listener: _write_run(out_dir, config),
+    )
+    sweep_dir = tmp_path / "s"
+    raw = json.loads((sweep_dir / SWEEP_FILE).read_text())
+    on, off = raw["points"]
+    assert on["private"] is True and on["epsilon_max_mean"] == 1.5
+    assert off["private"] is False and off["accuracy_mean"] == 0.973
+    assert off["epsilon_max_mean"] is None and off["epsilon_max_std"] is None
+    assert [(r["private"], r["epsilon_max"]) for r in raw["runs"]] == [(True, 1.5), (False, None)]
+
+    rows = list(csv.DictReader(io.StringIO((sweep_dir / SWEEP_CSV).read_text())))
+    assert [row["private"] for row in rows] == ["true", "false"]
+    assert rows[1]["epsilon_max_mean"] == "" and rows[1]["epsilon_max_std"] == ""
+    assert rows[1]["accuracy_mean"] == "0.973"
+
+    sweep = SweepFile.model_validate(raw)
+    assert {
+        label: [(p.epsilon, p.accuracy) for p in points] for label, points in curves(sweep).items()
+    } == {"": [(1.5, 0.955)]}
+    assert non_private_points(sweep) == [
+        NonPrivatePoint(label="", accuracy=0.973, accuracy_std=0.0)
+    ]
+    figure = privacy_utility_figure(curves(sweep), non_private_points(sweep))
+    try:
+        (ax,) = figure.axes
+        markers = [line for line in ax.lines if line.get_marker() == "o"]
+        plotted = [(x, y) for line in markers for x, y in zip(*line.get_data(), strict=True)]
+        assert plotted == [(1.5, 0.955)]  # the run without DP is no point, at ε = 0 or anywhere
+        labels = ax.get_legend_handles_labels()[1]
+        assert labels == ["not private (no ε)"]
+        (dashed,) = [line for line in ax.lines if line.get_label() == labels[0]]
+        assert set(dashed.get_ydata()) == {0.973} and dashed.get_linestyle() == "--"
+    finally:
+        plt.close(figure)
+
+    report = " ".join(re.sub(r"<[^>]+>", " ", (sweep_dir / REPORT_FILE).read_text()).split())
+    assert "False 1/1 0.9730 n/a not private" in report  # the point's row
+    assert "not private" in report.split("Runs", 1)[1]  # the run's row
+    table = " ".join(out.getvalue().split())
+    assert "not private" in table and "0.0000" not in table
+
+
+def test_privacy_utility_axis_is_accuracy_0_to_1_not_zoomed_to_the_points() -> None:
+    """A one-seed 2-point difference (0.955 vs 0.973) must not fill the plot like a collapse."""
+    points = [
+        CurvePoint(epsilon=1.0, epsilon_std=0.0, accuracy=0.955, accuracy_std=0.0),
+        CurvePoint(epsilon=8.0, epsilon_std=0.0, accuracy=0.973, accuracy_std=0.004),
+    ]
+    figure = privacy_utility_figure({"": points})
+    try:
+        (ax,) = figure.axes
+        assert ax.get_ylim() == (0.0, 1.0)
+        assert ax.get_ylabel() == "final accuracy"
+        caps = [c for c in ax.containers if c.has_yerr]  # error bars over seeds, where there are
+        assert caps
+    finally:
+        plt.close(figure)
+
+
+def test_sweep_files_follow_the_umask(tmp_path: Path) -> None:
+    previous = os.umask(0o027)
+    try:
+        sweep_dir = synthetic_sweep(tmp_path)
+    finally:
+        os.umask(previous)
+    for name in (SWEEP_FILE, SWEEP_CSV, CURVE_FILE, REPORT_FILE):
+        assert stat.S_IMODE((sweep_dir / name).stat().st_mode) == 0o640, name
 
 
 # ------------------------------------------------------------------ the CLI

@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from consortia.common.atomic import write_bytes_atomic
+from consortia.common.atomic import FileAccess, write_bytes_atomic
 from consortia.common.errors import FederationError
 from consortia.server.coordinator.config import CoordinatorConfig
 
@@ -93,7 +93,7 @@ def run_dir(config: CoordinatorConfig, run_id: int) -> Path:
 
 def keep_job_text(out_dir: Path, text: str) -> None:
     """Keep the job text beside the run's outputs: `job resume` resubmits exactly this."""
-    write_bytes_atomic(out_dir / JOB_COPY, text.encode("utf-8"))
+    write_bytes_atomic(out_dir / JOB_COPY, text.encode("utf-8"), FileAccess.UMASK)
 
 
 def resumable_run(config: CoordinatorConfig, run_id: int) -> tuple[Path, str, str]:
@@ -113,6 +113,8 @@ def resumable_run(config: CoordinatorConfig, run_id: int) -> tuple[Path, str, st
 
 def describe_run_dir(config: CoordinatorConfig, run_id: int) -> list[str]:
     """What the run's folder says: rounds done, last accuracy, ε per node, final model."""
+    from consortia.server.rounds.run_log import NOT_PRIVATE  # imports Flower: only when asked
+
     folder = run_dir(config, run_id)
     metrics = _metrics(folder)
     if metrics is None:
@@ -122,11 +124,16 @@ def describe_run_dir(config: CoordinatorConfig, run_id: int) -> list[str]:
     if rounds:
         last = rounds[-1]
         accuracy = last.get("accuracy")
+        epsilon = last.get("epsilon", {})
         lines.append(
             f"round {last['round']}: accuracy "
             + ("n/a" if accuracy is None else f"{accuracy:.4f}")
-            + ", ε per node "
-            + ", ".join(f"{k} {v:.4f}" for k, v in sorted(last.get("epsilon", {}).items()))
+            + ", "
+            + (
+                NOT_PRIVATE  # null: trained without DP, no finite ε
+                if epsilon is None
+                else "ε per node " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(epsilon.items()))
+            )
         )
     final = metrics.get("final")
     if final is not None:

@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors import SafetensorError
 from safetensors.numpy import load, save
 
-from consortia.common.atomic import write_bytes_atomic
+from consortia.common.atomic import FileAccess, write_bytes_atomic
 from consortia.common.errors import FederationError
 from consortia.common.privacy import Release
 from consortia.server.outputs.manifest import Manifest
@@ -119,7 +119,11 @@ def write_checkpoint(run_dir: Path, checkpoint: RoundCheckpoint) -> Path:
     tensors = checkpoint.tensors()
     doc = checkpoint.doc.model_copy(update={"tensors_sha256": tensors_sha256(tensors)})
     path = checkpoint_file(run_dir, doc.round)
-    write_bytes_atomic(path, save(tensors, metadata={METADATA_KEY: doc.model_dump_json()}))
+    write_bytes_atomic(
+        path,
+        save(tensors, metadata={METADATA_KEY: doc.model_dump_json()}),
+        FileAccess.UMASK,
+    )
     return path
 
 

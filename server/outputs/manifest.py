@@ -46,6 +46,12 @@ class Manifest(BaseModel):
     label_skew: LabelSkew | None = None
     feature_scaling: FeatureScaling | None = None
 
+    @property
+    def private(self) -> bool:
+        """The run trains with DP (`privacy.enabled`); without it no node has a finite ε."""
+        privacy = self.config.get("privacy")
+        return not isinstance(privacy, dict) or privacy.get("enabled", True) is not False
+
 
 def build_manifest(
     run_name: str,

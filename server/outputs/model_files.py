@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save
 
-from consortia.common.atomic import write_bytes_atomic
+from consortia.common.atomic import FileAccess, write_bytes_atomic
 
 
 def model_path(model_dir: Path, server_round: int) -> Path:
@@ -28,7 +28,7 @@ def model_file_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
 
 def write_model_file(model_dir: Path, server_round: int, data: bytes) -> Path:
     path = model_path(model_dir, server_round)
-    write_bytes_atomic(path, data)
+    write_bytes_atomic(path, data, FileAccess.UMASK)
     return path
 
 

@@ -19,7 +19,7 @@ import torch
 from pydantic import BaseModel
 from torch import nn
 
-from consortia.common.atomic import write_bytes_atomic
+from consortia.common.atomic import FileAccess, write_bytes_atomic
 from consortia.common.config import JobConfig
 from consortia.common.errors import ConsortiaError
 from consortia.common.models import architecture_hash, build_model
@@ -43,8 +43,8 @@ class CheckpointSummary(BaseModel):
     rounds_planned: int
     accuracy: float | None
     loss: float | None
-    epsilon: dict[str, float]
-    epsilon_max: float
+    epsilon: dict[str, float] | None  # None: the run trains without DP (no finite ε)
+    epsilon_max: float | None
     manifest_sha256: str
     model_sha256: str
     path: Path
@@ -84,6 +84,7 @@ def list_checkpoints(path: Path) -> Listing:
 def summarize(run_dir: Path, checkpoint: RoundCheckpoint) -> CheckpointSummary:
     doc = checkpoint.doc
     last = doc.records[-1] if doc.records else None
+    epsilon = doc.epsilon if doc.manifest.private else None
     return CheckpointSummary(
         run=run_dir.name,
         run_dir=run_dir,
@@ -91,8 +92,8 @@ def summarize(run_dir: Path, checkpoint: RoundCheckpoint) -> CheckpointSummary:
         rounds_planned=doc.rounds_planned,
         accuracy=last.accuracy if last else None,
         loss=last.loss if last else None,
-        epsilon=doc.epsilon,
-        epsilon_max=max(doc.epsilon.values(), default=0.0),
+        epsilon=epsilon,
+        epsilon_max=None if epsilon is None else max(epsilon.values(), default=0.0),
         manifest_sha256=doc.manifest_sha256,
         model_sha256=doc.model_sha256,
         path=checkpoint_file(run_dir, doc.round),
@@ -154,7 +155,7 @@ def export_state_dict(run_dir: Path, server_round: int | None, out: Path) -> Exp
         raise ConsortiaError(f"{out}: is a folder; give a file name such as model.pt")
     buffer = io.BytesIO()
     torch.save(state, buffer)
-    write_bytes_atomic(out, buffer.getvalue())
+    write_bytes_atomic(out, buffer.getvalue(), FileAccess.UMASK)
     return Export(
         path=out,
         tensors=len(state),

@@ -17,10 +17,12 @@ import matplotlib
 
 matplotlib.use("Agg")  # headless: coordinators and CI have no display
 import matplotlib.pyplot as plt
+from matplotlib.colors import to_hex
+from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from consortia.common.atomic import write_bytes_atomic
-from consortia.server.rounds.run_log import RoundRecord
+from consortia.common.atomic import FileAccess, write_bytes_atomic
+from consortia.server.rounds.run_log import NOT_PRIVATE, RoundRecord
 
 _DPI = 100
 _MAX_BARS = 40  # nodes in a bar chart of label shares; more get a heat map
@@ -31,7 +33,9 @@ def write_plots(plots_dir: Path, rounds: list[RoundRecord], delta: float | None)
     plots_dir.mkdir(parents=True, exist_ok=True)
     figures = {"accuracy.png": accuracy_png(rounds), "epsilon.png": epsilon_png(rounds, delta)}
     for name, png in figures.items():
-        write_bytes_atomic(plots_dir / name, png)  # a crash never leaves half a PNG
+        write_bytes_atomic(
+            plots_dir / name, png, FileAccess.UMASK
+        )  # a crash never leaves half a PNG
     return [plots_dir / name for name in figures]
 
 
@@ -73,17 +77,29 @@ def _accuracy_axes(ax: plt.Axes, rounds: list[RoundRecord]) -> None:
 
 def epsilon_png(rounds: list[RoundRecord], delta: float | None) -> bytes:
     fig, ax = plt.subplots(figsize=(6, 4))
-    names = sorted({name for r in rounds for name in r.epsilon})
+    private = [(r.round, r.epsilon) for r in rounds if r.epsilon is not None]
+    names = sorted({name for _, epsilon in private for name in epsilon})
     for name in names:
         ax.plot(
-            [r.round for r in rounds],
-            [r.epsilon.get(name, 0.0) for r in rounds],
+            [server_round for server_round, _ in private],
+            [epsilon.get(name, 0.0) for _, epsilon in private],
             label=name,
             marker="." if len(rounds) <= 50 else None,  # a lone round is a point, not a line
         )
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     title = "Privacy spent per node" + (f" (δ = {delta:g})" if delta else "")
     ax.set(xlabel="round", ylabel="ε so far", title=title)
+    if rounds and not private:  # a run without DP: say so, rather than an empty (or 0) curve
+        ax.text(
+            0.5,
+            0.5,
+            f"{NOT_PRIVATE}: no finite ε",
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+            fontsize="large",
+            color="#b22222",
+        )
     if 0 < len(names) <= 12:
         ax.legend(fontsize="small")
     ax.grid(alpha=0.3)
@@ -152,13 +168,40 @@ class CurvePoint:
     accuracy_std: float
 
 
-def privacy_utility_png(curves: Mapping[str, Sequence[CurvePoint]]) -> bytes:
-    """Accuracy against the ε actually spent, with error bars over seeds; one line per curve."""
+@dataclass(frozen=True)
+class NonPrivatePoint:
+    """A grid point trained without DP: an accuracy with no ε, drawn apart from the curves."""
+
+    label: str  # its settings, as a curve's label names them ("" when there is nothing to say)
+    accuracy: float
+    accuracy_std: float
+
+
+def privacy_utility_png(
+    curves: Mapping[str, Sequence[CurvePoint]],
+    non_private: Sequence[NonPrivatePoint] = (),
+) -> bytes:
+    """Accuracy against the ε actually spent (privacy_utility_figure), as PNG."""
+    return _png(privacy_utility_figure(curves, non_private))
+
+
+def privacy_utility_figure(
+    curves: Mapping[str, Sequence[CurvePoint]], non_private: Sequence[NonPrivatePoint] = ()
+) -> Figure:
+    """Accuracy against the ε actually spent, with error bars over seeds; one line per curve.
+
+    Accuracy runs from 0 to 1 whatever the data: zoomed to the points, a
+    one-seed difference of two points would fill the plot and read as a
+    collapse. Runs without DP have no ε: each is a dashed horizontal line
+    at its accuracy (band: ± std over seeds), labelled "not private", never
+    a point at ε = 0.
+    """
     fig, ax = plt.subplots(figsize=(7, 4.2))
     xs_all = [p.epsilon for points in curves.values() for p in points]
+    colours: dict[str, str] = {}  # a curve's colour, for its settings' run without DP
     for label, points in curves.items():
         ordered = sorted(points, key=lambda p: p.epsilon)
-        ax.errorbar(
+        drawn = ax.errorbar(
             [p.epsilon for p in ordered],
             [p.accuracy for p in ordered],
             xerr=[p.epsilon_std for p in ordered],
@@ -167,17 +210,29 @@ def privacy_utility_png(curves: Mapping[str, Sequence[CurvePoint]]) -> bytes:
             capsize=4,
             label=label or None,
         )
+        colours[label] = to_hex(drawn.lines[0].get_color())
+    for point in non_private:
+        line = ax.axhline(point.accuracy, linestyle="--", color=colours.get(point.label, "0.35"))
+        if point.accuracy_std > 0:
+            ax.axhspan(
+                point.accuracy - point.accuracy_std,
+                point.accuracy + point.accuracy_std,
+                color=line.get_color(),
+                alpha=0.12,
+            )
+        line.set_label(f"{NOT_PRIVATE} (no ε)" + (f": {point.label}" if point.label else ""))
     if xs_all and min(xs_all) > 0 and max(xs_all) / min(xs_all) >= 10:
         ax.set_xscale("log")
     ax.set(
         xlabel="max ε per node (mean over seeds)",
         ylabel="final accuracy",
         title="Privacy–utility trade-off",
+        ylim=(0, 1),
     )
-    if any(curves) and len(curves) <= 12:
+    if 0 < len(curves) + len(non_private) <= 12 and ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize="small")
     ax.grid(alpha=0.3, which="both")
-    return _png(fig)
+    return fig
 
 
 def estimates_png(
@@ -221,7 +276,7 @@ def shift_heatmap_png(
 
 
 def finite(value: float | None) -> float:
-    """A plottable number: None and NaN become 0 (a missing error bar, a run without ε)."""
+    """A plottable error bar: None and NaN (fewer than two seeds) become 0."""
     return 0.0 if value is None or math.isnan(value) else value
 
 

@@ -19,13 +19,13 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, Field
 
-from consortia.common.atomic import write_bytes_atomic
+from consortia.common.atomic import FileAccess, write_bytes_atomic
 from consortia.common.membership import PrivacyAudit, read_audit
 from consortia.common.protocol import FailureKind
 from consortia.server.outputs import html_page as h
 from consortia.server.outputs import plots
 from consortia.server.outputs.manifest import Manifest
-from consortia.server.rounds.run_log import NodeFailure, RoundRecord
+from consortia.server.rounds.run_log import NOT_PRIVATE, NodeFailure, RoundRecord
 
 if TYPE_CHECKING:
     from consortia.server.outputs.metrics_file import MetricsFile
@@ -49,6 +49,10 @@ _ROUND_FIELDS = frozenset(
         "train_loss",
         "seconds",
         "quantization_error",  # a column of "Every round" when secure aggregation ran
+        "accuracy_per_node",  # federated evaluation node by node: its own section
+        "loss_per_node",
+        "accuracy_node_mean",
+        "loss_node_mean",
     }
 )
 
@@ -137,7 +141,7 @@ class RunReport:
         page = render_run_report(
             metrics, self.manifest, self.labels, self._label_png, audit_dir=self.path.parent
         )
-        write_bytes_atomic(self.path, page.encode("utf-8"))
+        write_bytes_atomic(self.path, page.encode("utf-8"), FileAccess.UMASK)
         self._written_at = time.monotonic()
         self._cost_s = self._written_at - started
         return self.path
@@ -152,6 +156,10 @@ def render_run_report(
 ) -> str:
     """The whole page as one string (label_png: the label chart, if already rendered;
     audit_dir: the run folder, whose privacy-audit.json, if any, gets a section)."""
+    if not _private(metrics, manifest):
+        # An older file of a run without DP may hold ε 0.0 per round: no ε is what it means.
+        rounds = [r.model_copy(update={"epsilon": None}) for r in metrics.rounds]
+        metrics = metrics.model_copy(update={"rounds": rounds})
     rounds = metrics.rounds
     title = manifest.run_name if manifest is not None else "run"
     if labels is not None and label_png is None:
@@ -164,6 +172,7 @@ def render_run_report(
             if rounds
             else h.note("No round has finished yet."),
         ),
+        _node_evaluation_section(rounds),
         _epsilon_section(metrics, manifest),
         _labels_section(labels, label_png),
         _failures_section(rounds),
@@ -186,11 +195,15 @@ def _run_summary(metrics: MetricsFile, manifest: Manifest | None) -> str:
     last = metrics.rounds[-1] if metrics.rounds else None
     accuracy = final.accuracy if final is not None else last.accuracy if last else None
     rows.append(("accuracy", h.number(accuracy)))
-    epsilon = max(last.epsilon.values(), default=0.0) if last is not None else None
+    if last is not None and last.accuracy_node_mean is not None:
+        rows.append(("accuracy, unweighted mean over nodes", h.number(last.accuracy_node_mean)))
     delta = _delta(manifest)
-    rows.append(
-        ("max ε per node", h.number(epsilon) + (f" at δ = {delta:g}" if delta is not None else ""))
-    )
+    if not _private(metrics, manifest):
+        rows.append(("max ε per node", f"{NOT_PRIVATE} (trained without DP: no finite ε)"))
+    else:
+        epsilon = last.epsilon_max if last is not None else None
+        at = f" at δ = {delta:g}" if delta is not None else ""
+        rows.append(("max ε per node", h.number(epsilon) + at))
     if manifest is not None:
         rows.append(("scenario", manifest.scenario_source))
         rows.append(("started (UTC)", manifest.created_utc))
@@ -204,6 +217,15 @@ def _epsilon_section(metrics: MetricsFile, manifest: Manifest | None) -> str:
         return h.section("Privacy spent (ε) per node", h.note("No round has finished yet."))
     delta = _delta(manifest)
     last = rounds[-1].epsilon
+    if last is None:
+        return h.section(
+            "Privacy spent (ε) per node",
+            h.note(
+                f"{NOT_PRIVATE.capitalize()}: the nodes trained without differential privacy, "
+                "so no ε bounds what the models reveal about any record (ε is not 0, it does "
+                "not exist)."
+            ),
+        )
     table = h.table(
         ["node", f"ε after round {rounds[-1].round}"],
         [[name, f"{value:.4f}"] for name, value in sorted(last.items())],
@@ -218,6 +240,34 @@ def _epsilon_section(metrics: MetricsFile, manifest: Manifest | None) -> str:
     body = h.figure(plots.epsilon_png(rounds, delta), "ε per node per round") + note
     body += h.folded(table, len(last), "nodes")
     return h.section("Privacy spent (ε) per node", body)
+
+
+def _node_evaluation_section(rounds: list[RoundRecord]) -> str:
+    """Federated evaluation node by node: every site's own figures, beside the pooled one."""
+    evaluated = [r for r in rounds if r.accuracy_per_node or r.loss_per_node]
+    if not evaluated:
+        return ""  # centralized or no evaluation: there is no per-node figure
+    last = evaluated[-1]
+    names = sorted({*last.accuracy_per_node, *last.loss_per_node})
+    rows = [
+        [name, h.number(last.accuracy_per_node.get(name)), h.number(last.loss_per_node.get(name))]
+        for name in names
+    ]
+    rows.append(
+        [
+            "unweighted mean over nodes",
+            h.number(last.accuracy_node_mean),
+            h.number(last.loss_node_mean),
+        ]
+    )
+    rows.append(["pooled (weighted by test records)", h.number(last.accuracy), h.number(last.loss)])
+    body = h.note(
+        f"Each node's accuracy and loss on its own test split in round {last.round}; the "
+        "unweighted mean counts every node once, the pooled figure counts every test record "
+        "once (large sites weigh more). metrics.json has them for every round."
+    )
+    table = h.table(["node", "accuracy", "loss"], rows)
+    return h.section("Evaluation per node", body + h.folded(table, len(rows), "nodes"))
 
 
 def _labels_section(labels: LabelMix | None, label_png: bytes | None) -> str:
@@ -405,13 +455,15 @@ def _manifest_section(manifest: Manifest | None) -> str:
 def _rounds_section(rounds: list[RoundRecord]) -> str:
     """One row a round; secure-aggregation runs add the fixed-point error of each mean."""
     secure = any(r.quantization_error is not None for r in rounds)
+    per_node = any(r.accuracy_node_mean is not None for r in rounds)
     rows = [
         [
             str(r.round),
             h.number(r.accuracy),
+            *([h.number(r.accuracy_node_mean)] if per_node else []),
             h.number(r.loss),
             h.number(r.train_loss),
-            h.number(max(r.epsilon.values(), default=None)),
+            NOT_PRIVATE if r.epsilon is None else h.number(max(r.epsilon.values(), default=None)),
             str(len(r.participants)),
             str(len(r.failures)),
             h.number(r.seconds, "{:.2f}"),
@@ -419,11 +471,21 @@ def _rounds_section(rounds: list[RoundRecord]) -> str:
         ]
         for r in rounds
     ]
-    headers = ["round", "accuracy", "loss", "train loss", "max ε", "used", "failures", "seconds"]
+    headers = ["round", "accuracy", *(["node mean accuracy"] if per_node else [])]
+    headers += ["loss", "train loss", "max ε", "used", "failures", "seconds"]
     if secure:
         headers.append("secure-aggregation error")
     body = f"<details><summary>{len(rounds)} rounds</summary>{h.table(headers, rows)}</details>"
     return h.section("Every round", body)
+
+
+def _private(metrics: MetricsFile, manifest: Manifest | None) -> bool:
+    """Whether the run trains with DP: its final block says, else its manifest, else its rounds."""
+    if metrics.final is not None:
+        return metrics.final.private
+    if manifest is not None:
+        return manifest.private
+    return all(r.epsilon is not None for r in metrics.rounds)
 
 
 def _delta(manifest: Manifest | None) -> float | None:

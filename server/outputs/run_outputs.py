@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from consortia.common.atomic import write_json_atomic
+from consortia.common.atomic import FileAccess, write_json_atomic
 from consortia.common.errors import FederationError
 from consortia.server.outputs.checkpoint import (
     RoundCheckpoint,
@@ -51,7 +51,7 @@ class RunOutputs:
     def write_manifest(self, manifest: Manifest) -> str:
         """Write manifest.json; return the sha256 of the file (checkpoints name it)."""
         path = self.root / MANIFEST_FILE
-        write_json_atomic(path, manifest.model_dump(mode="json"))
+        write_json_atomic(path, manifest.model_dump(mode="json"), FileAccess.UMASK)
         self.report.set_manifest(manifest)
         return file_sha256(path)
 
@@ -110,7 +110,9 @@ class RunOutputs:
         self.report.write(self.metrics)
 
     def _write_metrics(self) -> None:
-        write_json_atomic(self.root / METRICS_FILE, self.metrics.model_dump(mode="json"))
+        write_json_atomic(
+            self.root / METRICS_FILE, self.metrics.model_dump(mode="json"), FileAccess.UMASK
+        )
 
 
 def rewrite_report(run_dir: Path, label_counts: LabelCounts | None = None) -> Path:

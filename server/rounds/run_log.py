@@ -31,6 +31,9 @@ _DEFENCES = {
     FailureKind.SECAGG_DROPOUT: "update_checks",
 }
 _CHUNK = 1 << 14  # coordinates per block when ranking updates for `kept_shares`
+# How a run trained without DP states its ε, in every text and figure: it has no finite ε,
+# and 0 (perfect privacy) is the one number it must never be read as.
+NOT_PRIVATE = "not private"
 
 
 class NodeFailure(BaseModel):
@@ -61,9 +64,16 @@ class RoundRecord(BaseModel):
     """One finished round: metrics.json holds a list of these."""
 
     round: int
-    accuracy: float | None = None
+    accuracy: float | None = Field(
+        default=None,
+        description="federated evaluation: pooled over the nodes' test records (a large test "
+        "set weighs more); centralized: on the coordinator's test set",
+    )
     loss: float | None = None
-    epsilon: dict[str, float] = Field(default_factory=dict)
+    epsilon: dict[str, float] | None = Field(
+        default_factory=dict,
+        description="each node's ε so far; None: the run trains without DP (no finite ε)",
+    )
     participants: list[str] = Field(default_factory=list)
     failures: list[NodeFailure] = Field(default_factory=list)
     train_loss: float | None = None
@@ -95,6 +105,24 @@ class RoundRecord(BaseModel):
     quantization_error: float | None = Field(
         default=None, description="largest fixed-point error of the mean update, per entry"
     )
+    # Federated evaluation, node by node (empty with centralized or no evaluation).
+    accuracy_per_node: dict[str, float] = Field(
+        default_factory=dict, description="each evaluating node's accuracy on its own test split"
+    )
+    loss_per_node: dict[str, float] = Field(
+        default_factory=dict, description="each evaluating node's loss on its own test split"
+    )
+    accuracy_node_mean: float | None = Field(
+        default=None, description="unweighted mean of accuracy_per_node: each node counts once"
+    )
+    loss_node_mean: float | None = Field(
+        default=None, description="unweighted mean of loss_per_node: each node counts once"
+    )
+
+    @property
+    def epsilon_max(self) -> float | None:
+        """The largest ε any node has spent so far; None when the run trains without DP."""
+        return None if self.epsilon is None else max(self.epsilon.values(), default=0.0)
 
 
 class RunLog:
@@ -108,8 +136,13 @@ class RunLog:
     lived in the interrupted process.
     """
 
-    def __init__(self, roster: Roster, adversaries: Iterable[str] = ()) -> None:
-        self.epsilon: dict[str, float] = dict.fromkeys(roster.names, 0.0)
+    def __init__(
+        self, roster: Roster, adversaries: Iterable[str] = (), *, private: bool = True
+    ) -> None:
+        """`private`: the job trains with DP. Without it no node has a finite ε, and every
+        record says so (`epsilon` None) instead of a 0 that reads as perfect privacy."""
+        self.private = private
+        self.epsilon: dict[str, float] = dict.fromkeys(roster.names, 0.0) if private else {}
         self.releases: dict[str, list[Release]] = {name: [] for name in roster.names}
         self.adversaries = frozenset(adversaries)  # a simulation's Byzantine nodes, by name
         self._current: dict[int, RoundRecord] = {}
@@ -155,6 +188,16 @@ class RunLog:
         record = self.current(server_round)
         record.loss, record.accuracy = loss, accuracy
 
+    def record_node_evaluation(
+        self, server_round: int, accuracy: dict[str, float], loss: dict[str, float]
+    ) -> None:
+        """Each node's own federated-evaluation figures, and their unweighted means."""
+        record = self.current(server_round)
+        record.accuracy_per_node = dict(sorted(accuracy.items()))
+        record.loss_per_node = dict(sorted(loss.items()))
+        record.accuracy_node_mean = _mean(accuracy.values())
+        record.loss_node_mean = _mean(loss.values())
+
     def record_failures(self, server_round: int, failures: list[NodeFailure]) -> None:
         self.current(server_round).failures.extend(failures)
 
@@ -165,13 +208,18 @@ class RunLog:
     def close(self, server_round: int, seconds: float) -> RoundRecord:
         """Finish the round's record and hand it out."""
         record = self._current.pop(server_round, RoundRecord(round=server_round))
-        record.epsilon = dict(self.epsilon)
+        record.epsilon = dict(self.epsilon) if self.private else None
         record.seconds = seconds
         _file_faults(record)
         record.rejected = {name: sorted(set(nodes)) for name, nodes in record.rejected.items()}
         sent_update = set(record.participants).union(*record.rejected.values())
         record.adversaries = sorted(self.adversaries & sent_update)
         return record
+
+
+def _mean(values: Iterable[float]) -> float | None:
+    listed = list(values)
+    return sum(listed) / len(listed) if listed else None
 
 
 def _file_faults(record: RoundRecord) -> None:

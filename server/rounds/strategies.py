@@ -327,6 +327,11 @@ class ConsortiaStrategy(FedAvg):
         self.run_log.record_evaluation(
             server_round, _metric(metrics, p.EVAL_LOSS), _metric(metrics, p.EVAL_ACCURACY)
         )
+        self.run_log.record_node_evaluation(
+            server_round,
+            accuracy=_per_node(accepted, p.EVAL_ACCURACY),
+            loss=_per_node(accepted, p.EVAL_LOSS),
+        )
         return metrics
 
     def _screen(
@@ -401,6 +406,19 @@ def _metric(metrics: MetricRecord | None, key: str) -> float | None:
         return None
     value = metrics[key]
     return float(value) if isinstance(value, int | float) else None
+
+
+def _per_node(accepted: Accepted, key: str) -> dict[str, float]:
+    """Each accepted evaluate reply's own `key` figure, by node name (nodes without it left out).
+
+    The pooled figure weighs nodes by their test-set size; these let a reader
+    see every site's own result, and their unweighted mean (run_log).
+    """
+    figures = {
+        name: _metric(reply.content.metric_records.get(p.METRICS_KEY), key)
+        for name, reply in accepted
+    }
+    return {name: value for name, value in figures.items() if value is not None}
 
 
 def _in_model_dtypes(

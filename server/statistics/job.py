@@ -21,7 +21,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from consortia.common import protocol as p
-from consortia.common.atomic import write_bytes_atomic, write_json_atomic
+from consortia.common.atomic import FileAccess, write_bytes_atomic, write_json_atomic
 from consortia.common.config import JobConfig, ScenarioConfig, StatisticsConfig
 from consortia.common.config_io import LoadedConfig
 from consortia.common.errors import ConsortiaError, FederationError
@@ -101,9 +101,9 @@ def write_statistics(out_dir: Path, result: StatisticsFile) -> None:
     from consortia.server.statistics.page import render_statistics_report
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out_dir / STATS_JSON, result.model_dump(mode="json"))
+    write_json_atomic(out_dir / STATS_JSON, result.model_dump(mode="json"), FileAccess.UMASK)
     page = render_statistics_report(result)
-    write_bytes_atomic(out_dir / STATS_HTML, page.encode("utf-8"))
+    write_bytes_atomic(out_dir / STATS_HTML, page.encode("utf-8"), FileAccess.UMASK)
 
 
 def read_statistics(path: Path) -> StatisticsFile:
