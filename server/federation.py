@@ -32,7 +32,7 @@ from consortia.common.config_io import LoadedConfig
 from consortia.common.errors import FederationError
 from consortia.common.evaluation import evaluate_model
 from consortia.common.models import architecture_hash, build_model
-from consortia.common.privacy import Release, histogram_release
+from consortia.common.privacy import Release, epsilon, histogram_release
 from consortia.common.scaling import FeatureScaling
 from consortia.common.weights import load_arrays, model_to_arrays
 from consortia.server.outputs.checkpoint import CheckpointDoc, RoundCheckpoint
@@ -167,7 +167,16 @@ def run_federation(
         run = _RunFacts(
             config, manifest, outputs.write_manifest(manifest), feature_shape, num_classes
         )
-        run_log.record_releases(_histogram_releases(roster, job))
+        histograms = _histogram_releases(roster, job)
+        run_log.record_releases(histograms)
+        if job.privacy.enabled:  # spent before round 1: a node's ε is not 0 until it trains
+            privacy = job.privacy
+            run_log.record_spent(
+                {
+                    name: epsilon([release], privacy.delta, privacy.accountant)
+                    for name, release in histograms.items()
+                }
+            )
         arrays = model_to_arrays(model)
         last_model = None
     else:

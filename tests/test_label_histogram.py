@@ -113,3 +113,20 @@ def test_a_histogram_whose_noisy_counts_all_clip_to_zero_is_reported_as_such() -
     skew = label_skew(roster, SIGMA)
     assert skew.nodes["b"].proportions is None and "≤ 0" in str(skew.nodes["b"].withheld)
     assert skew.nodes["a"].total_variation == pytest.approx(0.0)
+
+
+def test_a_histogram_counts_in_the_coordinators_epsilon_before_the_node_trains() -> None:
+    """The run log shows the histogram's ε from round 1 on, also for a node not yet sampled."""
+    from consortia.server.rounds.run_log import RunLog
+
+    nodes = tuple(
+        NodeEntry(node_id=i, name=name, data_fingerprint="0", feature_shape=(2,), num_classes=2)
+        for i, name in enumerate(("a", "b"), start=1)
+    )
+    run_log = RunLog(Roster(nodes=nodes))
+    spent = epsilon([histogram_release(SIGMA)], 1e-5)
+    run_log.record_spent({"a": spent, "b": spent})
+    run_log.record_train(1, participants=["a"], epsilons={"a": 0.0}, train_loss=None, failures=[])
+    record = run_log.close(1, seconds=1.0)
+    assert record.epsilon == {"a": spent, "b": spent}  # never below what was released
+    assert spent > 0

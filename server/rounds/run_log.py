@@ -157,6 +157,15 @@ class RunLog:
         for name, release in releases.items():
             self.releases.setdefault(name, []).append(release)
 
+    def record_spent(self, epsilons: dict[str, float]) -> None:
+        """Each node's ε so far, as the coordinator accounts a release it saw (a label histogram).
+
+        An accountant only ever grows: the larger of this and what was known is kept.
+        """
+        for name, value in epsilons.items():
+            if self.private:
+                self.epsilon[name] = max(self.epsilon.get(name, 0.0), value)
+
     def current(self, server_round: int) -> RoundRecord:
         return self._current.setdefault(server_round, RoundRecord(round=server_round))
 
@@ -171,9 +180,7 @@ class RunLog:
     ) -> None:
         """Note whose updates were aggregated and every reported ε (used update or not)."""
         record = self.current(server_round)
-        for name, value in epsilons.items():
-            # An accountant only ever grows; keep the larger value defensively.
-            self.epsilon[name] = max(self.epsilon.get(name, 0.0), value)
+        self.record_spent(epsilons)
         record.participants = sorted(participants)
         record.train_loss = train_loss
         record.failures.extend(failures)
