@@ -19,7 +19,6 @@ from consortia.client.statistics import (
     Selection,
     release_statistics,
     select_features,
-    simulated_facts,
 )
 from consortia.common.arrays import concat
 from consortia.common.config import ScenarioConfig, StatisticsConfig
@@ -32,6 +31,7 @@ from consortia.common.statistics import (
 )
 from consortia.server.statistics.summary import summarize
 from consortia.simulations.node_data import simulated_node_data, source_of
+from consortia.simulations.virtual_node import simulated_facts
 
 NODES = 10
 REPEATS = 30
