@@ -56,7 +56,7 @@ def rdp_per_step(noise_multiplier: float, sample_rate: float) -> np.ndarray:
     RDP composes additively per order: a history's curve is the sum of
     `steps * rdp_per_step(σ, q)` over its releases.
     """
-    curve = rdp_analysis.compute_rdp(
+    curve: np.ndarray = rdp_analysis.compute_rdp(
         q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=list(RDP_ORDERS)
     )
     curve.setflags(write=False)

@@ -49,6 +49,7 @@ from consortia.common.config.strategy import (
     FedTrimmedAvgConfig,
     FedYogiConfig,
     KrumConfig,
+    KrumFamilyConfig,
     MultiKrumConfig,
     StrategyConfig,
 )
@@ -74,6 +75,7 @@ __all__ = [
     "FedYogiConfig",
     "JobConfig",
     "KrumConfig",
+    "KrumFamilyConfig",
     "LabelHistogramConfig",
     "ModelConfig",
     "MultiKrumConfig",
