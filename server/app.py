@@ -15,6 +15,7 @@ from pathlib import Path
 from flwr.app import Context, UserConfig
 from flwr.serverapp import Grid, ServerApp
 
+from consortia.common.audit import json_list, json_object
 from consortia.common.config import ScenarioConfig
 from consortia.common.config_io import LoadedConfig, load_job, load_job_text, load_scenario
 from consortia.common.errors import ConsortiaError, FederationError
@@ -142,9 +143,9 @@ def _statistics(grid: Grid, run_id: int, loaded: LoadedConfig, out_dir: Path) ->
             "statistics.finished",
             run_id=str(run_id),
             job=name,
-            answered=result.answered,
+            answered=json_list(result.answered),
             refused={r.node: r.code for r in result.refusals},
-            epsilon=spent,
+            epsilon=json_object(spent),
         )
     for refusal in result.refusals:
         _log.warning("consortia: %s refused [%s]: %s", refusal.node, refusal.code, refusal.reason)
