@@ -414,12 +414,16 @@ def _in_model_dtypes(
 # ------------------------------------------------- Flower's FedAvg variants
 
 
-class _InModelDtypes(ConsortiaStrategy):
+class _InModelDtypes(FedAvg):
     """Mixin placed before a Flower server optimiser: casts its result to the model's dtypes.
 
-    A `ConsortiaStrategy` itself so that `super()` is typed; in the classes
-    below the method resolution order still runs the optimiser next.
+    A `FedAvg`, the optimisers' own base, so that `super()` is typed and the
+    method resolution order of the classes below is unchanged: the optimiser,
+    then `ConsortiaStrategy` (a `ConsortiaStrategy` base would come before
+    the optimiser's `configure_train`).
     """
+
+    _expected: dict[str, tuple[tuple[int, ...], str]]
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
