@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -21,6 +21,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from consortia.common.errors import ConfigError
+
+if TYPE_CHECKING:  # imported where used: `consortia --help` must not load them
+    from consortia.server.coordinator.control import Control, CoordinatorTarget
 
 job_app = typer.Typer(
     help="Submit and follow federated jobs on a coordinator.", no_args_is_help=True
@@ -45,7 +48,9 @@ RunArgument = Annotated[int, typer.Argument(help="The run id (from `job submit` 
 _POLL_S = 1.0
 
 
-def _target(coordinator: str | None, root: Path | None, insecure: bool, config: Path | None):  # type: ignore[no-untyped-def]
+def _target(
+    coordinator: str | None, root: Path | None, insecure: bool, config: Path | None
+) -> CoordinatorTarget:
     from consortia.server.coordinator.control import CoordinatorTarget
 
     if config is not None:
@@ -85,7 +90,7 @@ def submit(
         raise typer.Exit(code)
 
 
-def _start(job: Path, target, kind: str, wait: bool) -> tuple[int, int | None]:  # type: ignore[no-untyped-def]  # target: as _target
+def _start(job: Path, target: CoordinatorTarget, kind: str, wait: bool) -> tuple[int, int | None]:
     """Submit `job` as a run of `kind`; (run id, exit code of following it if `wait`)."""
     from consortia.cli.statistics import require_statistics
     from consortia.common.config_io import read_job
@@ -244,7 +249,7 @@ def stop(
     console.print(f"run {run}: stop requested")
 
 
-def _follow(control, run_id: int) -> int:  # type: ignore[no-untyped-def]  # Control, lazily imported
+def _follow(control: Control, run_id: int) -> int:
     """Print the run's log as it grows until the run finishes; 0 if it completed."""
     after = 0.0
     while True:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import click
 import typer
@@ -33,6 +33,11 @@ from consortia.cli.node import node_app
 from consortia.cli.plain_help import escape_help
 from consortia.cli.provision import provision_app
 from consortia.common.errors import ConsortiaError
+
+if TYPE_CHECKING:  # imported where used: `consortia --help` must not load them
+    from consortia.common.config import ScenarioConfig
+    from consortia.common.config_io import LoadedScenario
+    from consortia.server.federation import RunSummary
 
 app = typer.Typer(
     name="consortia",
@@ -210,16 +215,16 @@ def simulate(
 
 
 def _simulate_statistics(
-    loaded: object, out_dir: Path, quiet: bool, ray_address: str | None
+    loaded: LoadedScenario, out_dir: Path, quiet: bool, ray_address: str | None
 ) -> None:
     from consortia.cli.statistics import print_statistics, require_statistics
     from consortia.simulations.engine import simulate_statistics
 
-    require_statistics(loaded)  # type: ignore[arg-type]
+    require_statistics(loaded)
     if not quiet:
-        config = loaded.config  # type: ignore[attr-defined]
+        config = loaded.config
         console.print(f"[bold]{config.name}[/]: statistics of {config.simulation.nodes} nodes")
-    result = simulate_statistics(loaded, out_dir, ray_address=ray_address)  # type: ignore[arg-type]
+    result = simulate_statistics(loaded, out_dir, ray_address=ray_address)
     if quiet:
         print(out_dir.resolve())
     else:
@@ -235,8 +240,8 @@ def _check_new_run_dir(out_dir: Path) -> None:
         raise ConsortiaError(f"{out_dir}: a parent of --out is a file; choose another --out")
 
 
-def _privacy_line(config: object) -> str:
-    privacy = config.privacy  # type: ignore[attr-defined]
+def _privacy_line(config: ScenarioConfig) -> str:
+    privacy = config.privacy
     if not privacy.enabled:
         return "[red]no differential privacy[/]"
     if privacy.target_epsilon is not None:
@@ -244,18 +249,18 @@ def _privacy_line(config: object) -> str:
     return f"DP-SGD, noise multiplier {privacy.noise_multiplier:g}, δ = {privacy.delta:g}"
 
 
-def _print_summary(summary: object, config: object) -> None:
+def _print_summary(summary: RunSummary, config: ScenarioConfig) -> None:
     from consortia.server.rounds.run_log import NOT_PRIVATE
 
-    final = summary.final  # type: ignore[attr-defined]
-    privacy = config.privacy  # type: ignore[attr-defined]
+    final = summary.final
+    privacy = config.privacy
     accuracy = "n/a" if final.accuracy is None else f"{final.accuracy:.4f}"
     if final.epsilon is None:  # no DP: no finite ε to tabulate, and no 0 to misread
         console.print(
             f"final accuracy [bold]{accuracy}[/], [red]{NOT_PRIVATE}[/] "
             "(trained without differential privacy: no finite ε)"
         )
-        console.print(f"run written to {summary.out_dir}")  # type: ignore[attr-defined]
+        console.print(f"run written to {summary.out_dir}")
         return
     table = Table(title="Privacy spent per node", show_edge=False)
     table.add_column("node")
@@ -272,7 +277,7 @@ def _print_summary(summary: object, config: object) -> None:
     console.print(
         f"final accuracy [bold]{accuracy}[/], max ε [bold]{final.epsilon_max:.4f}[/]{delta}"
     )
-    console.print(f"run written to {summary.out_dir}")  # type: ignore[attr-defined]
+    console.print(f"run written to {summary.out_dir}")
 
 
 def command() -> click.Command:

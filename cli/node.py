@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -22,6 +22,11 @@ from rich.markup import escape
 from rich.table import Table
 
 from consortia.common.errors import ConfigError
+
+if TYPE_CHECKING:  # imported where used: `consortia --help` must not load them
+    from consortia.client.node_config import NodeConfig
+    from consortia.common.config import JobConfig
+    from consortia.common.node_keys import NodePublicKey
 
 node_app = typer.Typer(help="Run and administer an on-prem node.", no_args_is_help=True)
 data_app = typer.Typer(help="Register and check the node's datasets.", no_args_is_help=True)
@@ -37,7 +42,7 @@ console = Console()
 NodeOption = Annotated[Path, typer.Option("--node", help="The node's node.toml.")]
 
 
-def _node(path: Path):  # type: ignore[no-untyped-def]  # NodeConfig, imported lazily
+def _node(path: Path) -> NodeConfig:
     from consortia.client.node_config import load_node_config
 
     return load_node_config(path)
@@ -262,20 +267,20 @@ def keys_show(node: NodeOption) -> None:
         )
 
 
-def _auth_private_key(config) -> Path:  # type: ignore[no-untyped-def]  # NodeConfig
+def _auth_private_key(config: NodeConfig) -> Path:
     from consortia.client.node_config import DEFAULT_AUTH_PRIVATE_KEY
 
     key = config.superlink.auth_private_key
     return key if key is not None else config.state_dir / DEFAULT_AUTH_PRIVATE_KEY
 
 
-def _print_public_key(public) -> None:  # type: ignore[no-untyped-def]  # NodePublicKey
+def _print_public_key(public: NodePublicKey) -> None:
     console.print("public key (send this line to the coordinator):")
     typer.echo(public.line)  # plain: one unwrapped line to copy whole, no markup or emoji codes
     typer.echo(f"fingerprint: {public.fingerprint}")
 
 
-def _checked_auth_key(config, node: Path) -> Path:  # type: ignore[no-untyped-def]  # NodeConfig
+def _checked_auth_key(config: NodeConfig, node: Path) -> Path:
     """The node's private key, checked the way flower-supernode will read it."""
     from consortia.common.node_keys import load_node_private_key, loose_mode
 
@@ -296,7 +301,7 @@ def _checked_auth_key(config, node: Path) -> Path:  # type: ignore[no-untyped-de
     return key
 
 
-def _load_job(path: Path):  # type: ignore[no-untyped-def]  # JobConfig, imported lazily
+def _load_job(path: Path) -> JobConfig:
     from consortia.common.config_io import load_job
 
     return load_job(path).config

@@ -28,6 +28,7 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -54,7 +55,7 @@ class ProgressListener:
             console=console,
             transient=False,
         )
-        self.task_id: int | None = None
+        self.task_id: TaskID | None = None
 
     def on_start(self, total_rounds: int, roster: Roster, skew: LabelSkew | None) -> None:
         self.console.print(f"nodes: {', '.join(roster.names)}")

@@ -52,7 +52,9 @@ def run_sweep(
     spec = sweep_spec(options, seeds, base.config.seed)
     runs = plan_runs(base.config, spec)  # before importing torch, Flower and Ray
     if simulate is None:
-        from consortia.simulations.engine import simulate
+        from consortia.simulations.engine import simulate as flower_simulation
+
+        simulate = flower_simulation
     console.print(
         f"[bold]{escape(base.config.name)}[/]: sweep of {len(runs)} runs "
         f"({len(spec.points())} grid points × {len(spec.seeds)} seeds) into {escape(str(out_dir))}",

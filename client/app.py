@@ -71,6 +71,7 @@ from consortia.common.evaluation import evaluate_model, predict
 from consortia.common.flower_log import flower_handler_only
 from consortia.common.models import architecture_hash, build_model
 from consortia.common.privacy import Mechanism, Release
+from consortia.common.record_values import number, whole_number
 from consortia.common.secagg.fixed_point import EncodingRangeError
 from consortia.common.secagg.wire import (
     MESSAGE_ACTION,
@@ -329,7 +330,8 @@ def train(view_of: ViewOf, message: Message, context: Context) -> Message:
 def _train_round(view: NodeView, message: Message) -> tuple[ArrayRecord, MetricRecord]:
     """Admit, train with DP-SGD, record the spend: the local model and the round's metrics."""
     job = view.job
-    server_round = int(message.content[p.CONFIG_KEY][p.ROUND_KEY])
+    config = message.content.config_records[p.CONFIG_KEY]
+    server_round = whole_number(config, p.ROUND_KEY)
     model = build_model(job.model, view.feature_shape, view.num_classes, job.seed)
     # Policy and budget first: a refused round loads no weights and trains nothing.
     dp = view.account.admit(job, len(view.train), architecture_hash(model))
@@ -346,12 +348,12 @@ def _train_round(view: NodeView, message: Message) -> tuple[ArrayRecord, MetricR
         # One thread per virtual node: Ray runs one node per core, and a fixed
         # thread count keeps float reductions (and so the model bytes) stable.
         torch.set_num_threads(1)
-    global_model = message.content[p.ARRAYS_KEY]
+    global_model = message.content.array_records[p.ARRAYS_KEY]
     load_arrays(model, global_model)
     secret = view.account.noise_secret(
         _question(view, b"train", str(server_round).encode(), *_array_bytes(global_model))
     )
-    mu = float(message.content[p.CONFIG_KEY].get(p.PROXIMAL_MU_KEY, 0.0))
+    mu = number(config, p.PROXIMAL_MU_KEY, default=0.0)
     result = training.train_locally(
         model,
         view.train,
@@ -398,7 +400,7 @@ def train_secure(view_of: ViewOf, message: Message, context: Context) -> Message
         def update_of() -> np.ndarray:
             local, metrics = _train_round(view, message)
             trained.append(metrics)
-            return flatten_update(local, message.content[p.ARRAYS_KEY])
+            return flatten_update(local, message.content.array_records[p.ARRAYS_KEY])
 
         content = secagg.answer(request, context.state, update_of)
         content[p.METRICS_KEY] = trained[0]
@@ -525,7 +527,7 @@ def evaluate(view_of: ViewOf, message: Message, context: Context) -> Message:
     view = view_of(message, context)
     model = build_model(view.job.model, view.feature_shape, view.num_classes, view.job.seed)
     view.account.check_model(view.job, architecture_hash(model))  # a refused model runs nowhere
-    load_arrays(model, message.content[p.ARRAYS_KEY])
+    load_arrays(model, message.content.array_records[p.ARRAYS_KEY])
     loss, accuracy = evaluate_model(model, view.test, resolve_device(view.job.training.device))
     metrics = MetricRecord({p.WEIGHT: len(view.test), p.EVAL_LOSS: loss, p.EVAL_ACCURACY: accuracy})
     return Message(

@@ -47,7 +47,9 @@ from torch.nn import functional
 # Parameter-free elementwise activations with their backward, written with the
 # same aten kernels autograd uses, taking the activation's *output*: so an
 # in-place module (ReLU(inplace=True)) is no problem.
-_ACTIVATIONS: dict[type[nn.Module], tuple[Callable[[torch.Tensor], torch.Tensor], Callable]] = {
+_Forward = Callable[[torch.Tensor], torch.Tensor]
+_Backward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (grad, output) -> input grad
+_ACTIVATIONS: dict[type[nn.Module], tuple[_Forward, _Backward]] = {
     nn.ReLU: (torch.relu, lambda grad, out: torch.ops.aten.threshold_backward(grad, out, 0)),
     nn.Tanh: (torch.tanh, torch.ops.aten.tanh_backward),
 }

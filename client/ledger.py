@@ -183,7 +183,8 @@ class DatasetBudget(BaseModel):
     releases: int
     created_at: datetime
 
-    @computed_field
+    # mypy models no decorator over @property; this is pydantic's documented form.
+    @computed_field  # type: ignore[prop-decorator]
     @property
     def epsilon_remaining(self) -> float:
         """Budget left (never negative)."""
@@ -597,9 +598,10 @@ def _check_orders(conn: sqlite3.Connection, path: Path) -> None:
 
 
 def _dataset_row(conn: sqlite3.Connection, name: str) -> sqlite3.Row | None:
-    return conn.execute(
+    row: sqlite3.Row | None = conn.execute(
         f"SELECT {_DATASET_COLUMNS} FROM datasets WHERE name = ?", (name,)
     ).fetchone()
+    return row
 
 
 def _require_dataset(conn: sqlite3.Connection, name: str, path: Path) -> sqlite3.Row:

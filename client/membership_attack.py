@@ -94,7 +94,8 @@ def _sample(data: LabeledArrays, size: int, rng: np.random.Generator) -> Labeled
 @torch.no_grad()
 def _logits(model: nn.Module, data: LabeledArrays) -> torch.Tensor:
     model.eval()
-    return model(torch.as_tensor(data.x))
+    logits: torch.Tensor = model(torch.as_tensor(data.x))
+    return logits
 
 
 def record_losses(model: nn.Module, data: LabeledArrays) -> np.ndarray:
@@ -158,11 +159,15 @@ def _likelihood_ratio(
     out_mean = np.where(np.isnan(out_mean), in_mean - gap, out_mean)
     in_std = max(float(np.nanstd(np.where(inside, confidences - in_mean, np.nan))), 1e-6)
     out_std = max(float(np.nanstd(np.where(~inside, confidences - out_mean, np.nan))), 1e-6)
-    return _log_normal(target, in_mean, in_std) - _log_normal(target, out_mean, out_std)
+    ratio: np.ndarray = _log_normal(target, in_mean, in_std) - _log_normal(
+        target, out_mean, out_std
+    )
+    return ratio
 
 
 def _log_normal(x: np.ndarray, mean: np.ndarray, std: float) -> np.ndarray:
-    return -0.5 * ((x - mean) / std) ** 2 - math.log(std)
+    density: np.ndarray = -0.5 * ((x - mean) / std) ** 2 - math.log(std)
+    return density
 
 
 def figures(

@@ -77,9 +77,12 @@ def described(x: np.ndarray) -> np.ndarray:
     """The features a statistics query describes: a table's columns, an image's channel means."""
     if x.ndim == 2:
         return x.astype(np.float64, copy=False)
+    features: np.ndarray
     if x.ndim == 4:  # (records, channels, height, width)
-        return x.mean(axis=(2, 3), dtype=np.float64)
-    return x.reshape(len(x), 1, -1).mean(axis=2, dtype=np.float64)
+        features = x.mean(axis=(2, 3), dtype=np.float64)
+    else:
+        features = x.reshape(len(x), 1, -1).mean(axis=2, dtype=np.float64)
+    return features
 
 
 def deployed_facts(prepared: PreparedDataset, inspection: Inspection) -> DataFacts:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Literal
@@ -88,11 +88,20 @@ class _BatchedTensors(TensorDataset):
         return tuple(tensor[index] for tensor in self.tensors)
 
 
-def _keep_batch(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+# A loader of (features, labels) batches.
+TensorLoader = DataLoader[tuple[torch.Tensor, ...]]
+
+
+def _keep_batch(batch: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
+    """The collate step: `__getitems__` has already built the batch.
+
+    (torch types a collate function as taking a list of records, the
+    `__getitems__`-less case; the tuple it gets here is a sequence too.)
+    """
     return batch
 
 
-def make_loader(data: LabeledArrays, batch_size: int, generator: torch.Generator) -> DataLoader:
+def make_loader(data: LabeledArrays, batch_size: int, generator: torch.Generator) -> TensorLoader:
     """A shuffling loader over `data` (Opacus swaps in Poisson sampling for DP)."""
     dataset = _BatchedTensors(torch.from_numpy(data.x), torch.from_numpy(data.y))
     return DataLoader(
@@ -193,7 +202,7 @@ def _seed_torch(seed: int, device: torch.device) -> None:
     Not `torch.manual_seed`: on a machine without CUDA it queues a CUDA seeding
     call with its traceback every time, which cost 8% of a small node's round.
     """
-    torch.random.default_generator.manual_seed(seed)
+    torch.default_generator.manual_seed(seed)
     if device.type == "cuda":
         torch.cuda.manual_seed(seed)
 
@@ -212,7 +221,7 @@ def _proximal_hook(model: nn.Module, scale: float) -> Callable[[], None] | None:
 
 def _train_opacus(
     model: nn.Module,
-    loader: DataLoader,
+    loader: TensorLoader,
     optimizer: torch.optim.Optimizer,
     training: TrainingConfig,
     dp: DpSettings,
@@ -277,8 +286,8 @@ def _train_opacus(
 
 
 def _physical_batches(
-    dp_loader: DataLoader, optimizer: DPOptimizer, max_physical_batch_size: int | None
-) -> AbstractContextManager[DataLoader]:
+    dp_loader: TensorLoader, optimizer: DPOptimizer, max_physical_batch_size: int | None
+) -> AbstractContextManager[TensorLoader]:
     """A context giving `dp_loader`, chunked by `BatchMemoryManager` when a cap is set.
 
     The chunked loader wraps the Poisson loader's own batch sampler, so every
@@ -288,9 +297,10 @@ def _physical_batches(
     """
     if max_physical_batch_size is None:
         return nullcontext(dp_loader)
-    return BatchMemoryManager(
+    chunked: AbstractContextManager[TensorLoader] = BatchMemoryManager(
         data_loader=dp_loader, max_physical_batch_size=max_physical_batch_size, optimizer=optimizer
     )
+    return chunked
 
 
 def _run_epochs(
@@ -352,7 +362,7 @@ def _step_was_skipped(optimizer: torch.optim.Optimizer) -> bool:
 
 def _train_fused(
     model: nn.Sequential,
-    loader: DataLoader,
+    loader: TensorLoader,
     optimizer: torch.optim.Optimizer,
     training: TrainingConfig,
     dp: DpSettings,

@@ -60,7 +60,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -133,6 +133,17 @@ class VerifyReport(BaseModel):
 
 
 # ------------------------------------------------------------------ format
+
+
+def json_list(values: Iterable[JsonValue]) -> list[JsonValue]:
+    """`values` as a detail: a `list[str]` is JSON, but not a `list[JsonValue]` to mypy (lists
+    are invariant), and `append` checks details against pydantic's JsonValue."""
+    return list(values)
+
+
+def json_object(values: Mapping[str, JsonValue]) -> dict[str, JsonValue]:
+    """`values` as a detail (a `dict[str, float]` is JSON; see `json_list`)."""
+    return dict(values)
 
 
 def canonical_line(entry: AuditEntry) -> bytes:

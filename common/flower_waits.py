@@ -151,7 +151,8 @@ def install_supernode_poll_interval(poll_interval_s: float) -> CappedSleep:
     module = importlib.import_module(SUPERNODE_LOOP_MODULE)
     check_supernode_loop(module)
     shim = CappedSleep(poll_interval_s)
-    module.time = shim  # type: ignore[attr-defined]  # the module's own reference only
+    # The module's own `time` global only, set through its namespace (ModuleType declares none).
+    vars(module)["time"] = shim
     return shim
 
 
@@ -176,7 +177,7 @@ def check_object_pull(module: ModuleType, name: str, caller: str) -> Callable[..
     if isinstance(current, functools.partial):
         current = current.func
     flower = getattr(inflatable_utils, name, None)
-    if flower is None or current is not flower:
+    if current is not flower or flower is None:
         raise _changed(module, f"its `{name}` is not Flower's inflatable_utils.{name}")
     missing = {"initial_backoff", "backoff_cap"} - set(inspect.signature(flower).parameters)
     if missing:
@@ -213,7 +214,7 @@ def _is_time(node: ast.AST) -> bool:
 
 def _sleep_calls(tree: ast.AST) -> list[tuple[int, object]]:
     """(line, constant argument or None) of every `time.sleep(...)` call under `tree`."""
-    calls = []
+    calls: list[tuple[int, object]] = []
     for node in ast.walk(tree):
         if (
             isinstance(node, ast.Call)

@@ -218,7 +218,7 @@ def _quantity(
 def _largest_remainder(shares: np.ndarray, total: int) -> np.ndarray:
     """Whole numbers ∝ `shares` that add up to `total` exactly."""
     exact = shares * total
-    whole = np.floor(exact).astype(np.int64)
+    whole: np.ndarray = np.floor(exact).astype(np.int64)
     short = total - int(whole.sum())
     whole[np.argsort(whole - exact, kind="stable")[:short]] += 1
     return whole

@@ -32,6 +32,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from consortia.common.atomic import write_bytes_atomic
@@ -202,7 +203,7 @@ def issue_server_certificate(
         .add_extension(_key_usage(digital_signature=True), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(_authority_key_id(ca_cert), critical=False)
+        .add_extension(_authority_key_id(ca_cert, ca_key), critical=False)
         .sign(ca_key, _HASH)
     )
     _make_private_dir(out_dir)
@@ -384,7 +385,7 @@ def _verify_chain(
     from cryptography.x509 import verification
 
     subject: verification.Subject = (
-        verification.DNSName(dns_names[0]) if dns_names else verification.IPAddress(addresses[0])
+        x509.DNSName(dns_names[0]) if dns_names else x509.IPAddress(addresses[0])
     )
     verifier = (
         verification.PolicyBuilder()
@@ -581,7 +582,14 @@ def _san(certificate: x509.Certificate) -> tuple[list[str], list[IPAddress]]:
         san = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         return [], []
-    return san.get_values_for_type(x509.DNSName), san.get_values_for_type(x509.IPAddress)
+    # An IPAddress general name may hold a network only in name constraints, never
+    # in a subject alternative name: what is not one address covers no host.
+    addresses = [
+        address
+        for address in san.get_values_for_type(x509.IPAddress)
+        if isinstance(address, ipaddress.IPv4Address | ipaddress.IPv6Address)
+    ]
+    return san.get_values_for_type(x509.DNSName), addresses
 
 
 def _extended_key_usage(certificate: x509.Certificate) -> list[x509.ObjectIdentifier]:
@@ -607,13 +615,15 @@ def _issuing_root(
     return next((c for c in roots if c.subject == top.issuer), roots[0])
 
 
-def _authority_key_id(ca_cert: x509.Certificate) -> x509.AuthorityKeyIdentifier:
+def _authority_key_id(
+    ca_cert: x509.Certificate, ca_key: AnyPrivateKey
+) -> x509.AuthorityKeyIdentifier:
     try:
         ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     except x509.ExtensionNotFound:
-        return x509.AuthorityKeyIdentifier.from_issuer_public_key(
-            ca_cert.public_key()  # type: ignore[arg-type]
-        )
+        # The issuer's public key is the CA key's (load_ca checked they pair); taken from
+        # the key, it is typed as one that can issue certificates, as the argument must be.
+        return x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key())
     return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
 
 
@@ -633,8 +643,8 @@ def _key_usage(
     )
 
 
-def _spki(public_key: object) -> bytes:
-    return public_key.public_bytes(  # type: ignore[attr-defined]
+def _spki(public_key: CertificatePublicKeyTypes) -> bytes:
+    return public_key.public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
 

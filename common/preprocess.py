@@ -22,4 +22,7 @@ class LogRangeScaler:
     def __call__(self, x: np.ndarray) -> np.ndarray:
         low, high = np.log1p(self.low), np.log1p(self.high)
         span = np.where(high > low, high - low, 1.0)
-        return (2.0 * (np.log1p(np.maximum(x, 0.0)) - low) / span - 1.0).astype(np.float32)
+        scaled: np.ndarray = (2.0 * (np.log1p(np.maximum(x, 0.0)) - low) / span - 1.0).astype(
+            np.float32
+        )
+        return scaled

@@ -56,7 +56,8 @@ class FeatureScaling(BaseModel):
         shape = (1, -1, 1, 1)
         mean = np.asarray(self.mean, dtype=x.dtype).reshape(shape)
         std = np.asarray(self.std, dtype=x.dtype).reshape(shape)
-        return (x - mean) / std
+        scaled: np.ndarray = (x - mean) / std
+        return scaled
 
 
 def image_scaling(

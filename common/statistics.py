@@ -153,7 +153,7 @@ def sensitivities(
     blocks: dict[Block, float] = {"labels": 1.0}
     if num_features:
         root = math.sqrt(num_features)
-        blocks.update(histograms=root, sums=root, squares=root)
+        blocks.update({"histograms": root, "sums": root, "squares": root})
     if missing_columns is not None:
         blocks["missing"] = math.sqrt(missing_columns + 1)
     if accuracy:

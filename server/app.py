@@ -16,6 +16,7 @@ from flwr.app import Context, UserConfig
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
+from consortia.common.audit import json_list, json_object
 from consortia.common.config import ScenarioConfig
 from consortia.common.config_io import LoadedConfig, load_job, load_job_text, load_scenario
 from consortia.common.errors import ConsortiaError, FederationError
@@ -147,9 +148,9 @@ def _statistics(grid: Grid, run_id: int, loaded: LoadedConfig, out_dir: Path) ->
             "statistics.finished",
             run_id=str(run_id),
             job=name,
-            answered=result.answered,
+            answered=json_list(result.answered),
             refused={r.node: r.code for r in result.refusals},
-            epsilon=spent,
+            epsilon=json_object(spent),
         )
     for refusal in result.refusals:
         log(WARNING, "consortia: %s refused [%s]: %s", refusal.node, refusal.code, refusal.reason)

@@ -33,6 +33,7 @@ from consortia.common.errors import FederationError
 from consortia.common.evaluation import evaluate_model
 from consortia.common.models import architecture_hash, build_model
 from consortia.common.privacy import Release, epsilon, histogram_release
+from consortia.common.record_values import number
 from consortia.common.scaling import FeatureScaling
 from consortia.common.weights import load_arrays, model_to_arrays
 from consortia.server.outputs.checkpoint import CheckpointDoc, RoundCheckpoint
@@ -236,7 +237,8 @@ def _secure_trainer(
         problem = strategy.screening_problem(reply)
         if problem is not None:
             return problem
-        bound = strategy.update_checks.bound(reply.content[p.METRICS_KEY], strategy.reference)
+        metrics = reply.content.metric_records[p.METRICS_KEY]  # screened: it is there
+        bound = strategy.update_checks.bound(metrics, strategy.reference)
         if bound is None:
             return "no bound on this update can be derived for the secure-aggregation range"
         return bound if isinstance(bound, str) else bound.value
@@ -352,7 +354,7 @@ class _RoundObserver:
         metrics = self._evaluate(arrays)
         if metrics is not None:
             self.run_log.record_evaluation(
-                server_round, float(metrics[p.EVAL_LOSS]), float(metrics[p.EVAL_ACCURACY])
+                server_round, number(metrics, p.EVAL_LOSS), number(metrics, p.EVAL_ACCURACY)
             )
         record = self.run_log.close(server_round, time.perf_counter() - self._round_started)
         model = {key: array.numpy() for key, array in arrays.items()}
@@ -429,7 +431,9 @@ def _updates_of(replies: list[Message], roster: Roster) -> dict[str, ArrayRecord
     updates = {}
     for reply in replies:
         if not reply.has_error() and p.ARRAYS_KEY in reply.content.array_records:
-            updates[roster.name_of(reply.metadata.src_node_id)] = reply.content[p.ARRAYS_KEY]
+            updates[roster.name_of(reply.metadata.src_node_id)] = reply.content.array_records[
+                p.ARRAYS_KEY
+            ]
     return updates
 
 

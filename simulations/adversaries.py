@@ -138,7 +138,10 @@ def attack(message: Message, context: Context, call_next: ClientAppCallable) -> 
         return reply  # a refusal or a failure carries no update to poison
     rng = node_rng(node.seed, node.name, node.server_round, STREAM_ATTACK_NOISE)
     reply.content[p.ARRAYS_KEY] = poison_update(
-        config, message.content[p.ARRAYS_KEY], reply.content[p.ARRAYS_KEY], rng
+        config,
+        message.content.array_records[p.ARRAYS_KEY],
+        reply.content.array_records[p.ARRAYS_KEY],
+        rng,
     )
     return reply
 

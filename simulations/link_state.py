@@ -36,13 +36,15 @@ from flwr.app import Message
 from flwr.server.superlink.linkstate import InMemoryLinkState, LinkState, LinkStateFactory
 from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME
 from flwr.supercore.date import now
+from flwr.supercore.object_store.object_store import ObjectStore
+from flwr.superlink.federation import FederationManager
 
 
 class IndexedInMemoryLinkState(InMemoryLinkState):
     """`InMemoryLinkState` whose `get_message_ins` looks only at the asking node's messages."""
 
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+    def __init__(self, federation_manager: FederationManager, object_store: ObjectStore) -> None:
+        super().__init__(federation_manager, object_store)
         # node id -> ids of its undelivered messages, in arrival order (a dict as ordered set).
         self._undelivered: dict[int, dict[str, None]] = {}
         self.arrived = threading.Event()  # set whenever a message for a node is stored
@@ -149,11 +151,13 @@ def indexed_link_state() -> Iterator[None]:
     # `flwr.simulation.run_simulation` is also the name of the function the
     # package exports, so the module is taken from the import system.
     flower_simulation = importlib.import_module("flwr.simulation.run_simulation")
-    original = flower_simulation.LinkStateFactory
-    flower_simulation.LinkStateFactory = _IndexedLinkStateFactory  # type: ignore[misc]
-    _VCE_API.add_messages_to_queue = _dispatch_messages
+    # Module globals, set through the modules' namespaces (ModuleType declares none).
+    simulation_globals, vce_globals = vars(flower_simulation), vars(_VCE_API)
+    original = simulation_globals["LinkStateFactory"]
+    simulation_globals["LinkStateFactory"] = _IndexedLinkStateFactory
+    vce_globals["add_messages_to_queue"] = _dispatch_messages
     try:
         yield
     finally:
-        flower_simulation.LinkStateFactory = original  # type: ignore[misc]
-        _VCE_API.add_messages_to_queue = _FLOWER_DISPATCH
+        simulation_globals["LinkStateFactory"] = original
+        vce_globals["add_messages_to_queue"] = _FLOWER_DISPATCH

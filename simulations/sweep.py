@@ -129,7 +129,7 @@ def plan_runs(base: ScenarioConfig, spec: SweepSpec) -> list[PlannedRun]:
     for axis in spec.axes:
         for value in axis.values:
             _configure(base, {axis.key: value}, base.seed, f"--sweep {axis.key}={_short(value)}")
-    runs = []
+    runs: list[PlannedRun] = []
     points = spec.points()
     width = len(str(len(points) * len(spec.seeds)))
     for point in points:
@@ -162,7 +162,8 @@ def _set_dotted(
     """Set `key` (a.b.c) in the scenario's data. A table the file left out starts
     from the scenario's default for it, so only the one key changes."""
     parts = key.split(".")
-    node, model = data, base
+    node = data
+    model: BaseModel | None = base
     for depth, part in enumerate(parts[:-1]):
         model = getattr(model, part, None)
         if part not in node or node[part] is None:
@@ -178,7 +179,9 @@ def _set_dotted(
 
 def _split_values(raw: str) -> list[str]:
     """Split at the commas outside brackets and quotes: `[64,32],[128]` is two values."""
-    pieces, depth, quote, current = [], 0, "", []
+    pieces: list[str] = []
+    current: list[str] = []
+    depth, quote = 0, ""
     for char in raw:
         if quote:
             quote = "" if char == quote else quote
@@ -201,7 +204,8 @@ def _parse_value(piece: str, option: str) -> JsonValue:
     if not piece:
         raise ConfigError(f"--sweep {option}: an empty value (two commas in a row?)")
     try:
-        return tomllib.loads(f"v = {piece}")["v"]
+        value: JsonValue = tomllib.loads(f"v = {piece}")["v"]
+        return value
     except tomllib.TOMLDecodeError:
         return piece  # a bare word: a string value (e.g. strategy.name=fedprox)
 

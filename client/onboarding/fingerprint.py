@@ -93,8 +93,8 @@ def _table_digest(records: TableRecords) -> str:
             digest.update(_json(bad))
         else:
             assert column.texts is not None
-            texts = [None if m else t for t, m in zip(column.texts, column.missing, strict=True)]
-            digest.update(_json(texts))
+            shown = [None if m else t for t, m in zip(column.texts, column.missing, strict=True)]
+            digest.update(_json(shown))
     digest.update(_json([[position, list(fields)] for position, _, fields in raw.malformed]))
     return digest.hexdigest()
 

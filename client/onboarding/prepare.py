@@ -142,6 +142,7 @@ def _table_features(
             names.append(column.name)
             numeric.append(True)
             continue
+        assert parsed.texts is not None  # a column without numbers keeps its texts
         categories = column.categories or ()
         index = {c: k for k, c in enumerate(categories)}
         codes = np.array(

@@ -223,14 +223,14 @@ def _table_label_values(spec: DatasetSpec, records: TableRecords) -> list[str]:
     label = spec.label_column
     assert label is not None
     column = records.columns[label.name]
-    return [column.text(i) for i in np.flatnonzero(~column.missing)]
+    return [column.text(int(i)) for i in np.flatnonzero(~column.missing)]
 
 
 def _table_duplicates(spec: DatasetSpec, records: TableRecords) -> int:
     """Records equal to an earlier one in every feature and the label (ignored columns aside)."""
     if len(records) < 2:
         return 0
-    data = {}
+    data: dict[str, np.ndarray] = {}
     for column in spec.columns:
         if column.ignore:
             continue
@@ -238,7 +238,10 @@ def _table_duplicates(spec: DatasetSpec, records: TableRecords) -> int:
         if parsed.numbers is not None:
             data[column.name] = parsed.numbers
         else:
-            data[column.name] = np.where(parsed.missing, None, parsed.texts)
+            assert parsed.texts is not None  # a column without numbers keeps its texts
+            texts = parsed.texts.astype(object)  # a copy: missing cells become None
+            texts[parsed.missing] = None
+            data[column.name] = texts
     return int(pd.DataFrame(data).duplicated().sum())
 
 

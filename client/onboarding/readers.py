@@ -315,7 +315,8 @@ def _read_parquet(source: ParquetSource, names: tuple[str, ...]) -> RawTable:
             values = series.astype("float64") if pd.api.types.is_bool_dtype(series) else series
             cells[name] = ColumnCells(numbers=values.to_numpy(dtype=np.float64, na_value=np.nan))
         else:
-            objects = series.to_numpy(dtype=object, na_value=None)
+            # pandas takes any na_value; pandas-stubs' `Scalar` leaves out None.
+            objects = series.to_numpy(dtype=object, na_value=None)  # type: ignore[call-overload]
             cells[name] = ColumnCells(
                 texts=np.array([None if v is None else str(v).strip() for v in objects], object)
             )

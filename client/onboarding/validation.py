@@ -55,7 +55,8 @@ class ParsedColumn:
         """Present but not a number at all (numeric columns; all False otherwise)."""
         if self.numbers is None:
             return np.zeros(len(self.missing), dtype=bool)
-        return ~self.missing & np.isnan(self.numbers)
+        unparsed: np.ndarray = ~self.missing & np.isnan(self.numbers)
+        return unparsed
 
     def text(self, i: int) -> str:
         """The value of record `i` as shown in messages."""

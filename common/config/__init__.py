@@ -51,6 +51,7 @@ from consortia.common.config.strategy import (
     FedTrimmedAvgConfig,
     FedYogiConfig,
     KrumConfig,
+    KrumFamilyConfig,
     MultiKrumConfig,
     StrategyConfig,
 )
@@ -77,6 +78,7 @@ __all__ = [
     "ImageNormalization",
     "JobConfig",
     "KrumConfig",
+    "KrumFamilyConfig",
     "LabelHistogramConfig",
     "ModelConfig",
     "MultiKrumConfig",

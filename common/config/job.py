@@ -18,7 +18,7 @@ from consortia.common.config.strategy import (
     ROBUST_STRATEGIES,
     FedAvgConfig,
     FedTrimmedAvgConfig,
-    KrumConfig,
+    KrumFamilyConfig,
     MultiKrumConfig,
     StrategyConfig,
 )
@@ -111,7 +111,7 @@ def check_cohort(job: JobConfig, cohort: int, source: str) -> None:
         )
     if job.secure_aggregation is not None:
         check_secure_cohort(job.secure_aggregation, cohort, source)
-    if isinstance(strategy, KrumConfig) and cohort < strategy.fewest_nodes():
+    if isinstance(strategy, KrumFamilyConfig) and cohort < strategy.fewest_nodes():
         f = strategy.num_malicious_nodes
         need = f"more than 2·{f} + 2 = {2 * f + 2} updates per round"
         if isinstance(strategy, MultiKrumConfig):

@@ -14,20 +14,30 @@ from pydantic import Field
 from consortia.common.config.strict import StrictModel
 
 
-class FedAvgConfig(StrictModel):
+class _Strategy(StrictModel):
+    """What every aggregator's settings have: the `name` that tells them apart.
+
+    Each concrete model narrows `name` to its own literal (the discriminator);
+    none derives from another concrete one, whose literal it could not narrow.
+    """
+
+    name: str
+
+
+class FedAvgConfig(_Strategy):
     """Federated averaging (McMahan et al., 2017)."""
 
     name: Literal["fedavg"] = "fedavg"
 
 
-class FedProxConfig(FedAvgConfig):
+class FedProxConfig(_Strategy):
     """FedAvg plus a proximal term that keeps local models near the global one."""
 
-    name: Literal["fedprox"] = "fedprox"  # type: ignore[assignment]
+    name: Literal["fedprox"] = "fedprox"
     proximal_mu: float = Field(default=0.01, ge=0)
 
 
-class _FedOptConfig(FedAvgConfig):
+class _FedOptConfig(_Strategy):
     """Settings shared by Flower's server-side adaptive optimisers (FedOpt family).
 
     The node's learning rate (Flower's `eta_l`) is `training.learning_rate`.
@@ -41,18 +51,18 @@ class _FedOptConfig(FedAvgConfig):
 class FedAdamConfig(_FedOptConfig):
     """Server-side Adam on the averaged update (Reddi et al., 2021)."""
 
-    name: Literal["fedadam"] = "fedadam"  # type: ignore[assignment]
+    name: Literal["fedadam"] = "fedadam"
     eta: float = Field(default=0.05, gt=0, description="server learning rate")
 
 
 class FedYogiConfig(_FedOptConfig):
     """Server-side Yogi on the averaged update (Reddi et al., 2021): Adam with additive v."""
 
-    name: Literal["fedyogi"] = "fedyogi"  # type: ignore[assignment]
+    name: Literal["fedyogi"] = "fedyogi"
     eta: float = Field(default=0.01, gt=0, description="server learning rate")
 
 
-class FedTrimmedAvgConfig(FedAvgConfig):
+class FedTrimmedAvgConfig(_Strategy):
     """Coordinate-wise trimmed mean (Yin et al., 2018): drops each coordinate's extremes.
 
     `beta` of the updates is cut from each end of every coordinate (int(beta·n)
@@ -60,25 +70,21 @@ class FedTrimmedAvgConfig(FedAvgConfig):
     outside the range of the honest ones.
     """
 
-    name: Literal["trimmed_mean"] = "trimmed_mean"  # type: ignore[assignment]
+    name: Literal["trimmed_mean"] = "trimmed_mean"
     beta: float = Field(
         default=0.2, gt=0, lt=0.5, description="fraction of updates trimmed from each end"
     )
 
 
-class FedMedianConfig(FedAvgConfig):
+class FedMedianConfig(_Strategy):
     """Coordinate-wise median (Yin et al., 2018): robust while fewer than half are Byzantine."""
 
-    name: Literal["median"] = "median"  # type: ignore[assignment]
+    name: Literal["median"] = "median"
 
 
-class KrumConfig(FedAvgConfig):
-    """Krum (Blanchard et al., 2017): the one update closest to its n − f − 2 neighbours.
+class KrumFamilyConfig(_Strategy):
+    """What Krum and Multi-Krum share: f and the round size their guarantee needs."""
 
-    Its guarantee needs n > 2f + 2 updates in a round, f = `num_malicious_nodes`.
-    """
-
-    name: Literal["krum"] = "krum"  # type: ignore[assignment]
     num_malicious_nodes: int = Field(default=1, ge=0, description="f: Byzantine nodes tolerated")
 
     def fewest_nodes(self) -> int:
@@ -86,10 +92,19 @@ class KrumConfig(FedAvgConfig):
         return 2 * self.num_malicious_nodes + 3
 
 
-class MultiKrumConfig(KrumConfig):
+class KrumConfig(KrumFamilyConfig):
+    """Krum (Blanchard et al., 2017): the one update closest to its n − f − 2 neighbours.
+
+    Its guarantee needs n > 2f + 2 updates in a round, f = `num_malicious_nodes`.
+    """
+
+    name: Literal["krum"] = "krum"
+
+
+class MultiKrumConfig(KrumFamilyConfig):
     """Multi-Krum: the mean of the `num_nodes_to_select` updates with the best Krum scores."""
 
-    name: Literal["multikrum"] = "multikrum"  # type: ignore[assignment]
+    name: Literal["multikrum"] = "multikrum"
     num_nodes_to_select: int = Field(default=2, ge=1, description="m: updates averaged")
 
     def fewest_nodes(self) -> int:

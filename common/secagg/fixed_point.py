@@ -54,7 +54,7 @@ class FixedPoint:
         At least two summands are assumed, so that M ≤ 2^62 and ±M·(1 + float
         rounding) still casts to int64 in 64-bit words.
         """
-        return (2 ** (self.bits - 1) - 1) // max(self.summands, 2)
+        return ((1 << (self.bits - 1)) - 1) // max(self.summands, 2)
 
     @property
     def step(self) -> float:
@@ -87,7 +87,8 @@ class FixedPoint:
         np.rint(scaled, out=scaled)
         integers = scaled.astype(np.int64)
         np.clip(integers, -self.levels, self.levels, out=integers)
-        return integers.astype(self.dtype)
+        words: np.ndarray = integers.astype(self.dtype)
+        return words
 
     def decode_sum(self, total: np.ndarray) -> np.ndarray:
         """The float64 sum of the encoded vectors whose mod-2^bits sum is `total`."""

@@ -157,7 +157,10 @@ class UnmaskReply(_Payload):
     parallel = (("seed_owners", "seed_shares"), ("key_owners", "key_shares"))
 
 
-STAGES: dict[str, type[_Payload]] = {
+# A coordinator → node request, one model per stage.
+StageRequest = Setup | ShareKeys | MaskedInput | Unmask
+
+STAGES: dict[str, type[StageRequest]] = {
     "setup": Setup,
     "share-keys": ShareKeys,
     "masked-input": MaskedInput,
@@ -165,7 +168,7 @@ STAGES: dict[str, type[_Payload]] = {
 }
 
 
-def read_stage(record: object) -> Setup | ShareKeys | MaskedInput | Unmask:
+def read_stage(record: object) -> StageRequest:
     """The coordinator's request, whichever stage it is."""
     stage = record.get("stage") if isinstance(record, ConfigRecord) else None
     if not isinstance(stage, str) or stage not in STAGES:
@@ -173,4 +176,4 @@ def read_stage(record: object) -> Setup | ShareKeys | MaskedInput | Unmask:
             f"secure aggregation request names no known stage (got {stage!r}; "
             f"known: {', '.join(STAGES)})"
         )
-    return read(STAGES[stage], record, f"stage '{stage}'")  # type: ignore[return-value]
+    return read(STAGES[stage], record, f"stage '{stage}'")

@@ -15,9 +15,10 @@ from __future__ import annotations
 import datetime as dt
 from pathlib import Path
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, JsonValue
 
 from consortia.common.atomic import write_json_atomic
+from consortia.common.audit import json_list
 from consortia.common.errors import ConfigError, FederationError
 from consortia.common.node_keys import load_node_public_key
 from consortia.server.coordinator.config import CoordinatorConfig, audit_log
@@ -131,13 +132,13 @@ class Enrollment:
             nodes.append(node.model_copy(update={"node_id": node_id}))
         if restored:
             self._write(EnrolledNodes(nodes=nodes))
-            self._audit("node.reregistered", nodes=restored)
+            self._audit("node.reregistered", nodes=json_list(restored))
         return restored
 
     def _write(self, nodes: EnrolledNodes) -> None:
         write_json_atomic(self.config.nodes_file, nodes.model_dump(mode="json"))
 
-    def _audit(self, event: str, **details: object) -> None:
+    def _audit(self, event: str, **details: JsonValue) -> None:
         audit_log(self.config).append(event, **details)
 
 

@@ -25,6 +25,8 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from pathlib import Path
 from typing import Any
 
+from pydantic import JsonValue
+
 from consortia.common.audit import AuditLog
 from consortia.common.node_keys import pem_fingerprint
 
@@ -133,7 +135,7 @@ class Gatekeeper:
         elif status < 300 and path.endswith("/activate-node"):
             self._record("node.connected", node=node, key_fingerprint=fingerprint, peer=peer)
 
-    def _record(self, event: str, **details: object) -> None:
+    def _record(self, event: str, **details: JsonValue) -> None:
         if self.audit is not None:
             self.audit.append(event, **details)
 

@@ -9,7 +9,7 @@ rounds to the listener; those are on record already and are not repeated.
 
 from __future__ import annotations
 
-from consortia.common.audit import AuditLog
+from consortia.common.audit import AuditLog, json_list, json_object
 from consortia.server.federation import RoundListener, RunSummary
 from consortia.server.rounds.label_skew import LabelSkew
 from consortia.server.rounds.roster import Roster
@@ -42,7 +42,7 @@ class AuditedListener:
             job=self.job_name,
             config_sha256=self.config_sha256,
             rounds=total_rounds,
-            nodes=roster.names,
+            nodes=json_list(roster.names),
             **({"after_round": self.resumed_after} if self.resumed_after else {}),
         )
         self.inner.on_start(total_rounds, roster, skew)
@@ -71,9 +71,9 @@ class AuditedListener:
             "round.aggregated",
             run_id=self.run,
             round=record.round,
-            participants=record.participants,
+            participants=json_list(record.participants),
             accuracy=record.accuracy,
-            epsilon=record.epsilon,
+            epsilon=None if record.epsilon is None else json_object(record.epsilon),  # no DP
         )
 
     def finished(self, summary: RunSummary) -> None:
@@ -82,7 +82,7 @@ class AuditedListener:
             run_id=self.run,
             job=self.job_name,
             accuracy=summary.final.accuracy,
-            epsilon=summary.final.epsilon,
+            epsilon=(None if summary.final.epsilon is None else json_object(summary.final.epsilon)),
             model_sha256=summary.final.model_sha256,
         )
 

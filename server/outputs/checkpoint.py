@@ -22,7 +22,7 @@ import json
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Final, Literal
 
 import numpy as np
 from flwr.app import Array, ArrayRecord
@@ -39,7 +39,7 @@ from consortia.server.rounds.run_log import RoundRecord
 from consortia.server.rounds.strategy_state import StrategyState
 
 CHECKPOINT_DIR = "checkpoints"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Final = 1
 METADATA_KEY = "consortia.checkpoint"
 MODEL_PREFIX = "model/"
 STRATEGY_PREFIX = "strategy/"

@@ -17,6 +17,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # headless: coordinators and CI have no display
 import matplotlib.pyplot as plt
+from matplotlib.axes import Axes
 from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
@@ -65,7 +66,7 @@ def accuracy_loss_png(rounds: list[RoundRecord]) -> bytes:
     return _png(fig)
 
 
-def _accuracy_axes(ax: plt.Axes, rounds: list[RoundRecord]) -> None:
+def _accuracy_axes(ax: Axes, rounds: list[RoundRecord]) -> None:
     points = [(r.round, r.accuracy) for r in rounds if r.accuracy is not None]
     if points:
         xs, ys = zip(*points, strict=True)
@@ -280,7 +281,7 @@ def finite(value: float | None) -> float:
     return 0.0 if value is None or math.isnan(value) else value
 
 
-def _png(fig: plt.Figure) -> bytes:
+def _png(fig: Figure) -> bytes:
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=_DPI)

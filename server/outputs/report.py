@@ -13,7 +13,7 @@ report of the rounds it finished.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -285,7 +285,9 @@ def _labels_section(labels: LabelMix | None, label_png: bytes | None) -> str:
         body += h.figure(label_png, "label distribution per node")
     classes = max((len(v) for v in labels.proportions.values()), default=0)
     source = labels.counts if labels.counts is not None else labels.proportions
-    cells = (lambda v: str(v)) if labels.counts is not None else (lambda v: f"{v:.3f}")
+    cells: Callable[[float], str] = (
+        (lambda v: str(v)) if labels.counts is not None else (lambda v: f"{v:.3f}")
+    )
     rows = [[name, *(cells(v) for v in values)] for name, values in source.items()]
     rows += [[name, f"withheld: {reason}"] for name, reason in labels.withheld.items()]
     table = h.table(["node", *(f"class {c}" for c in range(classes))], rows)

@@ -56,7 +56,7 @@ class RngState:
 
 def capture_rng() -> RngState:
     version, words, gauss_next = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)  # type: ignore[misc]
+    name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
     assert name == "MT19937"
     return RngState(
         scalars=RngScalars(

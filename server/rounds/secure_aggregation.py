@@ -127,7 +127,8 @@ class SecureRound:
 
 def _moved(weights: np.ndarray, update: np.ndarray) -> np.ndarray:
     """weights + update, computed in float64 and stored in the weights' dtype."""
-    return (weights.astype(np.float64) + update).astype(weights.dtype)
+    moved: np.ndarray = (weights.astype(np.float64) + update).astype(weights.dtype)
+    return moved
 
 
 def run_secure_round(
@@ -236,10 +237,10 @@ def run_secure_round(
     key_shares: dict[int, list[shamir.Share]] = {
         pos: [] for pos in left if survived.intersection(plan.neighbours[pos])
     }
-    for pos, answer in _stage(grid, plan, asks, timeout_s, outcome, _unmask_reply):
-        for owner, data in zip(answer.seed_owners, answer.seed_shares, strict=True):
+    for pos, revealed in _stage(grid, plan, asks, timeout_s, outcome, _unmask_reply):
+        for owner, data in zip(revealed.seed_owners, revealed.seed_shares, strict=True):
             seed_shares[owner].append(shamir.Share.from_bytes(pos + 1, data))
-        for owner, data in zip(answer.key_owners, answer.key_shares, strict=True):
+        for owner, data in zip(revealed.key_owners, revealed.key_shares, strict=True):
             if owner in key_shares:
                 key_shares[owner].append(shamir.Share.from_bytes(pos + 1, data))
     problem = _unmask(total, plan, seed_shares, key_shares, mask_keys, survived)

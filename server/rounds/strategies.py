@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, TypedDict
 
 import numpy as np
 from flwr.app import (
@@ -58,6 +58,7 @@ from consortia.common.config import (
     MultiKrumConfig,
 )
 from consortia.common.errors import FederationError
+from consortia.common.record_values import number
 from consortia.server.rounds.aggregation import array_view, weighted_average
 from consortia.server.rounds.cohort import Cohort
 from consortia.server.rounds.run_log import NodeFailure, RunLog
@@ -247,8 +248,8 @@ class ConsortiaStrategy(FedAvg):
         rejected: list[NodeFailure] = []
         for name, reply in accepted:
             problem = self.update_checks.problem(
-                reply.content[p.ARRAYS_KEY],
-                reply.content[p.METRICS_KEY],
+                reply.content.array_records[p.ARRAYS_KEY],
+                reply.content.metric_records[p.METRICS_KEY],
                 self._reference,
                 scan=scan,
             )
@@ -277,7 +278,7 @@ class ConsortiaStrategy(FedAvg):
             return combination, accepted, []
         if self.update_checks.bounds_norm or not self.aggregate_shows_non_finite:
             raise FederationError("the aggregate of finite updates overflowed float range")
-        kept = [(n, r) for n, r in accepted if all_finite(r.content[p.ARRAYS_KEY])]
+        kept = [(n, r) for n, r in accepted if all_finite(r.content.array_records[p.ARRAYS_KEY])]
         dropped = [
             NodeFailure(node=n, reason=NON_FINITE, kind=p.FailureKind.SCREENED_OUT)
             for n, r in accepted
@@ -297,8 +298,8 @@ class ConsortiaStrategy(FedAvg):
     def _average(self, accepted: Accepted) -> ArrayRecord:
         contents = [reply.content for _, reply in accepted]
         return weighted_average(
-            [c[p.ARRAYS_KEY] for c in contents],
-            [float(c[p.METRICS_KEY][self.weighted_by_key]) for c in contents],
+            [c.array_records[p.ARRAYS_KEY] for c in contents],
+            [number(c.metric_records[p.METRICS_KEY], self.weighted_by_key) for c in contents],
         )
 
     def _reported_epsilons(self, replies: list[Message]) -> dict[str, float]:
@@ -308,10 +309,9 @@ class ConsortiaStrategy(FedAvg):
             if reply.has_error():
                 continue
             metrics = reply.content.get(p.METRICS_KEY)
-            if isinstance(metrics, MetricRecord) and isinstance(metrics.get(p.EPSILON), float):
-                spent[self.cohort.roster.name_of(reply.metadata.src_node_id)] = float(
-                    metrics[p.EPSILON]
-                )
+            epsilon = metrics.get(p.EPSILON) if isinstance(metrics, MetricRecord) else None
+            if isinstance(epsilon, float):
+                spent[self.cohort.roster.name_of(reply.metadata.src_node_id)] = epsilon
         return spent
 
     def aggregate_evaluate(
@@ -440,15 +440,21 @@ def _in_model_dtypes(
 # ------------------------------------------------- Flower's FedAvg variants
 
 
-class _InModelDtypes:
-    """Mixin placed before a Flower server optimiser: casts its result to the model's dtypes."""
+class _InModelDtypes(FedAvg):
+    """Mixin placed before a Flower server optimiser: casts its result to the model's dtypes.
+
+    A `FedAvg`, the optimisers' own base, so that `super()` is typed and the
+    method resolution order of the classes below is unchanged: the optimiser,
+    then `ConsortiaStrategy` (a `ConsortiaStrategy` base would come before
+    the optimiser's `configure_train`).
+    """
 
     _expected: dict[str, tuple[tuple[int, ...], str]]
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        arrays, metrics = super().aggregate_train(server_round, replies)  # type: ignore[misc]
+        arrays, metrics = super().aggregate_train(server_round, replies)
         if arrays is None:
             return arrays, metrics
         return _in_model_dtypes(arrays, self._expected), metrics
@@ -489,24 +495,24 @@ class _RobustStrategy(ConsortiaStrategy):
         copied) and only the weight metric, the one record Flower reads.
         """
         views = [self._flower_view(reply) for _, reply in accepted]
-        flower = super(ConsortiaStrategy, self)
-        arrays, _ = flower.aggregate_train(server_round, views)
+        arrays, _ = super(ConsortiaStrategy, self).aggregate_train(server_round, views)
         if arrays is None:  # pragma: no cover - Flower returns None only for no replies
             raise FederationError(f"round {server_round}: {type(self).__name__} aggregated nothing")
         return Combination(arrays=_in_model_dtypes(arrays, self._expected), used=accepted)
 
     def _flower_view(self, reply: Message) -> Message:
         content = reply.content
-        weight = content[p.METRICS_KEY][self.weighted_by_key]
-        return Message(
-            content=RecordDict(
-                {
-                    self.arrayrecord_key: ArrayRecord(dict(content[p.ARRAYS_KEY].items())),
-                    p.METRICS_KEY: MetricRecord({self.weighted_by_key: weight}),
-                }
-            ),
-            metadata=reply.metadata,
+        weight = content.metric_records[p.METRICS_KEY][self.weighted_by_key]
+        arrays = content.array_records[p.ARRAYS_KEY]
+        view = RecordDict(
+            {
+                self.arrayrecord_key: ArrayRecord(dict(arrays.items())),
+                p.METRICS_KEY: MetricRecord({self.weighted_by_key: weight}),
+            }
         )
+        # Flower's aggregators read a reply's content only (its metadata is for error
+        # replies' logs); Flower's public constructor makes the view a reply to it.
+        return Message(view, reply_to=reply)
 
 
 class ConsortiaTrimmedMean(_RobustStrategy, FedTrimmedAvg):
@@ -529,7 +535,8 @@ class ConsortiaMultiKrum(_RobustStrategy, MultiKrum):
 
     def _combine(self, server_round: int, accepted: Accepted) -> Combination:
         contents = [
-            RecordDict({p.ARRAYS_KEY: reply.content[p.ARRAYS_KEY]}) for _, reply in accepted
+            RecordDict({p.ARRAYS_KEY: reply.content.array_records[p.ARRAYS_KEY]})
+            for _, reply in accepted
         ]
         chosen = {
             id(content)
@@ -575,8 +582,16 @@ def build_strategy(job: JobConfig) -> ConsortiaStrategy:
     return strategy
 
 
+class _RecordKeys(TypedDict):
+    """The record keys every Flower strategy is built with."""
+
+    weighted_by_key: str
+    arrayrecord_key: str
+    configrecord_key: str
+
+
 def _flower_strategy(job: JobConfig) -> ConsortiaStrategy:
-    common = {
+    common: _RecordKeys = {
         "weighted_by_key": p.WEIGHT,
         "arrayrecord_key": p.ARRAYS_KEY,
         "configrecord_key": p.CONFIG_KEY,

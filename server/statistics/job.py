@@ -154,9 +154,8 @@ def _read_replies(
     for reply in replies:
         node = roster.name_of(reply.metadata.src_node_id)
         if reply.has_error():
-            refusals.append(
-                NodeRefusal(node=node, code=p.RefusalCode.NODE_ERROR, reason=reply.error.reason)
-            )
+            why = reply.error.reason or f"error code {reply.error.code}, no reason given"
+            refusals.append(NodeRefusal(node=node, code=p.RefusalCode.NODE_ERROR, reason=why))
             continue
         refusal = p.read_refusal(reply.content)
         if refusal is not None:

@@ -132,8 +132,8 @@ def _features_section(summary: StatisticsSummary) -> str:
     chart = plots.shift_heatmap_png(shifts, nodes, names)
     rows = []
     for feature in summary.features:
-        shifts = [(node, v.shift) for node, v in feature.nodes.items() if v.shift is not None]
-        shifted = max(shifts, key=lambda item: abs(item[1]), default=None)
+        node_shifts = [(n, v.shift) for n, v in feature.nodes.items() if v.shift is not None]
+        shifted = max(node_shifts, key=lambda item: abs(item[1]), default=None)
         rows.append(
             [
                 feature.name,

@@ -222,7 +222,8 @@ def _share_errors(shares: np.ndarray, std: float, counts: np.ndarray) -> np.ndar
     Var ≈ σ²((1 − p)² + p²(C − 1)) / N²."""
     total = float(np.clip(counts, 0.0, None).sum())
     classes = len(shares)
-    return std * np.sqrt((1 - shares) ** 2 + shares**2 * (classes - 1)) / total
+    errors: np.ndarray = std * np.sqrt((1 - shares) ** 2 + shares**2 * (classes - 1)) / total
+    return errors
 
 
 def _shown(counts: np.ndarray, min_count: float) -> np.ndarray:
