@@ -19,7 +19,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-import pandas as pd
 
 from consortia.client.onboarding.problems import MAX_SHOWN, Problem, ProblemLog
 from consortia.client.onboarding.readers import RawArrays, RawTable, read_source
@@ -200,6 +199,11 @@ def _parse_column(
     display: str,
     log: ProblemLog,
 ) -> ParsedColumn:
+    # pandas here, not at the top: every node process imports this module (the
+    # ClientApp's admission checks), few validate a table, and pandas costs a
+    # second of start-up per process (benchmarks/startup.py).
+    import pandas as pd
+
     cells = raw.cells[column.name]
     n = len(raw)
     texts, numbers = cells.texts, cells.numbers
