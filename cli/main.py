@@ -171,14 +171,9 @@ def simulate(
     if sweeping:
         from consortia.cli.sweep import run_sweep
 
-        on_cluster = None
-        if ray_address is not None:
-            from functools import partial
-
-            from consortia.simulations.engine import simulate as run_simulated
-
-            on_cluster = partial(run_simulated, ray_address=ray_address)
-        run_sweep(Console(quiet=quiet), loaded, out_dir, sweep or [], seeds or 1, on_cluster)
+        run_sweep(
+            Console(quiet=quiet), loaded, out_dir, sweep or [], seeds or 1, ray_address=ray_address
+        )
         if quiet:
             print(out_dir.resolve())
         return

@@ -2,7 +2,8 @@
 
 Every run is planned and validated first (simulations/sweep.py), so a typo fails
 before an hour of simulations; then the runs go one after another in this
-process (each simulation starts and stops its own Ray), and sweep.json,
+process, all on one Ray started for the sweep (simulations/ray_head.py; or on
+the cluster of `--ray-address`), each with actors of its own, and sweep.json,
 sweep.csv and the sweep's report.html are rewritten after every run, so an
 interrupted sweep keeps what it finished.
 """
@@ -10,7 +11,9 @@ interrupted sweep keeps what it finished.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -42,19 +45,21 @@ def run_sweep(
     options: Sequence[str],
     seeds: int,
     simulate: Simulate | None = None,
+    ray_address: str | None = None,
 ) -> SweepFile:
     """Run the grid of `options` (each `KEY=V1,V2,...`) × `seeds` seeds into `out_dir`.
 
     `simulate` runs one scenario into a folder (default: the Flower
-    simulation; tests pass a stand-in). Raises a `FederationError` at the
-    end if some run failed (the others' results are written all the same).
+    simulation, on the Ray cluster at `ray_address` or else on one Ray
+    started for the sweep; tests pass a stand-in). Raises a
+    `FederationError` at the end if some run failed (the others' results
+    are written all the same).
     """
     spec = sweep_spec(options, seeds, base.config.seed)
     runs = plan_runs(base.config, spec)  # before importing torch, Flower and Ray
-    if simulate is None:
-        from consortia.simulations.engine import simulate as flower_simulation
-
-        simulate = flower_simulation
+    simulations: AbstractContextManager[Simulate] = (
+        nullcontext(simulate) if simulate is not None else _on_one_ray(runs, ray_address)
+    )
     console.print(
         f"[bold]{escape(base.config.name)}[/]: sweep of {len(runs)} runs "
         f"({len(spec.points())} grid points × {len(spec.seeds)} seeds) into {escape(str(out_dir))}",
@@ -62,12 +67,13 @@ def run_sweep(
     )
     sweep = new_sweep(base, spec, runs)
     write_sweep(out_dir, sweep)
-    for number, run in enumerate(runs, start=1):
-        console.print(f"[{number}/{len(runs)}] {escape(run.describe())}", highlight=False)
-        result = _run_one(simulate, base, run, out_dir)
-        console.print(f"  {_outcome(result)}", highlight=False)
-        sweep = with_result(sweep, result)
-        write_sweep(out_dir, sweep)
+    with simulations as simulate_one:
+        for number, run in enumerate(runs, start=1):
+            console.print(f"[{number}/{len(runs)}] {escape(run.describe())}", highlight=False)
+            result = _run_one(simulate_one, base, run, out_dir)
+            console.print(f"  {_outcome(result)}", highlight=False)
+            sweep = with_result(sweep, result)
+            write_sweep(out_dir, sweep)
     console.print(_table(sweep))
     console.print(f"sweep written to {out_dir} (sweep.json, sweep.csv, report.html)")
     failed = [r for r in sweep.runs if r.error is not None]
@@ -77,6 +83,23 @@ def run_sweep(
             f"{failed[0].error} (every run's result is in {out_dir / SWEEP_FILE})"
         )
     return sweep
+
+
+@contextmanager
+def _on_one_ray(runs: Sequence[PlannedRun], ray_address: str | None) -> Iterator[Simulate]:
+    """The Flower simulation, every run on one Ray: the cluster's, or one started here.
+
+    Starting Ray takes as long as a short run's rounds; once per sweep is
+    enough (simulations/ray_head.py). A run whose scenario names a cluster
+    (`[simulation.backend] ray_address`) joins that cluster, as it would alone.
+    """
+    from consortia.simulations.engine import one_ray, simulate
+
+    if ray_address is not None or any(r.config.simulation.backend.ray_address for r in runs):
+        yield partial(simulate, ray_address=ray_address)
+        return
+    with one_ray(runs[0].config.simulation.backend) as head:
+        yield partial(simulate, head=head)
 
 
 def _run_one(simulate: Simulate, base: LoadedScenario, run: PlannedRun, out_dir: Path) -> RunResult:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -28,6 +29,7 @@ from consortia.simulations.lab import LAB, lab_client_app
 from consortia.simulations.link_state import indexed_link_state
 from consortia.simulations.node_data import simulated_node_data, source_of
 from consortia.simulations.node_privacy import resumed_client_app
+from consortia.simulations.ray_head import RayHead, ray_head
 from consortia.simulations.ray_start import check_ray_address, ray_init_args
 from consortia.simulations.virtual_node import virtual_node_app as client_app
 
@@ -40,6 +42,7 @@ def simulate(
     listener: RoundListener,
     resume: Path | None = None,
     ray_address: str | None = None,
+    head: RayHead | None = None,
 ) -> RunSummary:
     """Run `loaded` with one virtual SuperNode per simulated node; return its summary.
 
@@ -50,10 +53,12 @@ def simulate(
     `ray_address` (`--ray-address`), the actors run on that existing Ray
     cluster instead of a Ray started for the run; where the nodes run is not
     part of the experiment, so it overrides `[simulation.backend]` without
-    entering the run's configuration hash.
+    entering the run's configuration hash. With `head` (a sweep's, from
+    `one_ray`), the run joins that Ray on this machine instead of starting
+    its own; its actors are its own all the same (simulations/ray_head.py).
     """
     try:
-        return _simulate(loaded, out_dir, listener, resume, ray_address)
+        return _simulate(loaded, out_dir, listener, resume, ray_address, head)
     finally:
         _shutdown_ray()
 
@@ -64,6 +69,7 @@ def _simulate(
     listener: RoundListener,
     resume: Path | None,
     ray_address: str | None,
+    head: RayHead | None,
 ) -> RunSummary:
     _preflight(loaded)
     _check_privacy_target(loaded)
@@ -79,6 +85,7 @@ def _simulate(
         app,
         lambda grid: run_federation(grid, loaded, out_dir, listener, resume=resume, lab=LAB),
         ray_address,
+        head,
     )
 
 
@@ -102,10 +109,13 @@ def _on_engine(
     app: ClientApp,
     body: Callable[[Grid], _Result],
     ray_address: str | None,
+    head: RayHead | None = None,
 ) -> _Result:
     """Run `body` as the ServerApp of a simulation of `loaded`'s nodes; its result."""
     address = ray_address or loaded.config.simulation.backend.ray_address
-    if address:
+    if head is not None:
+        head.check_running()
+    elif address:
         check_ray_address(address)
     results: list[_Result] = []
     server_app = ServerApp()
@@ -121,7 +131,7 @@ def _on_engine(
             server_app=server_app,
             client_app=app,
             num_supernodes=simulation.nodes,
-            backend_config=backend_config(simulation.backend, ray_address),
+            backend_config=backend_config(simulation.backend, ray_address, head),
         )
     if not results:
         raise FederationError("the simulation ended before the run finished (see the log above)")
@@ -159,18 +169,35 @@ def _check_privacy_target(loaded: LoadedScenario) -> None:
             raise PrivacyError(f"node {node} ({records} training records): {exc.message}") from None
 
 
-def backend_config(backend: BackendConfig, ray_address: str | None = None) -> dict[str, Any]:
+@contextmanager
+def one_ray(backend: BackendConfig) -> Iterator[RayHead]:
+    """Ray on this machine, started once for several runs (a sweep's); stopped on exit.
+
+    Started with the arguments a run's own Ray would get (`backend_config`;
+    `backend` names no cluster), so a run that joins it sees the same CPUs
+    and GPUs.
+    """
+    _quiet_flower()  # before the head starts: its processes inherit the environment
+    with ray_head(backend_config(backend)["init_args"]) as head:
+        yield head
+
+
+def backend_config(
+    backend: BackendConfig, ray_address: str | None = None, head: RayHead | None = None
+) -> dict[str, Any]:
     """Flower's backend config: resources per virtual node and Ray's start arguments.
 
     A GPU, where this machine has one, is shared by four virtual nodes unless
     `gpus_per_node` says otherwise; on a cluster (`ray_address`) Ray places
     the actors by these resources, and `gpus_per_node` must be set to use
-    the cluster's GPUs (this machine's CUDA says nothing about them).
+    the cluster's GPUs (this machine's CUDA says nothing about them). A
+    sweep's `head` runs on this machine: its GPUs are this machine's.
     """
-    init_args = ray_init_args(backend, ray_address)
+    init_args = ray_init_args(backend, head.address if head is not None else ray_address)
+    on_this_machine = head is not None or "address" not in init_args
     gpus = backend.gpus_per_node
     if gpus is None:
-        gpus = 0.25 if torch.cuda.is_available() and "address" not in init_args else 0.0
+        gpus = 0.25 if torch.cuda.is_available() and on_this_machine else 0.0
     if "address" not in init_args:
         init_args["num_gpus"] = torch.cuda.device_count()
     return {

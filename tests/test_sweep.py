@@ -7,8 +7,11 @@ import io
 import json
 import os
 import re
+import shutil
 import stat
 import statistics
+import tempfile
+import time
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -346,3 +349,66 @@ def test_real_sweep_writes_runs_table_plot_and_report(
     assert (sweep_dir / CURVE_FILE).read_bytes().startswith(PNG_MAGIC)
     assert len((sweep_dir / SWEEP_CSV).read_text().splitlines()) == 3
     assert "privacy.target_epsilon=2_seed=3" in (sweep_dir / REPORT_FILE).read_text()
+
+
+@pytest.mark.slow
+def test_a_sweep_starts_ray_once_and_its_runs_match_separate_runs(
+    tmp_path: Path, consortia_cli: CliRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--seeds 2`: one Ray start (Ray's own session folders count them), the same results.
+
+    Each run of the sweep joins the sweep's one Ray with actors of its own,
+    so it ends with the accuracy, ε and model bytes of the same seed run alone.
+    """
+    (tmp_path / "real.toml").write_text(REAL_SCENARIO)
+    # A short folder of its own per case: Ray's socket paths must fit 107 bytes.
+    swept_ray, separate_ray = (Path(tempfile.mkdtemp(prefix="ray", dir="/tmp")) for _ in "ab")
+    try:
+        monkeypatch.setenv("RAY_TMPDIR", str(swept_ray))
+        result = consortia_cli(
+            "simulate", "real.toml", "--out", "sweep", "--seeds", "2", "--quiet", cwd=tmp_path
+        )
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        assert len(_ray_sessions(swept_ray)) == 1
+        assert _processes_mentioning(swept_ray) == []  # the sweep's Ray stopped with it
+        monkeypatch.setenv("RAY_TMPDIR", str(separate_ray))
+        for seed in (3, 4):
+            alone = consortia_cli(
+                "simulate", "real.toml", "--out", f"alone-{seed}", "--seed", str(seed), "--quiet",
+                cwd=tmp_path,
+            )  # fmt: skip
+            assert alone.returncode == 0, alone.stderr[-3000:]
+        assert len(_ray_sessions(separate_ray)) == 2  # the count sees every Ray start
+    finally:
+        for folder in (swept_ray, separate_ray):
+            shutil.rmtree(folder, ignore_errors=True)
+    sweep = SweepFile.model_validate_json((tmp_path / "sweep" / SWEEP_FILE).read_bytes())
+    assert [run.seed for run in sweep.runs] == [3, 4]
+    for run in sweep.runs:
+        swept = json.loads((tmp_path / "sweep" / run.folder / "metrics.json").read_text())
+        alone = json.loads((tmp_path / f"alone-{run.seed}" / "metrics.json").read_text())
+        for key in ("accuracy", "epsilon", "epsilon_max", "model_sha256"):
+            assert swept["final"][key] == alone["final"][key], (run.seed, key)
+
+
+def _ray_sessions(ray_tmpdir: Path) -> list[Path]:
+    """One `session_<time>_<pid>` folder per Ray started with this RAY_TMPDIR."""
+    return [p for p in (ray_tmpdir / "ray").glob("session_*") if p.name != "session_latest"]
+
+
+def _processes_mentioning(folder: Path, wait_s: float = 20.0) -> list[str]:
+    """Command lines naming `folder` (Ray's processes name their session folder), after
+    giving them `wait_s` to exit."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        found = []
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue  # exited while we looked
+            if str(folder) in text:
+                found.append(text)
+        if not found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.5)

@@ -14,7 +14,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 from rich.console import Console
 from rich.markup import escape
@@ -230,6 +229,8 @@ def _table_duplicates(spec: DatasetSpec, records: TableRecords) -> int:
     """Records equal to an earlier one in every feature and the label (ignored columns aside)."""
     if len(records) < 2:
         return 0
+    import pandas as pd  # here: every node process imports this module, few check a table
+
     data: dict[str, np.ndarray] = {}
     for column in spec.columns:
         if column.ignore:

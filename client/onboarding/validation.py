@@ -19,7 +19,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-import pandas as pd
 
 from consortia.client.onboarding.problems import MAX_SHOWN, Problem, ProblemLog
 from consortia.client.onboarding.readers import RawArrays, RawTable, read_source
@@ -205,6 +204,11 @@ def _parse_column(
     display: str,
     log: ProblemLog,
 ) -> ParsedColumn:
+    # pandas here, not at the top: every node process imports this module (the
+    # ClientApp's admission checks), few validate a table, and pandas costs a
+    # second of start-up per process (benchmarks/startup.py).
+    import pandas as pd
+
     cells = raw.cells[column.name]
     n = len(raw)
     texts, numbers = cells.texts, cells.numbers
@@ -314,6 +318,8 @@ def _match_categories(
     A cell that matches no category keeps its own text, for the message
     that reports it.
     """
+    import pandas as pd  # here: every node process imports this module, few check a table
+
     matches = column.match_categories({str(t) for t in texts[~missing]})
     found = pd.Series(texts, dtype=object).where(~missing).map(matches)
     matched = found.notna().to_numpy(dtype=bool)
