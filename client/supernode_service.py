@@ -203,7 +203,9 @@ class _SuperNode:
         self.output = output
         self.watcher = watcher
         self._process: subprocess.Popen[bytes] | None = None
-        self._stopping = threading.Event()
+        # A plain flag: `stop` runs in a signal handler on the main thread, which may be
+        # inside `pause` (a lock there, as in threading.Event, could deadlock).
+        self._stopping = False
 
     def run(self) -> int:
         """Start the SuperNode, wait for it to end; its exit code."""
@@ -216,7 +218,7 @@ class _SuperNode:
             start_new_session=True,
         )
         self._process = process
-        if self._stopping.is_set():  # a stop that came before there was a process to end
+        if self._stopping:  # a stop that came before there was a process to end
             self._terminate(process)
         assert process.stdout is not None
         reader = threading.Thread(
@@ -232,10 +234,13 @@ class _SuperNode:
 
     def pause(self, seconds: float) -> bool:
         """Wait before the next attempt; True if the service was stopped meanwhile."""
-        return self._stopping.wait(seconds)
+        deadline = time.monotonic() + seconds
+        while not self._stopping and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return self._stopping
 
     def stop(self) -> None:
-        self._stopping.set()
+        self._stopping = True
         if self._process is not None:
             self._terminate(self._process)
 
