@@ -52,6 +52,7 @@ def start(
 @coordinator_app.command("status")
 def status(config: ConfigOption) -> None:
     """Health, enrolled and connected nodes, and runs; exit 1 if the coordinator is down."""
+    from consortia.common.ports import port_taken_by
     from consortia.server.coordinator.config import load_coordinator_config
     from consortia.server.coordinator.control import Control
     from consortia.server.coordinator.enrollment import Enrollment, admin_target
@@ -62,6 +63,16 @@ def status(config: ConfigOption) -> None:
     enrolled = Enrollment(settings).load()
     if pid is None:
         console.print(f"coordinator {settings.name}: [red]not running[/]")
+        # Its port may still be served: by leftovers of a killed coordinator, or another program.
+        holder = port_taken_by(settings.host, settings.port, f"coordinator {settings.name}")
+        if holder is not None:
+            console.print(
+                escape(
+                    f"but port {settings.port} is held by {holder}: stop it before "
+                    "`consortia coordinator start`"
+                ),
+                soft_wrap=True,
+            )
         _print_enrolled({n.name: (n.fingerprint, "—") for n in enrolled.nodes})
         raise typer.Exit(1)
     with Control(admin_target(settings)) as control:

@@ -322,11 +322,14 @@ def start(
 ) -> None:
     """Start the node: Flower's SuperNode with consortia's ClientApp worker beside it."""
     from consortia.client.supernode_service import node_commands, supervise
+    from consortia.common.ports import check_port_free
 
     config = _node(node)
     link = config.superlink
     key = None if link.insecure else _checked_auth_key(config, node)
     commands = node_commands(config, node, key, stock=stock)
+    # A SuperNode that cannot bind its runtime API would only say so in its own output.
+    check_port_free("127.0.0.1", config.runtime_port, f"node {config.name} (runtime_port)")
     console.print(f"node {config.name}: connecting to {link.address}", highlight=False)
     sys.stdout.flush()
     # Runs only installed code (codeguard, no `uv sync`) and audits the connection.

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from consortia.client.policy import NodePolicy
 from consortia.common.config import StrictModel
@@ -32,6 +32,18 @@ class SuperLinkConfig(StrictModel):
         description="the node's private key (OpenSSH format) that authenticates it to the "
         "SuperLink; default <state_dir>/keys/node.key",
     )
+
+    @model_validator(mode="after")
+    def _plain_or_tls(self) -> SuperLinkConfig:
+        # Flower's SuperNode takes --insecure over --root-certificates and opens a plaintext
+        # channel: a node.toml naming a CA would believe it speaks TLS when it does not.
+        if self.insecure and self.root_certificates is not None:
+            raise ValueError(
+                "insecure = true cannot be combined with root_certificates (an insecure link "
+                "is plain HTTP and would ignore the CA): remove insecure for TLS, or "
+                "root_certificates for a local plain-HTTP test"
+            )
+        return self
 
 
 class NodeConfig(StrictModel):

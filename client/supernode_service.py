@@ -17,7 +17,15 @@ trusts). Each lands in the node's audit log.
 
 SIGTERM/SIGINT stop both. The node lives as long as its SuperNode: when it
 exits, the worker is stopped; a worker that dies on its own (a crash, the
-OOM killer) is restarted, with a growing pause if it keeps dying.
+OOM killer) is restarted, with a growing pause if it keeps dying. A service
+killed outright (SIGKILL) takes both with it: the SuperNode gets SIGTERM from
+the kernel (`consortia.common.parent_death`) and signs off, the worker
+watches this process's pid.
+
+A node restarted after a kill finds the SuperLink still counting its old
+session as active for up to a minute, and its activation refused (HTTP 412):
+the service then starts the SuperNode again every few seconds until that
+session lapses, saying why in one line (`supervise`, `SessionMark`).
 """
 
 from __future__ import annotations
@@ -38,14 +46,22 @@ from typing import IO
 
 from consortia.client.node_audit import node_audit_log
 from consortia.client.node_config import NODE_CONFIG_KEY, NodeConfig
+from consortia.client.node_session import HEARTBEAT_WINDOW_S, OpenSession, SessionMark
 from consortia.common.audit import AuditLog
 from consortia.common.codeguard import guarded_environment
 from consortia.common.errors import ConfigError
+from consortia.common.parent_death import supervised
 
 # Flower's own log lines, and what each means for the audit trail.
 _JOINED = "SuperNode ID:"
 _UNTRUSTED = ("CERTIFICATE_VERIFY_FAILED", "certificate verify failed")
-_REFUSED = ("Failed to activate SuperNode", "Invalid SuperNode authentication", "401")
+# The SuperLink refused the activation: a key it does not know (HTTP 412 when it knows
+# none such, as for an unenrolled or removed key), or this node's previous session
+# still active (also 412); `supervise` tells them apart by the node's `SessionMark`.
+_ACTIVATION_REFUSED = "Failed to activate SuperNode"
+_REFUSED = ("Invalid SuperNode authentication", "401")
+_ACTIVATION_RETRY_S = 5.0
+_ACTIVATION_SLACK_S = 15.0  # beyond Flower's heartbeat window: a late last heartbeat, clocks
 
 _WORKER_STOP_S = 10.0  # SIGTERM, then SIGKILL after this long
 _RESTART_FIRST_S = 1.0
@@ -106,19 +122,19 @@ def node_commands(
 def supervise(config: NodeConfig, commands: NodeCommands) -> int:
     """Run the node's processes until the SuperNode exits or the service is stopped.
 
-    Returns the SuperNode's exit code (0 when stopped by a signal).
+    A SuperNode whose activation is refused while this node's last session
+    was never signed off (`SessionMark`) is started again every few seconds
+    until the SuperLink lets that session lapse (its missed heartbeats, about a
+    minute); the node says so in one line. Returns the SuperNode's exit code
+    (0 when stopped by a signal).
     """
     audit = node_audit_log(config)
     env = guarded_environment()
     env["PYTHONUNBUFFERED"] = "1"  # lines reach the node's log as they are written
     output = _Output()
-    process = subprocess.Popen(
-        commands.supernode,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        env=env,
-        start_new_session=True,
-    )
+    session = SessionMark(config.state_dir)
+    watcher = ConnectionWatcher(audit, config.superlink.address, session)
+    supernode = _SuperNode(commands.supernode, env, output, watcher)
     worker = (
         None
         if commands.worker is None
@@ -128,30 +144,110 @@ def supervise(config: NodeConfig, commands: NodeCommands) -> int:
 
     def stop(signum: int, _frame: FrameType | None) -> None:
         stopped["signal"] = signum
-        with contextlib.suppress(ProcessLookupError):
-            process.send_signal(signal.SIGTERM)
+        supernode.stop()
         if worker is not None:
             worker.stop(wait=False)
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    assert process.stdout is not None
-    watcher = ConnectionWatcher(audit, config.superlink.address)
-    reader = threading.Thread(
-        target=watcher.follow, args=(output.echo(process.stdout),), daemon=True
-    )
-    reader.start()
     if worker is not None:
         worker.start()
-    code = process.wait()
-    # On Flower's stock path the SuperExec shares the SuperNode's session and pipe: end them.
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
+    deadline: float | None = None
+    waited_from = 0.0
+    while True:
+        code = supernode.run()
+        previous = session.unfinished()
+        if stopped or watcher.joined or not watcher.activation_refused or previous is None:
+            break
+        now = time.monotonic()
+        if deadline is None:
+            waited_from = now
+            deadline = now + HEARTBEAT_WINDOW_S + _ACTIVATION_SLACK_S
+            output.echo_line(_still_active_line(previous, deadline - now))
+        if now >= deadline:
+            output.echo_line(
+                f"consortia node: activation still refused after {now - waited_from:.0f} s, "
+                "past Flower's heartbeat window: the coordinator does not accept this node's "
+                "key (not enrolled, or removed); ask its operator\n"
+            )
+            break
+        watcher.deferred(previous)
+        if supernode.pause(_ACTIVATION_RETRY_S):
+            break  # stopped meanwhile
+    if watcher.joined and code != -signal.SIGKILL:
+        session.closed()  # the SuperNode ended by itself: it signed off first
     if worker is not None:
         worker.stop(wait=True)
-    reader.join(timeout=10)
     watcher.finish(code, stopped.get("signal"))
     return 0 if stopped else code
+
+
+def _still_active_line(previous: OpenSession, wait_s: float) -> str:
+    return (
+        "consortia node: the coordinator refused to activate this node because its previous "
+        f"session (node id {previous.node_id}) still counts as active: that session ended "
+        "without signing off (killed or crashed), and Flower keeps it until its heartbeats "
+        f"lapse (up to {HEARTBEAT_WINDOW_S:.0f} s); retrying every {_ACTIVATION_RETRY_S:g} s "
+        f"for up to {wait_s:.0f} s\n"
+    )
+
+
+class _SuperNode:
+    """The SuperNode process: one attempt at a time, its output echoed and watched."""
+
+    def __init__(
+        self, command: list[str], env: dict[str, str], output: _Output, watcher: ConnectionWatcher
+    ) -> None:
+        self.command = command
+        self.env = env
+        self.output = output
+        self.watcher = watcher
+        self._process: subprocess.Popen[bytes] | None = None
+        # A plain flag: `stop` runs in a signal handler on the main thread, which may be
+        # inside `pause` (a lock there, as in threading.Event, could deadlock).
+        self._stopping = False
+
+    def run(self) -> int:
+        """Start the SuperNode, wait for it to end; its exit code."""
+        self.watcher.attempt()
+        process = subprocess.Popen(
+            supervised(self.command),  # ends if this service is killed
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            start_new_session=True,
+        )
+        self._process = process
+        if self._stopping:  # a stop that came before there was a process to end
+            self._terminate(process)
+        assert process.stdout is not None
+        reader = threading.Thread(
+            target=self.watcher.follow, args=(self.output.echo(process.stdout),), daemon=True
+        )
+        reader.start()
+        code = process.wait()
+        # On Flower's stock path the SuperExec shares the SuperNode's session and pipe: end them.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        reader.join(timeout=10)
+        return code
+
+    def pause(self, seconds: float) -> bool:
+        """Wait before the next attempt; True if the service was stopped meanwhile."""
+        deadline = time.monotonic() + seconds
+        while not self._stopping and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return self._stopping
+
+    def stop(self) -> None:
+        self._stopping = True
+        if self._process is not None:
+            self._terminate(self._process)
+
+    @staticmethod
+    def _terminate(process: subprocess.Popen[bytes]) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signal.SIGTERM)
 
 
 class _Output:
@@ -244,14 +340,24 @@ class _Worker:
 
 
 class ConnectionWatcher:
-    """Turns the SuperNode's log lines into node-side audit entries."""
+    """Turns the SuperNode's log lines into node-side audit entries, and notes its session."""
 
-    def __init__(self, audit: AuditLog, coordinator: str) -> None:
+    def __init__(
+        self, audit: AuditLog, coordinator: str, session: SessionMark | None = None
+    ) -> None:
         self.audit = audit
         self.coordinator = coordinator
+        self.session = session
         self.untrusted = False
         self.refused = False
         self.joined = False
+        self.activation_refused = False  # by the current attempt; recorded once it is settled
+        self._deferred = False
+
+    def attempt(self) -> None:
+        """A new SuperNode process starts; a refused activation before it is settled."""
+        self._settle_activation()
+        self.activation_refused = False
 
     def follow(self, lines: Iterable[str]) -> None:
         for line in lines:
@@ -262,6 +368,8 @@ class ConnectionWatcher:
             node_id = line.split(_JOINED, 1)[1].strip()
             self.joined = True
             self.audit.append("node.connected", coordinator=self.coordinator, node_id=node_id)
+            if self.session is not None:
+                self.session.opened(self.coordinator, node_id)
         elif not self.untrusted and any(marker in line for marker in _UNTRUSTED):
             self.untrusted = True
             self.audit.append(
@@ -269,15 +377,39 @@ class ConnectionWatcher:
                 coordinator=self.coordinator,
                 reason="its TLS certificate does not chain to this node's root certificates",
             )
+        elif _ACTIVATION_REFUSED in line:
+            self.activation_refused = True
         elif not self.refused and any(marker in line for marker in _REFUSED):
-            self.refused = True
-            self.audit.append(
-                "node.connection_refused",
-                coordinator=self.coordinator,
-                reason="the coordinator refused this node's key (not enrolled, or removed)",
-            )
+            self._refused()
+
+    def deferred(self, previous: OpenSession) -> None:
+        """The refused activation is waited out: this node's last session is still open."""
+        self.activation_refused = False
+        if self._deferred:
+            return
+        self._deferred = True
+        self.audit.append(
+            "node.connection_deferred",
+            coordinator=self.coordinator,
+            previous_node_id=previous.node_id,
+            reason="the coordinator still counts this node's previous session as active (it "
+            "ended without signing off); retrying until its heartbeats lapse",
+        )
+
+    def _settle_activation(self) -> None:
+        if self.activation_refused and not self.refused:
+            self._refused()
+
+    def _refused(self) -> None:
+        self.refused = True
+        self.audit.append(
+            "node.connection_refused",
+            coordinator=self.coordinator,
+            reason="the coordinator refused this node's key (not enrolled, or removed)",
+        )
 
     def finish(self, exit_code: int, stop_signal: int | None) -> None:
+        self._settle_activation()
         if self.joined and stop_signal is None:
             # Flower ends a SuperNode "gracefully" when the SuperLink stops accepting its
             # key mid-session: the coordinator removed it (or shut down).

@@ -134,7 +134,9 @@ class FailureKind(StrEnum):
 
     REFUSED = "refused"  # the node declined (a refusal reply; its code says why)
     ERROR_REPLY = "error-reply"  # Flower's error reply: the node's app failed
-    NO_REPLY = "no-reply"  # nothing arrived within round_timeout_s
+    # Nothing arrived within round_timeout_s, or Flower answered in the node's place that
+    # its reply cannot come (the node missed its heartbeats: crashed, killed, cut off).
+    NO_REPLY = "no-reply"
     MALFORMED = "malformed"  # a reply without the records, weight or array layout needed
     SCREENED_OUT = "screened-out"  # an update the value checks reject (norm bound, NaN/∞)
     KRUM_EXCLUDED = "krum-excluded"  # accepted, but not the update Krum selected

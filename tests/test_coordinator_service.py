@@ -138,6 +138,24 @@ def test_gatekeeper_audits_node_connections_and_refusals(tmp_path: Path) -> None
     assert events[1]["details"]["key_fingerprint"] == keys.public.fingerprint
 
 
+def test_gatekeeper_tells_a_still_active_node_from_a_refused_key(tmp_path: Path) -> None:
+    """Flower answers 412 to an activation both for an unknown key and for a node still online."""
+    enrolled, stranger = init_node_keys(tmp_path / "a"), init_node_keys(tmp_path / "b")
+    audit = AuditLog(tmp_path / "audit.jsonl", "coordinator")
+    gate = Gatekeeper(
+        _downstream(412), ("127.0.0.0/8",), audit, lambda: {enrolled.public.pem: "st-mary"}
+    )
+    for keys in (enrolled, stranger):
+        header = [(b"flwr-public-key", base64.b64encode(keys.public.pem))]
+        assert _call(gate, "/v1/fleet/activate-node", "198.51.100.4", header) == 412
+    events = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in events] == ["node.connection_deferred", "node.connection_refused"]
+    deferred, refused = (e["details"] for e in events)
+    assert deferred["node"] == "st-mary" and "still counts as active" in deferred["reason"]
+    assert refused["node"] is None and refused["reason"] == "key not enrolled (or removed)"
+    assert "authentication failed" not in json.dumps(events)
+
+
 # ------------------------------------------------------------------ jobs
 
 

@@ -139,3 +139,23 @@ def test_state_dir_that_is_a_file_is_one_clear_error(
     listed = consortia_cli("node", "data", "list", "--node", str(node_toml), cwd=tmp_path)
     assert listed.returncode == 2 and "is a file" in listed.stderr
     assert "Traceback" not in listed.stderr
+
+
+def test_insecure_with_root_certificates_is_refused_before_connecting(
+    tmp_path: Path, consortia_cli: CliRunner
+) -> None:
+    """Flower would take `insecure` and open plain HTTP, whatever CA node.toml names.
+
+    Every command that reads node.toml refuses it; `data list` stands in for
+    `start` here, since the refusal is the same and a `start` that were let
+    through would keep retrying an unreachable coordinator.
+    """
+    (tmp_path / "ca.crt").write_text("a CA certificate\n")
+    node_toml = _write_node_toml(
+        tmp_path,
+        '[superlink]\naddress = "127.0.0.1:9"\ninsecure = true\nroot_certificates = "ca.crt"\n',
+    )
+    listed = consortia_cli("node", "data", "list", "--node", str(node_toml), cwd=tmp_path)
+    message = one_cli_error(listed, nothing_on_stdout=True)
+    assert f"{node_toml}: superlink: " in message
+    assert "insecure = true cannot be combined with root_certificates" in message

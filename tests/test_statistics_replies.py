@@ -32,10 +32,10 @@ def _error_reply(node_id: int, error: Error) -> Message:
 @pytest.mark.usefixtures("task_identity")
 def test_a_node_error_without_a_reason_is_a_refusal_naming_its_code() -> None:
     """Flower's `Error.reason` may be None; the refusal still says what happened."""
-    replies = [_error_reply(7, Error(code=3)), _error_reply(8, Error(code=1, reason="boom"))]
+    replies = [_error_reply(7, Error(code=2)), _error_reply(8, Error(code=1, reason="boom"))]
     releases, refusals = _read_replies(replies, _roster(7, 8), 1.0, lambda release: None)
     assert releases == {}
     by_node = {refusal.node: refusal for refusal in refusals}
     assert by_node["node-7"].code == "node-error"
-    assert by_node["node-7"].reason == "error code 3, no reason given"
+    assert by_node["node-7"].reason == "error code 2, no reason given"
     assert by_node["node-8"].reason == "boom"

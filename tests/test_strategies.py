@@ -124,6 +124,60 @@ def test_error_replies_and_no_usable_update_stop_the_run() -> None:
         strategy.aggregate_train(1, replies)
 
 
+class _OneNodeGone:
+    """A grid before which `gone` died: the SuperLink answers its messages itself.
+
+    Its reply is the one Flower's SuperLink makes for a node that missed its
+    heartbeats (`create_message_error_unavailable_res_message`), which comes
+    from the SuperLink's node id, not the node's; the others answer in turn.
+    """
+
+    def __init__(self, gone: int, answer: dict[int, float]) -> None:
+        self.gone = gone
+        self.answer = answer
+        self.replies: dict[str, Message] = {}
+
+    def push_messages(self, messages: list[Message]) -> list[str]:
+        from flwr.server.superlink.linkstate.utils import (
+            create_message_error_unavailable_res_message,
+        )
+
+        ids = []
+        for number, message in enumerate(messages):
+            mid = f"m{number}"
+            message.metadata.__dict__["_message_id"] = mid
+            node = message.metadata.dst_node_id
+            self.replies[mid] = (
+                create_message_error_unavailable_res_message(message.metadata, "node_unavail")
+                if node == self.gone
+                else _reply(message, self.answer[node], 0.1)
+            )
+            ids.append(mid)
+        return ids
+
+    def pull_messages(self, message_ids: list[str]) -> list[Message]:
+        return [self.replies.pop(mid) for mid in message_ids if mid in self.replies]
+
+
+def test_a_node_flower_reports_unavailable_fails_its_round_not_the_run() -> None:
+    from consortia.server.rounds.exchange import exchange
+
+    strategy, run_log = _strategy()
+    requests = _requests(strategy)
+    gone = IDS[NAMES.index("charlie")]
+    grid = _OneNodeGone(gone, {9001: 1.0, 17: 2.0, 5: 3.0})
+    replies = exchange(grid, requests, timeout_s=5)  # type: ignore[arg-type]
+    assert sorted(r.metadata.src_node_id for r in replies) == sorted(IDS)
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert arrays is not None
+    np.testing.assert_allclose(arrays["w"].numpy(), 2.0)  # alpha, bravo, delta
+    record = run_log.close(1, 0.0)
+    assert record.participants == ["alpha", "bravo", "delta"]
+    (failure,) = record.failures
+    assert (failure.node, failure.kind) == ("charlie", p.FailureKind.NO_REPLY)
+    assert failure.reason.startswith("no reply: Error: Node Unavailable")
+
+
 def test_aggregation_order_does_not_depend_on_arrival_order() -> None:
     strategy, _ = _strategy()
     requests = _requests(strategy)

@@ -12,8 +12,12 @@ in `admin_networks` (loopback by default, so administration happens on the
 coordinator's machine or through an SSH tunnel).
 
 It also watches the Fleet API's answers: a node that activates is recorded
-as connected, a request the SuperLink refuses with 401 (an unenrolled or
-removed key) as a refused connection, both in the audit log.
+as connected, a request the SuperLink refuses (401, or a refused activation:
+an unenrolled or removed key) as a refused connection, both in the audit
+log. An enrolled key whose activation is refused (412) is no refusal of the
+key: Flower still counts the node's previous session as active, because the
+node was killed without signing off and restarted within its heartbeat
+window; that is recorded as a deferred connection, and the node retries.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ AUDITED_CONTROL_CALLS = {
 }
 _PUBLIC_KEY_HEADER = b"flwr-public-key"
 _REFUSAL_QUIET_S = 60.0  # one audit entry per refused key per minute: nodes retry
+_PRECONDITION_FAILED = 412  # Flower's answer to an activation it refuses
 
 
 class Gatekeeper:
@@ -63,7 +68,7 @@ class Gatekeeper:
         self.networks = [ipaddress.ip_network(n, strict=False) for n in admin_networks]
         self.audit = audit
         self.names = names
-        self._last_refusal: dict[str, float] = {}
+        self._last_refusal: dict[tuple[str, str], float] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -118,22 +123,47 @@ class Gatekeeper:
         fingerprint = (pem_fingerprint(key) or "unreadable key") if key else None
         node = self.names().get(key, None) if key else None
         joining = path.endswith(("/activate-node", "/register-node"))
-        if status in (401, 403) or (joining and status >= 400):
-            last = self._last_refusal.get(fingerprint or peer, 0.0)
-            if time.monotonic() - last < _REFUSAL_QUIET_S:
-                return
-            self._last_refusal[fingerprint or peer] = time.monotonic()
-            self._record(
-                "node.connection_refused",
+        if joining and status == _PRECONDITION_FAILED and node is not None:
+            # Flower refuses to activate a key whose node is still online: one that was
+            # killed without signing off and restarted before its heartbeats lapsed.
+            self._refusal(
+                "node.connection_deferred",
+                fingerprint or peer,
                 node=node,
                 key_fingerprint=fingerprint,
                 peer=peer,
                 path=path,
                 status=status,
-                reason="key not enrolled (or removed)" if node is None else "authentication failed",
+                reason="its previous session still counts as active (it ended without "
+                "signing off) until its heartbeats lapse, about a minute; the node retries",
+            )
+        elif status in (401, 403) or (joining and status >= 400):
+            if node is None:
+                reason = "key not enrolled (or removed)"
+            elif status in (401, 403):
+                reason = "authentication failed"
+            else:
+                reason = f"activation refused (HTTP {status})"
+            self._refusal(
+                "node.connection_refused",
+                fingerprint or peer,
+                node=node,
+                key_fingerprint=fingerprint,
+                peer=peer,
+                path=path,
+                status=status,
+                reason=reason,
             )
         elif status < 300 and path.endswith("/activate-node"):
             self._record("node.connected", node=node, key_fingerprint=fingerprint, peer=peer)
+
+    def _refusal(self, event: str, who: str, **details: JsonValue) -> None:
+        """Record a refused request, once a minute per key and kind: nodes retry."""
+        last = self._last_refusal.get((event, who), 0.0)
+        if time.monotonic() - last < _REFUSAL_QUIET_S:
+            return
+        self._last_refusal[(event, who)] = time.monotonic()
+        self._record(event, **details)
 
     def _record(self, event: str, **details: JsonValue) -> None:
         if self.audit is not None:

@@ -30,6 +30,8 @@ from types import FrameType
 from consortia.common.atomic import write_bytes_atomic
 from consortia.common.codeguard import guarded_environment
 from consortia.common.errors import ConfigError, FederationError
+from consortia.common.parent_death import supervised
+from consortia.common.ports import check_port_free, port_holders
 from consortia.server.coordinator.config import (
     CoordinatorConfig,
     audit_log,
@@ -118,6 +120,8 @@ def serve(config_path: Path, insecure: bool, announce: Callable[[str], None]) ->
     """Run the coordinator until SIGTERM/SIGINT or the SuperLink's exit; its exit code."""
     config = load_coordinator_config(config_path)
     check_start(config, config_path, insecure)
+    # Not in `check_start`: the port is checked only right before it is taken.
+    check_port_free(config.host, config.port, f"coordinator {config.name}")
     config.logs_dir.mkdir(parents=True, exist_ok=True)
     (config.state_dir / "flwr-home").mkdir(parents=True, exist_ok=True)
     env = guarded_environment(
@@ -131,7 +135,7 @@ def serve(config_path: Path, insecure: bool, announce: Callable[[str], None]) ->
     log_path = config.logs_dir / "coordinator.log"
     with log_path.open("ab") as log:
         process = subprocess.Popen(
-            superlink_command(config, insecure),
+            supervised(superlink_command(config, insecure)),  # ends if this service is killed
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,
@@ -173,9 +177,26 @@ def _wait_ready(config: CoordinatorConfig, process: subprocess.Popen[bytes], log
             raise FederationError(f"flower-superlink exited with {process.returncode}:\n{tail}")
         with socket.socket(socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET) as s:
             if s.connect_ex((host.strip("[]"), int(port))) == 0:
+                _check_listener(config, process)
                 return
         time.sleep(0.2)
     raise FederationError(f"flower-superlink did not open {config.local_address} in 60 s")
+
+
+def _check_listener(config: CoordinatorConfig, process: subprocess.Popen[bytes]) -> None:
+    """The port answers: make sure it is this SuperLink that answers, not another process.
+
+    Another process can take the port between the check before the start and
+    the SuperLink's bind; the SuperLink then exits, which its log alone would say.
+    """
+    holders = port_holders(config.port)
+    if process.poll() is None and (not holders or process.pid in {h.pid for h in holders}):
+        return
+    held = ", ".join(map(str, holders)) or "another process"
+    raise FederationError(
+        f"coordinator {config.name}: port {config.port} is held by {held}, not by this "
+        "coordinator's SuperLink; stop that process and start again"
+    )
 
 
 def _restore_enrollment(config: CoordinatorConfig) -> None:

@@ -61,6 +61,7 @@ from consortia.common.errors import FederationError
 from consortia.common.record_values import number
 from consortia.server.rounds.aggregation import array_view, weighted_average
 from consortia.server.rounds.cohort import Cohort
+from consortia.server.rounds.exchange import never_answered
 from consortia.server.rounds.run_log import NodeFailure, RunLog
 from consortia.server.rounds.secure_aggregation import SecureRound
 from consortia.server.rounds.update_checks import (
@@ -351,8 +352,7 @@ class ConsortiaStrategy(FedAvg):
             elif problem is None:
                 accepted.append((name, reply))
             else:
-                kind = p.FailureKind.ERROR_REPLY if reply.has_error() else p.FailureKind.MALFORMED
-                failures.append(NodeFailure(node=name, reason=problem, kind=kind))
+                failures.append(NodeFailure(node=name, reason=problem, kind=_failure_kind(reply)))
         accepted.sort(key=lambda item: item[0])
         return accepted, sorted(failures, key=lambda f: f.node)
 
@@ -367,6 +367,8 @@ class ConsortiaStrategy(FedAvg):
 
     def _problem(self, reply: Message, with_arrays: bool) -> str | None:
         """Why `reply` cannot be used, or None if it can."""
+        if never_answered(reply):
+            return f"no reply: {reply.error.reason}"
         if reply.has_error():
             return f"node error: {reply.error.reason}"
         metrics = reply.content.get(p.METRICS_KEY)
@@ -381,6 +383,13 @@ class ConsortiaStrategy(FedAvg):
         if not isinstance(arrays, ArrayRecord):
             return f"reply lacks the '{p.ARRAYS_KEY}' record"
         return _layout_problem(arrays, self._expected)
+
+
+def _failure_kind(reply: Message) -> p.FailureKind:
+    """What an unusable reply that is no refusal stands for."""
+    if never_answered(reply):
+        return p.FailureKind.NO_REPLY  # Flower's word in the node's place: the node is gone
+    return p.FailureKind.ERROR_REPLY if reply.has_error() else p.FailureKind.MALFORMED
 
 
 def _layout_problem(

@@ -29,7 +29,7 @@ from consortia.common.models import architecture_hash
 from consortia.common.statistics import MESSAGE_TYPE, STATISTICS_KEY, StatisticsRelease
 from consortia.common.weights import model_to_arrays
 from consortia.server.outputs.manifest import build_manifest
-from consortia.server.rounds.exchange import exchange
+from consortia.server.rounds.exchange import exchange, never_answered
 from consortia.server.rounds.roster import Roster, discover
 from consortia.server.statistics.stats_file import (
     STATS_HTML,
@@ -154,8 +154,10 @@ def _read_replies(
     for reply in replies:
         node = roster.name_of(reply.metadata.src_node_id)
         if reply.has_error():
+            # Flower's word in the node's place (it missed its heartbeats): no reply.
+            code = p.RefusalCode.NO_REPLY if never_answered(reply) else p.RefusalCode.NODE_ERROR
             why = reply.error.reason or f"error code {reply.error.code}, no reason given"
-            refusals.append(NodeRefusal(node=node, code=p.RefusalCode.NODE_ERROR, reason=why))
+            refusals.append(NodeRefusal(node=node, code=code, reason=why))
             continue
         refusal = p.read_refusal(reply.content)
         if refusal is not None:
