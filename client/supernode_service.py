@@ -15,6 +15,15 @@ coordinator refused the node's key (not enrolled, or removed), or the node
 refused the coordinator (its certificate does not chain to the CA this node
 trusts). Each lands in the node's audit log.
 
+The same facts end the service with one line naming the cause and the fix
+(`NodeStoppedError`, exit code 2), where Flower says only "[code: 2004]
+Failed to activate SuperNode" or, for a node the coordinator removed,
+nothing at all (its SuperNode ends itself "gracefully", exit code 0). A
+failed connection attempt also has the coordinator's port probed
+(`consortia.client.link_probe`): a node without TLS pointed at a TLS
+coordinator, which Flower would retry forever, is stopped with the cause;
+a coordinator that is merely down is still waited for.
+
 SIGTERM/SIGINT stop both. The node lives as long as its SuperNode: when it
 exits, the worker is stopped; a worker that dies on its own (a crash, the
 OOM killer) is restarted, with a growing pause if it keeps dying.
@@ -30,27 +39,34 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import IO
 
+from consortia.client.link_probe import tls_mismatch
 from consortia.client.node_audit import node_audit_log
-from consortia.client.node_config import NODE_CONFIG_KEY, NodeConfig
+from consortia.client.node_config import NODE_CONFIG_KEY, NodeConfig, SuperLinkConfig
 from consortia.common.audit import AuditLog
 from consortia.common.codeguard import guarded_environment
-from consortia.common.errors import ConfigError
+from consortia.common.errors import ConfigError, FederationError
 
 # Flower's own log lines, and what each means for the audit trail.
 _JOINED = "SuperNode ID:"
 _UNTRUSTED = ("CERTIFICATE_VERIFY_FAILED", "certificate verify failed")
 _REFUSED = ("Failed to activate SuperNode", "Invalid SuperNode authentication", "401")
+_RETRYING = "Connection attempt failed"  # Flower's warning before each reconnection wait
+_PROBE_EVERY_S = 5.0  # at most one probe of the coordinator's port per this many seconds
 
 _WORKER_STOP_S = 10.0  # SIGTERM, then SIGKILL after this long
 _RESTART_FIRST_S = 1.0
 _RESTART_MAX_S = 30.0
 _RESTART_HEALTHY_S = 60.0  # a worker that ran this long restarts after the shortest pause
+
+
+class NodeStoppedError(FederationError):
+    """The SuperNode ended for a reason the node's operator must act on (named in the message)."""
 
 
 @dataclass(frozen=True)
@@ -106,7 +122,8 @@ def node_commands(
 def supervise(config: NodeConfig, commands: NodeCommands) -> int:
     """Run the node's processes until the SuperNode exits or the service is stopped.
 
-    Returns the SuperNode's exit code (0 when stopped by a signal).
+    Returns the SuperNode's exit code (0 when stopped by a signal). Raises
+    `NodeStoppedError` when it ended for a known cause (see the module).
     """
     audit = node_audit_log(config)
     env = guarded_environment()
@@ -136,7 +153,9 @@ def supervise(config: NodeConfig, commands: NodeCommands) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     assert process.stdout is not None
-    watcher = ConnectionWatcher(audit, config.superlink.address)
+    watcher = ConnectionWatcher(
+        audit, config.superlink.address, link=config.superlink, stop=lambda: _end(process)
+    )
     reader = threading.Thread(
         target=watcher.follow, args=(output.echo(process.stdout),), daemon=True
     )
@@ -151,7 +170,17 @@ def supervise(config: NodeConfig, commands: NodeCommands) -> int:
         worker.stop(wait=True)
     reader.join(timeout=10)
     watcher.finish(code, stopped.get("signal"))
-    return 0 if stopped else code
+    if stopped:
+        return 0
+    cause = watcher.cause(code)
+    if cause is not None:
+        raise NodeStoppedError(cause)
+    return code
+
+
+def _end(process: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        process.send_signal(signal.SIGTERM)
 
 
 class _Output:
@@ -244,20 +273,39 @@ class _Worker:
 
 
 class ConnectionWatcher:
-    """Turns the SuperNode's log lines into node-side audit entries."""
+    """Turns the SuperNode's log lines into node-side audit entries, and its end into a cause.
 
-    def __init__(self, audit: AuditLog, coordinator: str) -> None:
+    `link` (how the node reaches the coordinator) enables the probe of the
+    coordinator's port after a failed connection attempt; `stop` ends the
+    SuperNode when the probe finds a TLS mismatch.
+    """
+
+    def __init__(
+        self,
+        audit: AuditLog,
+        coordinator: str,
+        *,
+        link: SuperLinkConfig | None = None,
+        stop: Callable[[], None] | None = None,
+    ) -> None:
         self.audit = audit
         self.coordinator = coordinator
+        self.link = link
+        self.stop = stop
         self.untrusted = False
         self.refused = False
         self.joined = False
+        self.mismatch: str | None = None
+        self._probing = threading.Lock()
+        self._last_probe = -_PROBE_EVERY_S
 
     def follow(self, lines: Iterable[str]) -> None:
         for line in lines:
             self.see(line)
 
     def see(self, line: str) -> None:
+        if _RETRYING in line:
+            self._probe_soon()
         if _JOINED in line:
             node_id = line.split(_JOINED, 1)[1].strip()
             self.joined = True
@@ -276,6 +324,61 @@ class ConnectionWatcher:
                 coordinator=self.coordinator,
                 reason="the coordinator refused this node's key (not enrolled, or removed)",
             )
+
+    def _probe_soon(self) -> None:
+        """Probe the coordinator's port in the background (not blocking the output)."""
+        now = time.monotonic()
+        if self.link is None or self.mismatch or now - self._last_probe < _PROBE_EVERY_S:
+            return
+        self._last_probe = now
+        threading.Thread(target=self._probe, name="link-probe", daemon=True).start()
+
+    def _probe(self) -> None:
+        if self.link is None or not self._probing.acquire(blocking=False):
+            return
+        try:
+            mismatch = tls_mismatch(self.link.address, self.link.insecure)
+        finally:
+            self._probing.release()
+        if mismatch is not None and self.mismatch is None:
+            self.mismatch = mismatch
+            if self.stop is not None:
+                self.stop()  # Flower would retry forever
+
+    def cause(self, exit_code: int) -> str | None:
+        """Why the SuperNode ended, as one sentence with the fix; None if not known."""
+        where = f"the coordinator at {self.coordinator}"
+        if self.mismatch is not None:
+            return self.mismatch
+        if self.untrusted:
+            trusted = (
+                "the system's CAs"
+                if self.link is None or self.link.root_certificates is None
+                else str(self.link.root_certificates)
+            )
+            return (
+                f"{where} presented a TLS certificate that does not chain to {trusted}; set "
+                "[superlink] root_certificates in node.toml to the consortium's ca.crt"
+            )
+        if self.joined and exit_code == 0:
+            # Flower's SuperNode ends itself, exit code 0, on a 401 from the SuperLink mid-
+            # session (flwr/supercore/retry/http_retry.py); a coordinator that is down is
+            # retried instead. So: the node's key is no longer enrolled.
+            return (
+                f"{where} ended this node's session: it no longer accepts the node's key (the "
+                "node was removed, or its enrollment lost); ask its operator to enroll the "
+                "node's public key again (`consortia node keys show` prints it), then restart"
+            )
+        if self.refused and not self.joined:
+            return (
+                f"{where} refused this node's key: it is not enrolled (or was removed). Send "
+                "the public key `consortia node keys show` prints to the coordinator's operator, "
+                "compare fingerprints with them, and start the node once they have enrolled it"
+            )
+        if exit_code != 0 and not self.joined and self.link is not None:
+            # Flower gives up at once on a TLS error (a TLS node, a plain coordinator).
+            return tls_mismatch(self.link.address, self.link.insecure)
+        return None
 
     def finish(self, exit_code: int, stop_signal: int | None) -> None:
         if self.joined and stop_signal is None:
