@@ -255,7 +255,7 @@ class LedgerAccount:
             raise NodeRefusedError(refusal)
 
     def record(self, release: Release, server_round: int, mechanism: Mechanism = "dpsgd") -> float:
-        self._refuse_first_release_over_budget(release)
+        self._refuse_first_release_over_budget(release, server_round, mechanism)
         with self._ledger() as ledger:
             entry = ledger.record_release(
                 self.dataset,
@@ -284,21 +284,26 @@ class LedgerAccount:
             )
         return entry.epsilon
 
-    def _refuse_first_release_over_budget(self, release: Release) -> None:
-        """Refuse, before the ledger is created, a dataset's first release that breaks its budget.
+    def _refuse_first_release_over_budget(
+        self, release: Release, server_round: int, mechanism: Mechanism
+    ) -> None:
+        """`BudgetExceededError` before the ledger exists, for a first release over budget.
 
         `record_release` refuses it too, writing no release, but only after
         the dataset's budget was entered (and the file created): a refused
-        statistics query on a fresh node would leave a ledger behind.
+        statistics query on a fresh node would leave a ledger behind. So a
+        dataset's first release is recorded in the scratch ledger first, with
+        the very same check and message; the real one follows if it passes.
         """
         with budget_view(self.ledger_path, self.dataset, self.policy) as view:
-            if not view.scratch:
-                return  # the ledger exists and holds the dataset: record_release decides
-            refusal = check_budget(
-                0.0, view.ledger.projected_epsilon(self.dataset, release), self.policy, self.dataset
-            )
-        if refusal is not None:
-            raise NodeRefusedError(refusal)
+            if view.scratch:  # else the ledger holds the dataset: record_release decides
+                view.ledger.record_release(
+                    self.dataset,
+                    release,
+                    run_id=str(self.context.run_id),
+                    server_round=server_round,
+                    mechanism=mechanism,
+                )
 
     def histogram_withheld(self, job: JobConfig) -> str | None:
         return histogram_refusal(job, self.policy)

@@ -131,6 +131,20 @@ def test_a_refused_round_on_a_fresh_node_leaves_no_ledger(deployed_node: Node) -
     assert not ledger.exists()  # the budget was checked against the ledger it would start
 
 
+def test_a_first_release_over_budget_is_refused_before_the_ledger_exists(tmp_path: Path) -> None:
+    from consortia.client.ledger import BudgetExceededError
+    from consortia.client.policy import NodePolicy
+    from consortia.client.spend import LedgerAccount
+
+    ledger = ledger_path(tmp_path / "state")
+    account = LedgerAccount(flower_context(), ledger, DATASET, NodePolicy(epsilon_budget=0.5))
+    with pytest.raises(BudgetExceededError, match="Nothing was recorded"):  # the ledger's words
+        account.record(histogram_release(1.0), server_round=0, mechanism="gaussian")
+    assert not ledger.exists()  # e.g. a statistics query costlier than the whole budget
+    account.record(histogram_release(20.0), server_round=0, mechanism="gaussian")
+    assert len(_releases_of(tmp_path / "node.toml", run_id=1)) == 1  # one release, not two
+
+
 def test_model_not_in_the_node_list_is_refused(deployed_node: Node) -> None:
     node_toml = deployed_node(policy='models = ["logreg"]\n')
     job = _job(model={"name": "mlp"})
