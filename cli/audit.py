@@ -3,9 +3,11 @@
 consortia audit verify PATH [--expect-head SHA] [--expect-count N]
 consortia audit privacy RUN [--round N] [--shadows K]
 
-Exit 0: the chain is intact ("ok: N entries, head sha256 …"; keep that head
-somewhere else to detect a truncated tail next time). Exit 1: one line per
-problem. Exit 2: the file cannot be read (one error message, as everywhere).
+Exit 0: the chain is intact and matches its anchors: the `<log>.anchor`
+beside it and, for a node's log, the node's ledger ("ok: N entries, head
+sha256 …"; keep that head off the machine too: it catches what someone with
+write access to the whole folder can rewrite). Exit 1: one line per problem.
+Exit 2: the file cannot be read (one error message, as everywhere).
 """
 
 from __future__ import annotations
@@ -56,19 +58,24 @@ def verify(
 ) -> None:
     """Verify every entry, its sequence number and the hash chain; exit 1 on any problem.
 
-    The chain alone cannot show that entries were removed from the end of
-    the log: keep the printed head (and count) outside this machine and pass
-    them back with --expect-head / --expect-count.
+    Entries removed from the end, or an edited last line, are caught by the
+    anchor every append writes beside the log (and, for a node's log, by its
+    ledger). Someone who can write the whole folder can rewrite those too:
+    keep the printed head (and count) off this machine and pass them back
+    with --expect-head / --expect-count.
     """
+    from consortia.client.node_audit import ledger_gaps
     from consortia.common.audit import verify as verify_log
 
     report = verify_log(path, expect_head=expect_head, expect_count=expect_count)
+    # A node's log is also checked against its ledger (once its lines are intact).
+    problems = [str(problem) for problem in report.problems] or ledger_gaps(path)
     for note in report.notes:
         console.print(f"note: {escape(note)}")
-    if not report.ok:
-        for problem in report.problems:
-            console.print(escape(str(problem)))
-        count = len(report.problems)
+    if problems:
+        for problem in problems:
+            console.print(escape(problem))
+        count = len(problems)
         console.print(
             f"[red]not ok[/]: {escape(str(path))}: {count} problem{'s' if count != 1 else ''}"
         )

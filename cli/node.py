@@ -143,10 +143,10 @@ def check_job(
     `architectures`), the noise the node would calibrate, and the dataset's ε
     after one round and after every planned round. Exit code 1 if refused.
     """
+    config, settings = _load_job(job), _node(node)  # before the imports: a typo fails fast
     from consortia.client.admission import preview_admission, preview_statistics
     from consortia.client.policy import Refusal
 
-    config, settings = _load_job(job), _node(node)
     if statistics:  # a statistics job (`consortia job stats`): no training
         if config.statistics is None:
             raise ConfigError(f"{job}: --statistics needs a [statistics] block in the job")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
-from consortia.client.ledger import PrivacyLedger, ledger_path
+from consortia.client.ledger import ledger_path
 from consortia.client.node_config import NodeConfig
 from consortia.client.onboarding.registry import DatasetRegistry
 from consortia.client.policy import Refusal, check_budget, check_statistics
@@ -19,11 +19,11 @@ from consortia.client.privacy_state import JobPrivacyState
 from consortia.client.spend import (
     NodeRefusedError,
     admit_under_policy,
+    budget_view,
     histogram_refusal,
     other_releases,
     planned_job,
     planned_release,
-    register_budget,
 )
 from consortia.client.statistics import deployed_facts, plan_query
 from consortia.common.config import JobConfig
@@ -77,10 +77,11 @@ class AdmissionPreview(BaseModel):
 
 
 def preview_admission(job: JobConfig, node: NodeConfig) -> AdmissionPreview:
-    """Run a round's admission checks for `job` on `node`; nothing is trained or spent.
+    """Run a round's admission checks for `job` on `node`; nothing is trained, spent or written.
 
-    The one write: the dataset's budget is entered in the ledger if it is not
-    there yet, exactly as the node's first round would.
+    Against the node's ledger if it holds the dataset, else against the
+    empty one its first round would start (`budget_view`): no ledger is
+    created or changed.
     """
     preview = AdmissionPreview(node=node.name, dataset=job.dataset, model=job.model.name)
     try:
@@ -93,8 +94,8 @@ def preview_admission(job: JobConfig, node: NodeConfig) -> AdmissionPreview:
     policy = node.policy
     state = JobPrivacyState()
     refusal = None
-    with PrivacyLedger(ledger_path(node.state_dir)) as ledger:
-        budget = register_budget(ledger, dataset, policy)
+    with budget_view(ledger_path(node.state_dir), dataset, policy) as view:
+        ledger, budget = view.ledger, view.budget
         try:
             admit_under_policy(
                 job, registration.train_records, digest, policy, ledger, dataset, state
@@ -174,9 +175,9 @@ def preview_statistics(job: JobConfig, node: NodeConfig) -> StatisticsPreview | 
         return Refusal(code=RefusalCode.PRIVACY_TARGET_UNREACHABLE, reason=exc.message)
     if isinstance(plan, Refusal):
         return plan
-    with PrivacyLedger(ledger_path(node.state_dir)) as ledger:
-        budget = register_budget(ledger, dataset, policy)
-        after = ledger.projected_epsilon(dataset, plan.release)
+    with budget_view(ledger_path(node.state_dir), dataset, policy) as view:
+        budget = view.budget
+        after = view.ledger.projected_epsilon(dataset, plan.release)
     refusal = check_statistics(plan.epsilon, policy) or check_budget(
         budget.epsilon_spent, after, policy, dataset
     )

@@ -11,19 +11,26 @@ from typing import Literal
 
 from pydantic import Field
 
-from consortia.common.config import JobConfig, StrictModel
+from consortia.common.config import (
+    MAX_NOISE_MULTIPLIER,
+    ClippingNorm,
+    Delta,
+    Epsilon,
+    JobConfig,
+    StrictModel,
+)
 from consortia.common.protocol import RefusalCode
 
 
 class NodePolicy(StrictModel):
     """Limits a node enforces on every job and every round."""
 
-    epsilon_budget: float = Field(
-        default=3.0, gt=0, description="total ε per dataset, over all jobs, at `delta`"
+    epsilon_budget: Epsilon = Field(
+        default=3.0, description="total ε per dataset, over all jobs, at `delta`"
     )
-    delta: float = Field(default=1e-5, gt=0, lt=1)
-    min_noise_multiplier: float = Field(default=0.5, ge=0)
-    max_grad_norm: float = Field(default=10.0, gt=0, description="largest clipping bound allowed")
+    delta: Delta = 1e-5
+    min_noise_multiplier: float = Field(default=0.5, ge=0, le=MAX_NOISE_MULTIPLIER)
+    max_grad_norm: ClippingNorm = Field(default=10.0, description="largest clipping bound allowed")
     max_local_epochs: int = Field(default=5, ge=1)
     models: tuple[str, ...] = Field(default=("logreg", "mlp", "cnn"))
     architectures: tuple[str, ...] = Field(
@@ -44,8 +51,8 @@ class NodePolicy(StrictModel):
     answer_statistics: bool = Field(
         default=False, description="answer federated statistics queries (`consortia job stats`)"
     )
-    max_statistics_epsilon: float = Field(
-        default=0.5, gt=0, description="largest ε one statistics query may cost, at `delta`"
+    max_statistics_epsilon: Epsilon = Field(
+        default=0.5, description="largest ε one statistics query may cost, at `delta`"
     )
 
 

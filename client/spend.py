@@ -15,15 +15,17 @@ job's ε after all planned rounds stays within its target.
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from flwr.app import Context, MetricRecord
 
 from consortia.client import training
-from consortia.client.ledger import DatasetBudget, PrivacyLedger
+from consortia.client.ledger import DatasetBudget, PrivacyLedger, ledger_path
 from consortia.client.noise_key import derive_secret, noise_key
 from consortia.client.policy import (
     NodePolicy,
@@ -267,9 +269,15 @@ class LedgerAccount:
         self, job: JobConfig, num_records: int, architecture: str
     ) -> training.DpSettings | None:
         try:
-            with self._ledger() as ledger:
+            with budget_view(self.ledger_path, self.dataset, self.policy) as view:
                 return admit_under_policy(
-                    job, num_records, architecture, self.policy, ledger, self.dataset, self.state
+                    job,
+                    num_records,
+                    architecture,
+                    self.policy,
+                    view.ledger,
+                    self.dataset,
+                    self.state,
                 )
         finally:
             save_state(self.context, self.state)  # the calibrated noise, kept for the job
@@ -282,6 +290,7 @@ class LedgerAccount:
     def record(
         self, release: Release, server_round: int, mechanism: Mechanism = Mechanism.DPSGD
     ) -> float:
+        self._refuse_first_release_over_budget(release, server_round, mechanism)
         with self._ledger() as ledger:
             entry = ledger.record_release(
                 self.dataset,
@@ -310,6 +319,27 @@ class LedgerAccount:
             )
         return entry.epsilon
 
+    def _refuse_first_release_over_budget(
+        self, release: Release, server_round: int, mechanism: Mechanism
+    ) -> None:
+        """`BudgetExceededError` before the ledger exists, for a first release over budget.
+
+        `record_release` refuses it too, writing no release, but only after
+        the dataset's budget was entered (and the file created): a refused
+        statistics query on a fresh node would leave a ledger behind. So a
+        dataset's first release is recorded in the scratch ledger first, with
+        the very same check and message; the real one follows if it passes.
+        """
+        with budget_view(self.ledger_path, self.dataset, self.policy) as view:
+            if view.scratch:  # else the ledger holds the dataset: record_release decides
+                view.ledger.record_release(
+                    self.dataset,
+                    release,
+                    run_id=str(self.context.run_id),
+                    server_round=server_round,
+                    mechanism=mechanism,
+                )
+
     def histogram_withheld(self, job: JobConfig) -> str | None:
         return histogram_refusal(job, self.policy)
 
@@ -327,6 +357,43 @@ class LedgerAccount:
 def register_budget(ledger: PrivacyLedger, dataset: str, policy: NodePolicy) -> DatasetBudget:
     """Enter the dataset's budget from the policy (a no-op once there, an error if it changed)."""
     return ledger.register_dataset(dataset, policy.epsilon_budget, policy.delta, policy.accountant)
+
+
+@dataclass(frozen=True)
+class BudgetView:
+    """A ledger to check a job against, and the dataset's budget in it.
+
+    `scratch`: the node's ledger does not hold the dataset yet, so `ledger`
+    is a temporary one holding only the budget the first release would
+    enter, with nothing spent.
+    """
+
+    ledger: PrivacyLedger
+    budget: DatasetBudget
+    scratch: bool
+
+
+@contextmanager
+def budget_view(path: Path, dataset: str, policy: NodePolicy) -> Iterator[BudgetView]:
+    """The dataset's ledger for checks only: writes no ledger, creates no file at `path`.
+
+    The node's own ledger at `path` when it already holds the dataset (its
+    budget there is checked against the policy, as a round does); otherwise a
+    scratch ledger in a temporary folder, deleted afterwards, whose answers
+    are those of the node's ledger before its first release. So a refused
+    job, or `consortia node check-job`, never leaves a ledger behind: the
+    ledger is created by the first release actually recorded.
+    """
+    if path.exists():
+        with PrivacyLedger(path) as ledger:
+            if dataset in {budget.name for budget in ledger.datasets()}:
+                yield BudgetView(ledger, register_budget(ledger, dataset, policy), scratch=False)
+                return
+    with (
+        tempfile.TemporaryDirectory(prefix="consortia-ledger-view-") as folder,
+        PrivacyLedger(ledger_path(Path(folder))) as scratch,
+    ):
+        yield BudgetView(scratch, register_budget(scratch, dataset, policy), scratch=True)
 
 
 def histogram_refusal(job: JobConfig, policy: NodePolicy) -> str | None:

@@ -26,6 +26,15 @@ A node restarted after a kill finds the SuperLink still counting its old
 session as active for up to a minute, and its activation refused (HTTP 412):
 the service then starts the SuperNode again every few seconds until that
 session lapses, saying why in one line (`supervise`, `SessionMark`).
+
+The same facts end the service with one line naming the cause and the fix
+(`NodeStoppedError`, exit code 2), where Flower says only "[code: 2004]
+Failed to activate SuperNode" or, for a node the coordinator removed,
+nothing at all (its SuperNode ends itself "gracefully", exit code 0). A
+failed connection attempt also has the coordinator's port probed
+(`consortia.client.link_probe`): a node without TLS pointed at a TLS
+coordinator, which Flower would retry forever, is stopped with the cause;
+a coordinator that is merely down is still waited for.
 """
 
 from __future__ import annotations
@@ -38,18 +47,19 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import IO
 
+from consortia.client.link_probe import tls_mismatch
 from consortia.client.node_audit import node_audit_log
-from consortia.client.node_config import NODE_CONFIG_KEY, NodeConfig
+from consortia.client.node_config import NODE_CONFIG_KEY, NodeConfig, SuperLinkConfig
 from consortia.client.node_session import HEARTBEAT_WINDOW_S, OpenSession, SessionMark
 from consortia.common.audit import AuditLog
 from consortia.common.codeguard import guarded_environment
-from consortia.common.errors import ConfigError
+from consortia.common.errors import ConfigError, FederationError
 from consortia.common.parent_death import supervised
 
 # Flower's own log lines, and what each means for the audit trail.
@@ -61,6 +71,8 @@ _UNTRUSTED = ("CERTIFICATE_VERIFY_FAILED", "certificate verify failed")
 _ACTIVATION_REFUSED = "Failed to activate SuperNode"
 _REFUSED = ("Invalid SuperNode authentication", "401")
 _ACTIVATION_RETRY_S = 5.0
+_RETRYING = "Connection attempt failed"  # Flower's warning before each reconnection wait
+_PROBE_EVERY_S = 5.0  # at most one probe of the coordinator's port per this many seconds
 _ACTIVATION_SLACK_S = 15.0  # beyond Flower's heartbeat window: a late last heartbeat, clocks
 
 _WORKER_STOP_S = 10.0  # SIGTERM, then SIGKILL after this long
@@ -119,6 +131,10 @@ def node_commands(
     return NodeCommands([*supernode, "--isolation", "process"], worker)
 
 
+class NodeStoppedError(FederationError):
+    """The SuperNode ended for a reason the node's operator must act on (named in the message)."""
+
+
 def supervise(config: NodeConfig, commands: NodeCommands) -> int:
     """Run the node's processes until the SuperNode exits or the service is stopped.
 
@@ -126,15 +142,17 @@ def supervise(config: NodeConfig, commands: NodeCommands) -> int:
     was never signed off (`SessionMark`) is started again every few seconds
     until the SuperLink lets that session lapse (its missed heartbeats, about a
     minute); the node says so in one line. Returns the SuperNode's exit code
-    (0 when stopped by a signal).
+    (0 when stopped by a signal). Raises `NodeStoppedError` when it ended for
+    a known cause (see the module).
     """
     audit = node_audit_log(config)
     env = guarded_environment()
     env["PYTHONUNBUFFERED"] = "1"  # lines reach the node's log as they are written
     output = _Output()
     session = SessionMark(config.state_dir)
-    watcher = ConnectionWatcher(audit, config.superlink.address, session)
+    watcher = ConnectionWatcher(audit, config.superlink.address, session, link=config.superlink)
     supernode = _SuperNode(commands.supernode, env, output, watcher)
+    watcher.stop = supernode.stop  # a TLS mismatch ends the SuperNode (Flower would retry forever)
     worker = (
         None
         if commands.worker is None
@@ -179,7 +197,12 @@ def supervise(config: NodeConfig, commands: NodeCommands) -> int:
     if worker is not None:
         worker.stop(wait=True)
     watcher.finish(code, stopped.get("signal"))
-    return 0 if stopped else code
+    if stopped:
+        return 0
+    cause = watcher.cause(code)
+    if cause is not None:
+        raise NodeStoppedError(cause)
+    return code
 
 
 def _still_active_line(previous: OpenSession, wait_s: float) -> str:
@@ -343,11 +366,25 @@ class ConnectionWatcher:
     """Turns the SuperNode's log lines into node-side audit entries, and notes its session."""
 
     def __init__(
-        self, audit: AuditLog, coordinator: str, session: SessionMark | None = None
+        self,
+        audit: AuditLog,
+        coordinator: str,
+        session: SessionMark | None = None,
+        *,
+        link: SuperLinkConfig | None = None,
+        stop: Callable[[], None] | None = None,
     ) -> None:
+        """`link` (how the node reaches the coordinator) enables the probe of the
+        coordinator's port after a failed connection attempt; `stop` ends the
+        SuperNode when the probe finds a TLS mismatch."""
         self.audit = audit
         self.coordinator = coordinator
         self.session = session
+        self.link = link
+        self.stop = stop
+        self.mismatch: str | None = None
+        self._probing = threading.Lock()
+        self._last_probe = -_PROBE_EVERY_S
         self.untrusted = False
         self.refused = False
         self.joined = False
@@ -364,6 +401,8 @@ class ConnectionWatcher:
             self.see(line)
 
     def see(self, line: str) -> None:
+        if _RETRYING in line:
+            self._probe_soon()
         if _JOINED in line:
             node_id = line.split(_JOINED, 1)[1].strip()
             self.joined = True
@@ -419,3 +458,59 @@ class ConnectionWatcher:
                 reason="the coordinator ended this node's session (node removed, or shut down)",
             )
         self.audit.append("node.stopped", exit_code=exit_code, signal=stop_signal)
+
+    def _probe_soon(self) -> None:
+        """Probe the coordinator's port in the background (not blocking the output)."""
+        now = time.monotonic()
+        if self.link is None or self.mismatch or now - self._last_probe < _PROBE_EVERY_S:
+            return
+        self._last_probe = now
+        threading.Thread(target=self._probe, name="link-probe", daemon=True).start()
+
+    def _probe(self) -> None:
+        if self.link is None or not self._probing.acquire(blocking=False):
+            return
+        try:
+            mismatch = tls_mismatch(self.link.address, self.link.insecure)
+        finally:
+            self._probing.release()
+        if mismatch is not None and self.mismatch is None:
+            self.mismatch = mismatch
+            if self.stop is not None:
+                self.stop()  # Flower would retry forever
+
+    def cause(self, exit_code: int) -> str | None:
+        """Why the SuperNode ended, as one sentence with the fix; None if not known."""
+        self._settle_activation()  # a refused activation not waited out is a refused key
+        where = f"the coordinator at {self.coordinator}"
+        if self.mismatch is not None:
+            return self.mismatch
+        if self.untrusted:
+            trusted = (
+                "the system's CAs"
+                if self.link is None or self.link.root_certificates is None
+                else str(self.link.root_certificates)
+            )
+            return (
+                f"{where} presented a TLS certificate that does not chain to {trusted}; set "
+                "[superlink] root_certificates in node.toml to the consortium's ca.crt"
+            )
+        if self.joined and exit_code == 0:
+            # Flower's SuperNode ends itself, exit code 0, on a 401 from the SuperLink mid-
+            # session (flwr/supercore/retry/http_retry.py); a coordinator that is down is
+            # retried instead. So: the node's key is no longer enrolled.
+            return (
+                f"{where} ended this node's session: it no longer accepts the node's key (the "
+                "node was removed, or its enrollment lost); ask its operator to enroll the "
+                "node's public key again (`consortia node keys show` prints it), then restart"
+            )
+        if self.refused and not self.joined:
+            return (
+                f"{where} refused this node's key: it is not enrolled (or was removed). Send "
+                "the public key `consortia node keys show` prints to the coordinator's operator, "
+                "compare fingerprints with them, and start the node once they have enrolled it"
+            )
+        if exit_code != 0 and not self.joined and self.link is not None:
+            # Flower gives up at once on a TLS error (a TLS node, a plain coordinator).
+            return tls_mismatch(self.link.address, self.link.insecure)
+        return None

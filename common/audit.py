@@ -38,16 +38,26 @@ Format (one file, UTF-8, one entry per line, each line ends with "\\n")::
   the record. A last *complete* line that is not a valid entry (an edit, not
   a crash) makes `append` refuse with `AuditError`.
 
+- **The anchor.** The chain alone cannot show that entries were removed from
+  the end (the shorter file is a valid chain), nor that the last line was
+  edited (nothing chains onto it). So every append, still under the lock and
+  after the log's fsync, also rewrites `<log>.anchor` atomically (temporary
+  file, fsync, rename): `{"entries":N,"head_sha256":"<sha256 of line N>"}`.
+  `verify` reads the anchor *before* the log (an append in between only adds
+  lines) and, when every line is intact, requires line N to be there with
+  that hash. A missing anchor beside a non-empty log is a problem too.
+
 What `verify` proves, and what it cannot: every line from the first to the
 last is an unmodified entry in its original order, with no entry removed or
-added between two others. It **cannot** see that entries were removed from
-the end (the shorter file is a valid chain), nor a file rewritten from
-scratch by someone who recomputes every hash (there is no secret key). The
-mitigation is an anchor kept outside the file: `verify(path,
+added between two others, and (through the anchor) nothing removed from or
+edited at the end by someone who left the anchor alone. It **cannot** see a
+log and anchor rewritten together, by someone who recomputes every hash
+(there is no secret key): an anchor on the same disk raises the bar, it is
+not a witness. The witness is a head kept elsewhere: `verify(path,
 expect_head=..., expect_count=...)` (`consortia audit verify --expect-head
 SHA --expect-count N`) checks that the entry whose sha256 an operator wrote
 down earlier is still in the chain, and that the log holds at least that
-many entries. Appends after the anchor are expected and pass.
+many entries. Appends after an anchor are expected and pass.
 """
 
 from __future__ import annotations
@@ -67,7 +77,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
 
-from consortia.common.atomic import fsync_dir
+from consortia.common.atomic import fsync_dir, write_bytes_atomic
 from consortia.common.errors import ConsortiaError
 
 GENESIS_SHA256 = "0" * 64
@@ -76,6 +86,7 @@ FILE_MODE = 0o600  # the log names nodes, datasets and jobs
 LOCK_TIMEOUT_S = 30.0  # how long an append waits for another writer's lock
 MAX_DISCARDED_TEXT = 4096  # characters of a torn tail kept in its `audit.recovered` entry
 RECOVERED_EVENT = "audit.recovered"
+ANCHOR_SUFFIX = ".anchor"  # audit.jsonl -> audit.jsonl.anchor
 EVENT_PATTERN = r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+$"
 _TIME_PATTERN = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{3})?Z$"
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -114,6 +125,21 @@ class AuditProblem(BaseModel):
 
     def __str__(self) -> str:
         return self.message if self.line is None else f"line {self.line}: {self.message}"
+
+
+class AuditAnchor(BaseModel):
+    """`<log>.anchor`: how many entries the log held after the last append, and its head."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+    entries: int = Field(ge=0)
+    head_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+def anchor_path(path: Path) -> Path:
+    """Where the anchor of the audit log at `path` is kept: beside it."""
+    path = Path(path)
+    return path.with_name(path.name + ANCHOR_SUFFIX)
 
 
 class VerifyReport(BaseModel):
@@ -210,6 +236,7 @@ class AuditLog:
         a valid entry (the log was edited: run `consortia audit verify`).
         """
         fd, created = self._open()
+        wrote = False
         try:
             _lock(fd, self.path)
             tail = _read_tail(fd, os.fstat(fd).st_size)
@@ -227,10 +254,17 @@ class AuditLog:
                 os.ftruncate(fd, tail.complete_end)
             _write_all(fd, b"".join(line + b"\n" for line in lines), self.path)
             os.fsync(fd)
+            wrote = True
         except OSError as exc:
             raise AuditError(f"{self.path}: cannot append to the audit log ({exc})") from None
         finally:
-            os.close(fd)  # also releases the lock
+            if not wrote:
+                os.close(fd)  # also releases the lock
+        try:  # still under the lock, so anchors are written in the order of their lines
+            head = AuditAnchor(entries=entry.seq + 1, head_sha256=line_sha256(lines[-1]))
+            _write_anchor(self.path, head)
+        finally:
+            os.close(fd)
         if created:
             fsync_dir(self.path.parent)
         return entry
@@ -264,6 +298,33 @@ class AuditLog:
                 return os.open(self.path, flags), False
         except OSError as exc:
             raise AuditError(f"{self.path}: cannot open the audit log ({exc})") from None
+
+
+def _write_anchor(path: Path, anchor: AuditAnchor) -> None:
+    """Replace the log's anchor atomically and durably (after the log's own fsync)."""
+    target = anchor_path(path)
+    try:
+        write_bytes_atomic(target, _canonical(anchor.model_dump()) + b"\n", mode=FILE_MODE)
+    except OSError as exc:
+        raise AuditError(
+            f"{target}: the entry is in the audit log, but its anchor cannot be written ({exc}); "
+            "make the log's folder writable: without the anchor a truncated log goes unnoticed"
+        ) from None
+
+
+def read_anchor(path: Path) -> AuditAnchor | None:
+    """The anchor of the log at `path`; None if there is none; `ValueError` if it is damaged."""
+    target = anchor_path(path)
+    try:
+        raw = target.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise ValueError(f"cannot be read ({exc.strerror or exc})") from None
+    try:
+        return AuditAnchor.model_validate_json(raw)
+    except ValidationError:
+        raise ValueError("is not an anchor (edited or damaged)") from None
 
 
 def _lock(fd: int, path: Path) -> None:
@@ -385,12 +446,15 @@ def verify(
 
     Streams the file (memory does not grow with it). At most one problem per
     line, the most specific: not JSON / not an entry, then seq, then chain,
-    then canonical form. `expect_head`: the sha256 of an entry recorded
-    earlier (e.g. the head an earlier `verify` printed), which must still be
-    in the chain; `expect_count`: the log must hold at least that many
-    entries. Both catch a truncated tail, which the chain alone cannot.
-    Raises `AuditError` if the file cannot be read or `expect_head` is not a
-    sha256.
+    then canonical form. When every line is intact, the log's anchor
+    (`<log>.anchor`, written by every append) must be there and name line N
+    with its hash: this catches a truncated tail or an edited last line,
+    which the chain alone cannot. With a damaged line the log fails anyway
+    and the anchor's line numbers may have shifted, so it is not compared.
+    `expect_head`: the sha256 of an entry recorded earlier, elsewhere (e.g.
+    the head an earlier `verify` printed), which must still be in the chain;
+    `expect_count`: the log must hold at least that many entries. Raises
+    `AuditError` if the file cannot be read or `expect_head` is not a sha256.
     """
     path = Path(path)
     if expect_head is not None:
@@ -404,6 +468,9 @@ def verify(
     problems: list[AuditProblem] = []
     notes: list[str] = []
     head, entries, expected_seq, head_found = GENESIS_SHA256, 0, 0, expect_head == GENESIS_SHA256
+    anchor = _anchor_or_problem(path)  # before the log: a concurrent append only adds lines
+    empty_anchor = isinstance(anchor, AuditAnchor) and not anchor.entries
+    anchored_sha = GENESIS_SHA256 if empty_anchor else None
     with _open_for_reading(path) as handle:
         for number, raw in enumerate(handle, start=1):
             if not raw.endswith(b"\n"):
@@ -424,6 +491,10 @@ def verify(
                 expected_seq += 1
             head, entries = line_sha256(line), entries + 1
             head_found = head_found or head == expect_head
+            if isinstance(anchor, AuditAnchor) and entries == anchor.entries:
+                anchored_sha = head
+    if not problems:
+        problems += _anchor_file_problems(path, anchor, anchored_sha, entries)
     problems += _anchor_problems(expect_head, head_found, expect_count, entries)
     return VerifyReport(
         path=path, entries=entries, head_sha256=head, problems=tuple(problems), notes=tuple(notes)
@@ -463,6 +534,51 @@ def _check_line(
     if _canonical(json.loads(line)) != line:
         return "not in canonical form (the line was rewritten by another tool)", entry
     return None, entry
+
+
+def _anchor_or_problem(path: Path) -> AuditAnchor | str | None:
+    """The log's anchor, or what is wrong with its file (None: there is none)."""
+    try:
+        return read_anchor(path)
+    except ValueError as exc:
+        return f"its anchor {anchor_path(path).name} {exc}"
+
+
+def _anchor_file_problems(
+    path: Path, anchor: AuditAnchor | str | None, anchored_sha: str | None, entries: int
+) -> list[AuditProblem]:
+    """What the anchor beside an intact chain says is missing or changed at its end."""
+    name = anchor_path(path).name
+    if isinstance(anchor, str):
+        return [AuditProblem(line=None, message=anchor)]
+    if anchor is None:
+        if not entries:
+            return []
+        return [
+            AuditProblem(
+                line=None,
+                message=f"its anchor {name} is missing: every append writes it, so it was "
+                "deleted and entries may have been removed from the log's end (a log last "
+                "written by a consortia without anchors gets one at its next append)",
+            )
+        ]
+    if entries < anchor.entries:
+        return [
+            AuditProblem(
+                line=None,
+                message=f"the log holds {entries} entries, fewer than the {anchor.entries} its "
+                f"anchor {name} recorded (entries were removed from its end)",
+            )
+        ]
+    if anchored_sha != anchor.head_sha256:
+        return [
+            AuditProblem(
+                line=anchor.entries,
+                message=f"is not the entry its anchor {name} recorded there (the line was "
+                "edited after it was written)",
+            )
+        ]
+    return []
 
 
 def _anchor_problems(

@@ -61,8 +61,21 @@ def format_validation_error(exc: ValidationError, model: type[BaseModel], source
             message = "required key is missing"
         elif error["type"] in {"union_tag_invalid", "union_tag_not_found"}:
             message = error["msg"].replace("tag", "'name'")
+        elif error["type"] in _BOUNDS and isinstance(
+            bound := error.get("ctx", {}).get(_BOUNDS[error["type"]]), float
+        ):
+            # pydantic writes 1e-10 as 0.0000000001: easy to misread by a zero.
+            message = f"{error['msg'].rsplit(' ', 1)[0]} {bound:g}"
         lines.append(f"{source}: {key}: {message}")
     return "\n".join(lines)
+
+
+_BOUNDS = {
+    "greater_than": "gt",
+    "greater_than_equal": "ge",
+    "less_than": "lt",
+    "less_than_equal": "le",
+}
 
 
 def _allowed_keys(model: type[BaseModel], loc: list[str | int]) -> list[str]:
@@ -123,7 +136,7 @@ def read_job(path: Path) -> tuple[str, LoadedConfig]:
 
 def load_job_text(text: str, source: str) -> LoadedConfig:
     """Validate a job's TOML text; `source` names it in messages and in the manifest."""
-    config = validate_model(JobConfig, _parse(text, source), source)
+    config = validate_model(JobConfig, _settings(text, source, "job"), source)
     return LoadedConfig(
         config=config,
         source=source,
@@ -154,7 +167,7 @@ def load_scenario(
         as given on the command line.
     """
     path, text = _resolve_scenario(ref)
-    data = _parse(text, path)
+    data = _settings(text, path, "scenario")
     for key, value in (overrides or {}).items():
         if value is not None:
             data[key] = value
@@ -180,6 +193,23 @@ def _resolve_scenario(ref: str | Path | None) -> tuple[str, str]:
             f"(bundled: {', '.join(bundled_scenarios())})"
         )
     return f"<bundled>/{name}.toml", resource.read_text(encoding="utf-8")
+
+
+def _settings(text: str, source: str, kind: str) -> dict[str, Any]:
+    """A job's or scenario's settings; an empty file is refused.
+
+    Every key has a default, so an empty (or all-comment) file would validate
+    and silently run the default job: much more likely a file saved empty,
+    or the wrong file, than a deliberate choice.
+    """
+    data = _parse(text, source)
+    if not data:
+        bundled = f" (or name a bundled one: {', '.join(bundled_scenarios())})"
+        raise ConfigError(
+            f"{source}: the file holds no settings, so it would run the defaults; write the "
+            f"{kind}'s settings in it{bundled if kind == 'scenario' else ''}"
+        )
+    return data
 
 
 def _parse(text: str, source: str) -> dict[str, Any]:

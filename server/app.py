@@ -20,7 +20,7 @@ from consortia.common.audit import json_list, json_object
 from consortia.common.config import ScenarioConfig
 from consortia.common.config_io import LoadedConfig, load_job, load_job_text, load_scenario
 from consortia.common.errors import ConsortiaError, FederationError
-from consortia.common.flower_log import flower_handler_only
+from consortia.common.flower_log import flower_handler_only, user_errors_in_one_line
 from consortia.server.coordinator.config import audit_log
 from consortia.server.coordinator.jobs import (
     JOB_KIND_KEY,
@@ -46,6 +46,8 @@ from consortia.server.statistics.job import run_statistics
 app = ServerApp()
 # Importing consortia imported Opacus, whose root handler would print Flower's lines twice.
 flower_handler_only()
+# A job that cannot go on (every node refused, …) ends in one line, not a traceback.
+user_errors_in_one_line()
 
 
 class LogListener:

@@ -21,8 +21,11 @@ from consortia.common.audit import (
     RECOVERED_EVENT,
     AuditError,
     AuditLog,
+    anchor_path,
+    canonical_line,
     iter_entries,
     line_sha256,
+    parse_line,
     verify,
 )
 
@@ -226,7 +229,10 @@ def test_anchors_catch_a_truncated_tail(tmp_path: Path, consortia_cli: CliRunner
     assert ok.stdout.strip() == f"ok: 5 entries, head sha256 {head}"
 
     _write_lines(path, _lines(path)[:3])  # the last two entries removed
-    assert verify(path).ok  # the chain alone cannot tell
+    # The chain alone cannot tell; the anchor beside the log can (next tests), and so can
+    # an anchor kept elsewhere. Without the one beside it, only the latter catches it.
+    anchor_path(path).unlink()
+    assert _problems(path) == [_MISSING_ANCHOR]
     anchored = consortia_cli(
         "audit", "verify", str(path), "--expect-head", head, "--expect-count", "5", cwd=tmp_path
     )
@@ -234,6 +240,60 @@ def test_anchors_catch_a_truncated_tail(tmp_path: Path, consortia_cli: CliRunner
     assert "3 entries, fewer than the 5 expected" in anchored.stdout
     assert f"no entry has the expected head sha256 {head}" in anchored.stdout
     assert _problems(path, expect_count=5) and _problems(path, expect_head=head)
+
+
+_MISSING_ANCHOR = (
+    "its anchor audit.jsonl.anchor is missing: every append writes it, so it was deleted and "
+    "entries may have been removed from the log's end (a log last written by a consortia "
+    "without anchors gets one at its next append)"
+)
+
+
+def test_the_anchor_beside_the_log_catches_a_truncated_tail_without_flags(
+    tmp_path: Path, consortia_cli: CliRunner
+) -> None:
+    path = _log(tmp_path, entries=5)
+    assert json.loads(anchor_path(path).read_bytes()) == {
+        "entries": 5,
+        "head_sha256": verify(path).head_sha256,
+    }
+    _write_lines(path, _lines(path)[:3])  # the last two entries removed: still a valid chain
+    assert _problems(path) == [
+        "the log holds 3 entries, fewer than the 5 its anchor audit.jsonl.anchor recorded "
+        "(entries were removed from its end)"
+    ]
+    result = consortia_cli("audit", "verify", str(path), cwd=tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "fewer than the 5 its anchor" in result.stdout
+    _write_lines(path, [])  # every entry removed
+    assert _problems(path)[0].startswith("the log holds 0 entries, fewer than the 5")
+
+
+def test_the_anchor_catches_an_edited_last_line_without_flags(tmp_path: Path) -> None:
+    path = _log(tmp_path, entries=4)
+    lines = _lines(path)
+    entry = parse_line(lines[-1])
+    forged = entry.model_copy(update={"details": {"round": 1, "job": "other", "note": "é ✓"}})
+    lines[-1] = canonical_line(forged)  # canonical, right seq, chained: only the anchor knows
+    _write_lines(path, lines)
+    assert _problems(path) == [
+        "line 4: is not the entry its anchor audit.jsonl.anchor recorded there (the line was "
+        "edited after it was written)"
+    ]
+
+
+def test_a_missing_or_damaged_anchor_is_a_problem(tmp_path: Path) -> None:
+    path = _log(tmp_path, entries=2)
+    anchor = anchor_path(path)
+    anchor.write_text('{"entries": 2}')
+    assert _problems(path) == ["its anchor audit.jsonl.anchor is not an anchor (edited or damaged)"]
+    anchor.unlink()
+    assert _problems(path) == [_MISSING_ANCHOR]
+    AuditLog(path, NODE).append("node.refusal", code="x")  # the next append writes it again
+    assert verify(path).ok
+    empty = tmp_path / "empty.jsonl"
+    empty.write_bytes(b"")
+    assert verify(empty).ok  # nothing was ever appended: nothing to anchor
 
 
 def test_anchors_accept_later_appends(tmp_path: Path) -> None:
@@ -445,6 +505,42 @@ def test_ledger_account_records_the_spend_before_returning(tmp_path: Path) -> No
         assert len(ledger.history("cardio")) == 2  # over-counts, never under-counts
 
 
+def test_a_node_log_truncated_with_its_anchor_rewritten_is_caught_by_the_ledger(
+    tmp_path: Path, consortia_cli: CliRunner
+) -> None:
+    from consortia.client.ledger import ledger_path
+    from consortia.client.policy import NodePolicy
+    from consortia.client.spend import LedgerAccount
+    from consortia.common.privacy import Release
+
+    state = tmp_path / "state"
+    path = state / "audit.jsonl"
+    audit = AuditLog(path, NODE)
+    audit.append("data.registered", dataset="cardio")
+    account = LedgerAccount(
+        flower_context(run_id=41),
+        ledger_path(state),
+        "cardio",
+        NodePolicy(epsilon_budget=10.0),
+        audit=audit,
+    )
+    for server_round in (1, 2):
+        account.record(Release(noise_multiplier=1.1, sample_rate=0.125, steps=8), server_round)
+    ok = consortia_cli("audit", "verify", str(path), cwd=tmp_path)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+
+    # Someone who hides the second spend: the last entry cut, the anchor made to agree.
+    kept = _lines(path)[:2]
+    _write_lines(path, kept)
+    anchor = {"entries": 2, "head_sha256": line_sha256(kept[-1])}
+    anchor_path(path).write_text(json.dumps(anchor))
+    assert verify(path).ok  # the log and its anchor agree ...
+    result = consortia_cli("audit", "verify", str(path), cwd=tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr  # ... the ledger does not
+    assert "the ledger's newest release of 'cardio' (#2, " in result.stdout
+    assert "has no privacy.spend entry" in result.stdout
+
+
 @pytest.mark.usefixtures("task_identity")
 def test_refusals_are_recorded_on_a_deployed_node_only(tmp_path: Path) -> None:
     from flwr.app import ConfigRecord, Message, MessageType, RecordDict
@@ -500,7 +596,10 @@ def test_refusals_are_recorded_on_a_deployed_node_only(tmp_path: Path) -> None:
     before = sorted(tmp_path.rglob("*"))
     assert p.read_refusal(ask(flower_context(run_id=41)).content) is not None
     assert sorted(tmp_path.rglob("*")) == before
-    assert [f.name for f in (tmp_path / "state").iterdir()] == ["audit.jsonl"]
+    assert sorted(f.name for f in (tmp_path / "state").iterdir()) == [
+        "audit.jsonl",
+        "audit.jsonl.anchor",  # and no ledger: a refusal spends nothing
+    ]
 
 
 def test_an_unusable_audit_log_is_a_refusal() -> None:

@@ -91,6 +91,8 @@ def _train(node_toml: Path, job: JobConfig, run_id: int) -> Message:
 
 def _releases_of(node_toml: Path, run_id: int) -> list[object]:
     """The run's releases of the dataset (none if the node never opened its budget)."""
+    if not ledger_path(node_toml.parent / "state").exists():  # not opened: it would create it
+        return []
     with PrivacyLedger(ledger_path(node_toml.parent / "state")) as ledger:
         if DATASET not in [budget.name for budget in ledger.datasets()]:
             return []
@@ -118,6 +120,31 @@ def test_explicit_noise_below_the_node_minimum_is_refused(deployed_node: Node) -
     assert str(MIN_NOISE) in reason
 
 
+def test_a_refused_round_on_a_fresh_node_leaves_no_ledger(deployed_node: Node) -> None:
+    node_toml = deployed_node(budget=0.5)
+    ledger = ledger_path(node_toml.parent / "state")
+    quiet = _job(privacy={"noise_multiplier": MIN_NOISE / 2, "delta": 1e-5, "max_grad_norm": 1.0})
+    _assert_refused(node_toml, _train(node_toml, quiet, run_id=12), 12, "noise-too-low")
+    assert not ledger.exists()
+    greedy = _job(privacy={"target_epsilon": 2.0, "delta": 1e-5, "max_grad_norm": 1.0})
+    _assert_refused(node_toml, _train(node_toml, greedy, run_id=13), 13, "budget-exhausted")
+    assert not ledger.exists()  # the budget was checked against the ledger it would start
+
+
+def test_a_first_release_over_budget_is_refused_before_the_ledger_exists(tmp_path: Path) -> None:
+    from consortia.client.ledger import BudgetExceededError
+    from consortia.client.policy import NodePolicy
+    from consortia.client.spend import LedgerAccount
+
+    ledger = ledger_path(tmp_path / "state")
+    account = LedgerAccount(flower_context(), ledger, DATASET, NodePolicy(epsilon_budget=0.5))
+    with pytest.raises(BudgetExceededError, match="Nothing was recorded"):  # the ledger's words
+        account.record(histogram_release(1.0), server_round=0, mechanism="gaussian")
+    assert not ledger.exists()  # e.g. a statistics query costlier than the whole budget
+    account.record(histogram_release(20.0), server_round=0, mechanism="gaussian")
+    assert len(_releases_of(tmp_path / "node.toml", run_id=1)) == 1  # one release, not two
+
+
 def test_model_not_in_the_node_list_is_refused(deployed_node: Node) -> None:
     node_toml = deployed_node(policy='models = ["logreg"]\n')
     job = _job(model={"name": "mlp"})
@@ -129,7 +156,7 @@ def test_target_epsilon_whose_calibrated_noise_is_below_the_floor_is_refused(
     deployed_node: Node,
 ) -> None:
     # One round of 8 Poisson steps at q = 1/8: reaching ε = 20 needs σ ≈ 0.43 < 0.8.
-    node_toml = deployed_node(budget=1000.0)
+    node_toml = deployed_node(budget=100.0)
     job = _job(privacy={"target_epsilon": 20.0, "delta": 1e-5, "max_grad_norm": 1.0})
     _assert_refused(node_toml, _train(node_toml, job, run_id=13), 13, "noise-too-low")
 
@@ -223,8 +250,7 @@ def test_check_job_previews_the_decision(
         "node", "check-job", str(greedy), "--node", str(node_toml), cwd=tmp_path
     )
     assert refused.returncode == 1 and "budget-exhausted" in refused.stdout
-    with PrivacyLedger(ledger_path(node_toml.parent / "state")) as ledger:
-        assert ledger.history(DATASET) == []  # a preview spends nothing
+    assert not ledger_path(node_toml.parent / "state").exists()  # a preview writes nothing
 
 
 def test_a_job_without_dp_is_always_refused(deployed_node: Node) -> None:

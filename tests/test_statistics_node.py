@@ -195,7 +195,7 @@ def test_check_job_says_whether_the_node_would_answer(
 def test_the_noise_has_the_stated_std(tmp_path: Path) -> None:
     """Through the real handler: 40 queries (each job name a fresh seed), noise std = σ × Δ₂."""
     generous = "answer_statistics = true\nmax_statistics_epsilon = 50\n"
-    node_toml, truth = _write_site(tmp_path / "clinic", generous, budget=1e6)
+    node_toml, truth = _write_site(tmp_path / "clinic", generous, budget=100.0)
     label_noise, bin_noise = [], []
     for k in range(40):
         job = _job(noise_multiplier=3.0, target_epsilon=None).model_copy(update={"name": f"q{k}"})

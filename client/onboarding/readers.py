@@ -143,15 +143,17 @@ def _map_header(
 ) -> list[int] | None:
     """Position in the file of each schema column, or None if some are absent."""
     if not set(header) & set(names):
-        shown = ", ".join(repr(h) for h in header[:5]) + (", …" if len(header) > 5 else "")
+        # Not the table the schema describes (a wrong path, or a link to another file):
+        # its first line is not shown, since an error may reach logs and the coordinator.
         hint = "; if the file has no header line, set header = false in [source]" * (
             row is not None
         )
         log.add(
             Problem(
                 display,
-                f"none of the column names ({shown}) matches a column of the schema "
-                f"({', '.join(names)}){hint}",
+                f"none of its {len(header)} column names matches a column of the schema "
+                f"({', '.join(names)}), so it is not the table the schema describes: check "
+                f"'source.path'{hint}",
                 row=row,
             ),
             kind="header",
@@ -216,6 +218,8 @@ def _read_csv(source: CsvSource, names: tuple[str, ...]) -> RawTable:
     records: list[list[str]] = []
     rows: list[int] = []
     malformed: list[tuple[int, int, tuple[str, ...]]] = []
+    misfits: list[Problem] = []  # rows of the wrong width, each with a preview of its text
+    expected = "the header has" if source.header else "the schema declares"
     previous_line = 0
     try:
         for fields in reader:
@@ -231,9 +235,8 @@ def _read_csv(source: CsvSource, names: tuple[str, ...]) -> RawTable:
                 width, positions = len(header), mapped
                 continue
             if len(fields) != width:
-                expected = "the header has" if source.header else "the schema declares"
                 malformed.append((len(records), row, tuple(field.strip() for field in fields)))
-                log.add(
+                misfits.append(
                     Problem(
                         display,
                         f"{len(fields)} fields where {expected} {width} columns; fix the row "
@@ -241,8 +244,7 @@ def _read_csv(source: CsvSource, names: tuple[str, ...]) -> RawTable:
                         f"'{source.delimiter}' that needs quotes)",
                         row=row,
                         value=_preview(fields, source.delimiter),
-                    ),
-                    kind="field_count",
+                    )
                 )
                 continue
             records.append(fields)
@@ -255,6 +257,19 @@ def _read_csv(source: CsvSource, names: tuple[str, ...]) -> RawTable:
                 row=reader.line_num,
             ),
             kind="csv",
+        )
+    if source.header or records:  # the file is the schema's table: show the rows that misfit
+        for problem in misfits:
+            log.add(problem, kind="field_count")
+    elif misfits:  # not one row fits: another file, whose text is not shown (see _map_header)
+        log.add(
+            Problem(
+                display,
+                f"none of its {len(misfits)} lines has the {width} fields {expected}, so it is "
+                f"not the table the schema describes: check 'source.path' and that "
+                f"'{source.delimiter}' is its delimiter",
+            ),
+            kind="field_count",
         )
     if not source.header and records and [f.strip() for f in records[0]] == list(names):
         # A header line read as data would fail every cell; report it once instead.

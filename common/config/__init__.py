@@ -9,7 +9,8 @@ keys: a typo in a privacy setting must never be silently ignored.
 Import from here (`consortia.common.config`), not from the modules, which hold
 one concern each and import one another, never this package:
 - `strict`: `StrictModel`, the base of every model;
-- `privacy`: `[privacy]` (DP-SGD); `training`: `[model]`, `[training]`;
+- `privacy`: `[privacy]` (DP-SGD), and the ranges of every privacy setting;
+- `training`: `[model]`, `[training]`;
 - `strategy`: `[strategy]` (the aggregators); `update_checks`: `[update_checks]`;
 - `secure_aggregation`: `[secure_aggregation]` (SecAgg+);
 - `statistics`: `[label_histogram]`, `[statistics]` (DP releases of data statistics);
@@ -21,7 +22,18 @@ one concern each and import one another, never this package:
 """
 
 from consortia.common.config.job import JobConfig, check_cohort
-from consortia.common.config.privacy import PrivacyConfig
+from consortia.common.config.privacy import (
+    MAX_CLIPPING_NORM,
+    MAX_DELTA,
+    MAX_EPSILON,
+    MAX_NOISE_MULTIPLIER,
+    MIN_DELTA,
+    ClippingNorm,
+    Delta,
+    Epsilon,
+    NoiseMultiplier,
+    PrivacyConfig,
+)
 from consortia.common.config.scaling import ImageNormalization
 from consortia.common.config.scenario import ScenarioConfig
 from consortia.common.config.secure_aggregation import SecureAggregationConfig, check_secure_cohort
@@ -63,11 +75,19 @@ __all__ = [
     "BUNDLED_SOURCES",
     "DEFAULT_ALPHA",
     "DEFAULT_TEST_FRACTION",
+    "MAX_CLIPPING_NORM",
+    "MAX_DELTA",
+    "MAX_EPSILON",
+    "MAX_NOISE_MULTIPLIER",
+    "MIN_DELTA",
     "ROBUST_STRATEGIES",
     "AdversariesConfig",
     "BackendConfig",
     "CanaryConfig",
+    "ClippingNorm",
     "DataConfig",
+    "Delta",
+    "Epsilon",
     "FaultsConfig",
     "FedAdamConfig",
     "FedAvgConfig",
@@ -82,6 +102,7 @@ __all__ = [
     "LabelHistogramConfig",
     "ModelConfig",
     "MultiKrumConfig",
+    "NoiseMultiplier",
     "PartitionConfig",
     "PartitionMethod",
     "PrivacyConfig",

@@ -11,6 +11,7 @@ import math
 
 from pydantic import Field, model_validator
 
+from consortia.common.config.privacy import Epsilon, NoiseMultiplier
 from consortia.common.config.strict import StrictModel
 
 
@@ -23,7 +24,7 @@ class LabelHistogramConfig(StrictModel):
     policy allows.
     """
 
-    noise_multiplier: float = Field(gt=0, description="std of the noise added to every count")
+    noise_multiplier: NoiseMultiplier = Field(description="std of the noise added to every count")
 
 
 class StatisticsConfig(StrictModel):
@@ -41,8 +42,8 @@ class StatisticsConfig(StrictModel):
     public range is not released (a range read off the data would leak it).
     """
 
-    noise_multiplier: float | None = Field(default=None, gt=0)
-    target_epsilon: float | None = Field(default=None, gt=0)
+    noise_multiplier: NoiseMultiplier | None = None
+    target_epsilon: Epsilon | None = None
     bins: int = Field(default=10, ge=2, le=200, description="histogram bins per feature")
     ranges: dict[str, tuple[float, float]] = Field(
         default_factory=dict, description="feature name -> [low, high] of its histogram"

@@ -22,7 +22,7 @@ from typing import Any
 
 import click
 import httpx
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 
 from consortia.common.errors import FederationError
 
@@ -38,6 +38,13 @@ class CoordinatorTarget(BaseModel):
     address: str
     root_certificates: Path | None = None
     insecure: bool = False
+
+    @field_validator("root_certificates")
+    @classmethod
+    def _absolute(cls, value: Path | None) -> Path | None:
+        # Flower accepts only an absolute path (a relative one is a ValueError deep in its
+        # client); `--root-certificates ca.crt` means the file in the working folder.
+        return None if value is None else value.expanduser().resolve()
 
     def describe(self) -> str:
         scheme = "http" if self.insecure else "https"
@@ -75,15 +82,15 @@ class Control:
         from flwr.cli.utils import init_http_client_from_connection
 
         self.target = target
-        connection = SuperLinkConnection(
-            name="consortia",
-            address=target.address,
-            root_certificates=(
-                None if target.root_certificates is None else str(target.root_certificates)
-            ),
-            insecure=target.insecure,
-        )
         with self._translated(), _without_flower_banner():
+            connection = SuperLinkConnection(
+                name="consortia",
+                address=target.address,
+                root_certificates=(
+                    None if target.root_certificates is None else str(target.root_certificates)
+                ),
+                insecure=target.insecure,
+            )
             self._client = init_http_client_from_connection(connection)
 
     def __enter__(self) -> Control:
