@@ -69,7 +69,9 @@ _UNTRUSTED = ("CERTIFICATE_VERIFY_FAILED", "certificate verify failed")
 # none such, as for an unenrolled or removed key), or this node's previous session
 # still active (also 412); `supervise` tells them apart by the node's `SessionMark`.
 _ACTIVATION_REFUSED = "Failed to activate SuperNode"
-_REFUSED = ("Invalid SuperNode authentication", "401")
+# httpx words a 401 "Client error '401 Unauthorized' for url …"; a bare "401" would match
+# port numbers and timings in unrelated lines (54017, 0.401 s).
+_REFUSED = ("Invalid SuperNode authentication", "401 Unauthorized")
 _ACTIVATION_RETRY_S = 5.0
 _RETRYING = "Connection attempt failed"  # Flower's warning before each reconnection wait
 _PROBE_EVERY_S = 5.0  # at most one probe of the coordinator's port per this many seconds

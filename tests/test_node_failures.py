@@ -256,3 +256,18 @@ def test_a_job_every_node_refuses_fails_in_one_line(consortium: tuple[Consortium
     assert "model-not-allowed" in output
     assert "Traceback" not in output and "unhandled exception" not in output, output
     assert "error: " in output
+
+
+def test_a_401_inside_a_port_or_a_timing_is_no_refusal(tmp_path: Path) -> None:
+    """Flower's lines carry random ports and timings: only an HTTP 401 is a refused key."""
+    quiet = _watched(
+        tmp_path / "quiet",
+        "INFO :      Starting Flower SuperNode on 127.0.0.1:54017\n",
+        "WARNING :   Connection attempt failed, retrying in 0.401 seconds\n",
+    )
+    assert not quiet.refused
+    refused = _watched(
+        tmp_path / "refused",
+        "ERROR : Client error '401 Unauthorized' for url 'https://127.0.0.1:9093/x'\n",
+    )
+    assert refused.refused
