@@ -170,14 +170,11 @@ def run_federation(
         )
         histograms = _histogram_releases(roster, job)
         run_log.record_releases(histograms)
-        if job.privacy.enabled:  # spent before round 1: a node's ε is not 0 until it trains
-            privacy = job.privacy
-            run_log.record_spent(
-                {
-                    name: epsilon([release], privacy.delta, privacy.accountant)
-                    for name, release in histograms.items()
-                }
-            )
+        if job.privacy.enabled and histograms:  # spent before round 1, not 0 until it trains
+            # Every node made the same release: account it once, not once per node.
+            release = next(iter(histograms.values()))
+            spent = epsilon([release], job.privacy.delta, job.privacy.accountant)
+            run_log.record_spent(dict.fromkeys(histograms, spent))
         arrays = model_to_arrays(model)
         last_model = None
     else:

@@ -162,9 +162,10 @@ class RunLog:
 
         An accountant only ever grows: the larger of this and what was known is kept.
         """
+        if not self.private:
+            return  # no finite ε to keep
         for name, value in epsilons.items():
-            if self.private:
-                self.epsilon[name] = max(self.epsilon.get(name, 0.0), value)
+            self.epsilon[name] = max(self.epsilon.get(name, 0.0), value)
 
     def current(self, server_round: int) -> RoundRecord:
         return self._current.setdefault(server_round, RoundRecord(round=server_round))
