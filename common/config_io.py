@@ -51,6 +51,8 @@ def format_validation_error(exc: ValidationError, model: type[BaseModel], source
     """Render every problem as `source: key: message`, naming allowed keys where useful."""
     lines = []
     for error in exc.errors(include_url=False):
+        if error["type"] == "default_factory_not_called":
+            continue  # a default derived from a field that failed: that field's error says it
         loc = [part for part in error["loc"] if isinstance(part, str | int)]
         key = ".".join(str(part) for part in loc) or "(top level)"
         message = error["msg"]

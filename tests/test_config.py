@@ -206,3 +206,17 @@ def test_strategy_and_update_check_errors_name_the_problem(
 ) -> None:
     with pytest.raises(ConfigError, match=expected):
         load_scenario(_write(tmp_path, text))
+
+
+def test_the_round_timeout_follows_the_job_unless_it_is_set(tmp_path: Path) -> None:
+    """A lost reply costs a round its timeout: the default scales with the local epochs."""
+    one = load_scenario(_write(tmp_path, "[training]\nlocal_epochs = 1\n")).config
+    three = load_scenario(_write(tmp_path, "[training]\nlocal_epochs = 3\n")).config
+    assert (one.round_timeout_s, three.round_timeout_s) == (600.0, 1200.0)
+    text = "round_timeout_s = 45\n[training]\nlocal_epochs = 3\n"
+    explicit = load_scenario(_write(tmp_path, text))
+    assert explicit.config.round_timeout_s == 45.0
+    # A bad epoch count is the one error reported, not a missing timeout besides it.
+    with pytest.raises(ConfigError) as info:
+        load_scenario(_write(tmp_path, "[training]\nlocal_epochs = 0\n"))
+    assert "local_epochs" in str(info.value) and "round_timeout_s" not in str(info.value)

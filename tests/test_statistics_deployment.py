@@ -57,7 +57,8 @@ def test_a_statistics_job_with_a_trained_model(
     job = write_job(fed.root / "stats.toml", 1.0, name="insight")
     job.write_text(
         job.read_text()
-        + f'\n[statistics]\ntarget_epsilon = 0.5\nmin_count = {MIN_COUNT}\nmodel = "run-{train_run}"\n'
+        + f"\n[statistics]\ntarget_epsilon = 0.5\nmin_count = {MIN_COUNT}\n"
+        + f'model = "run-{train_run}"\n'
     )
     result = fed.consortia("job", "stats", str(job), "--config", str(fed.config), "--wait")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

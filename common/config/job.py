@@ -26,6 +26,26 @@ from consortia.common.config.strict import StrictModel
 from consortia.common.config.training import ModelConfig, TrainingConfig
 from consortia.common.config.update_checks import UpdateChecksConfig
 
+# A lost reply costs the coordinator the whole round timeout, so its default
+# follows the job's work instead of a flat hour: a base for connecting and
+# exchanging weights, plus a generous allowance per local epoch on a CPU node
+# (tabular and MNIST-sized data train an epoch in seconds to a few minutes).
+# Large imaging datasets set `round_timeout_s` themselves.
+ROUND_TIMEOUT_BASE_S = 300.0
+ROUND_TIMEOUT_PER_EPOCH_S = 300.0
+
+
+def default_round_timeout_s(local_epochs: int) -> float:
+    """The round timeout a job gets when it does not set one."""
+    return ROUND_TIMEOUT_BASE_S + ROUND_TIMEOUT_PER_EPOCH_S * local_epochs
+
+
+def _round_timeout_for(training: object) -> float:
+    # `training` is absent from the validated data when it failed validation:
+    # that error is reported, and the timeout then needs no error of its own.
+    epochs = training.local_epochs if isinstance(training, TrainingConfig) else 1
+    return default_round_timeout_s(epochs)
+
 
 class JobConfig(StrictModel):
     """A federated training job: the same schema in simulation and deployment."""
@@ -41,9 +61,17 @@ class JobConfig(StrictModel):
         default=None, ge=1, description="nodes sampled per round; all nodes if unset"
     )
     evaluation: Literal["federated", "centralized", "none"] = "federated"
-    round_timeout_s: float = Field(default=3600.0, gt=0)
     model: ModelConfig = ModelConfig()
     training: TrainingConfig = TrainingConfig()
+    # After `training`: its default is derived from the validated local epochs.
+    round_timeout_s: float = Field(
+        default_factory=lambda data: _round_timeout_for(data.get("training")),
+        gt=0,
+        description=(
+            "seconds the coordinator waits for a round's replies; default "
+            f"{ROUND_TIMEOUT_BASE_S:g} s + {ROUND_TIMEOUT_PER_EPOCH_S:g} s per local epoch"
+        ),
+    )
     privacy: PrivacyConfig = PrivacyConfig(target_epsilon=1.0)
     strategy: StrategyConfig = FedAvgConfig()
     update_checks: UpdateChecksConfig = UpdateChecksConfig()

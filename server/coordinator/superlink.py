@@ -5,7 +5,8 @@ adding consortia's `Gatekeeper` as the outermost middleware through Flower's
 SuperLink extension hook, `flwr.superlink.extensions.get_middleware`, which
 `flwr.superlink.main.create_app` consults when it builds the FastAPI app.
 Started by `consortia coordinator start`, which passes the coordinator's
-config path in the environment.
+config path in the environment. `link_database.install` first lengthens the
+SQLite lock wait and makes a locked database a retryable 503.
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ def install_gatekeeper() -> None:
 def main() -> None:
     from flwr.superlink.cli.flower_superlink import flower_superlink
 
+    from consortia.server.coordinator import link_database
+
+    link_database.install()
     install_gatekeeper()
     sys.argv[0] = "flower-superlink"
     flower_superlink()
