@@ -23,22 +23,42 @@ Opacus' `PRVAccountant` over it.
 
 from __future__ import annotations
 
+import importlib
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from enum import StrEnum
 from functools import lru_cache
-from typing import Literal, assert_never
+from types import ModuleType
+from typing import TYPE_CHECKING, Literal, assert_never
 
 import numpy as np
-from opacus.accountants import PRVAccountant, RDPAccountant
-from opacus.accountants.analysis import rdp as rdp_analysis
 from pydantic import BaseModel, ConfigDict, Field
 
 from consortia.common.errors import PrivacyError
 
+if TYPE_CHECKING:
+    from opacus.accountants import PRVAccountant, RDPAccountant
+
 AccountantName = Literal["rdp", "prv"]
-RDP_ORDERS: tuple[float, ...] = tuple(RDPAccountant.DEFAULT_ALPHAS)
+# Opacus' `RDPAccountant.DEFAULT_ALPHAS`, written out (tests/test_privacy.py
+# checks they are equal): importing Opacus imports torch, ~250 MiB and seconds
+# that a process which only stores or reads a ledger (`consortia node start`
+# supervising its SuperNode, `node ledger` commands) should not pay. Opacus is
+# imported where ε is computed.
+RDP_ORDERS: tuple[float, ...] = tuple([1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)))
+
+
+def _rdp_analysis() -> ModuleType:
+    return importlib.import_module("opacus.accountants.analysis.rdp")
+
+
+def _opacus_accountant(name: AccountantName) -> RDPAccountant | PRVAccountant:
+    from opacus.accountants import PRVAccountant, RDPAccountant
+
+    return RDPAccountant() if name == "rdp" else PRVAccountant()
+
+
 _ORDER_LIST: list[float] = list(RDP_ORDERS)
 
 
@@ -100,7 +120,7 @@ def rdp_per_step(noise_multiplier: float, sample_rate: float) -> np.ndarray:
     RDP composes additively per order: a history's curve is the sum of
     `steps * rdp_per_step(σ, q)` over its releases.
     """
-    curve: np.ndarray = rdp_analysis.compute_rdp(
+    curve: np.ndarray = _rdp_analysis().compute_rdp(
         q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=_ORDER_LIST
     )
     curve.setflags(write=False)
@@ -166,7 +186,9 @@ class RdpAccountant(PrivacyAccountant):
     def epsilon(self, delta: float) -> float:
         if not self._composed.any():
             return 0.0
-        eps, _ = rdp_analysis.get_privacy_spent(orders=_ORDER_LIST, rdp=self._composed, delta=delta)
+        eps, _ = _rdp_analysis().get_privacy_spent(
+            orders=_ORDER_LIST, rdp=self._composed, delta=delta
+        )
         return float(eps)
 
     def copy(self) -> RdpAccountant:
@@ -203,7 +225,7 @@ class PrvAccountant(PrivacyAccountant):
     def epsilon(self, delta: float) -> float:
         if not self._steps:
             return 0.0
-        accountant = PRVAccountant()
+        accountant = _opacus_accountant("prv")
         accountant.history = [(sigma, q, steps) for (sigma, q), steps in self._steps.items()]
         return float(accountant.get_epsilon(delta=delta))
 
@@ -244,7 +266,7 @@ def opacus_epsilon(history: list[Release], delta: float, accountant: AccountantN
     merged = PrvAccountant(history).history
     if not merged:
         return 0.0
-    reference = RDPAccountant() if accountant == "rdp" else PRVAccountant()
+    reference = _opacus_accountant(accountant)
     reference.history = [(r.noise_multiplier, r.sample_rate, r.steps) for r in merged]
     return float(reference.get_epsilon(delta=delta))
 
@@ -260,7 +282,7 @@ def rdp_epsilon_floor(delta: float) -> float:
     with warnings.catch_warnings():
         # Opacus warns that the largest order is optimal: at rdp = 0 it always is.
         warnings.filterwarnings("ignore", "Optimal order is the largest alpha")
-        eps, _ = rdp_analysis.get_privacy_spent(
+        eps, _ = _rdp_analysis().get_privacy_spent(
             orders=_ORDER_LIST, rdp=np.zeros(len(RDP_ORDERS)), delta=delta
         )
     return float(eps)

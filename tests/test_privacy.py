@@ -70,3 +70,26 @@ def test_calibrated_noise_meets_target_tightly(
 def test_unreachable_target_is_a_clear_error() -> None:
     with pytest.raises(PrivacyError, match="cannot reach"):
         calibrate_noise(1e-9, 1e-5, 1.0, 10_000)
+
+
+def test_the_rdp_orders_are_opacus_defaults() -> None:
+    """Written out so that the ledger does not import Opacus; they must stay Opacus'."""
+    from opacus.accountants import RDPAccountant
+
+    from consortia.common.privacy import RDP_ORDERS
+
+    assert list(RDP_ORDERS) == list(RDPAccountant.DEFAULT_ALPHAS)
+
+
+def test_a_node_supervisor_and_its_ledger_do_not_import_torch() -> None:
+    """`consortia node start` stays beside its SuperNode all the time: torch would be ~250 MiB."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, consortia.cli.main, consortia.cli.node, consortia.client.supernode_service, "
+        "consortia.client.ledger; print(sorted(m for m in ('torch', 'opacus') if m in sys.modules))"
+    )
+    command = [sys.executable, "-c", script]
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
