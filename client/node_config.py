@@ -15,7 +15,12 @@ from consortia.client.policy import NodePolicy
 from consortia.common.config import StrictModel
 from consortia.common.config_io import read_toml, validate_model
 from consortia.common.errors import ConfigError
-from consortia.common.flower_waits import DEFAULT_POLL_INTERVAL_S
+from consortia.common.flower_waits import (
+    DEFAULT_HEARTBEAT_INTERVAL_S,
+    DEFAULT_POLL_INTERVAL_S,
+    MAX_HEARTBEAT_INTERVAL_S,
+    MIN_HEARTBEAT_INTERVAL_S,
+)
 
 NODE_CONFIG_KEY = "consortia-node-config"  # Flower node_config key: path of node.toml
 DEFAULT_AUTH_PRIVATE_KEY = Path("keys") / "node.key"  # under state_dir
@@ -31,6 +36,13 @@ class SuperLinkConfig(StrictModel):
         default=None,
         description="the node's private key (OpenSSH format) that authenticates it to the "
         "SuperLink; default <state_dir>/keys/node.key",
+    )
+    heartbeat_interval_s: float = Field(
+        default=DEFAULT_HEARTBEAT_INTERVAL_S,
+        ge=MIN_HEARTBEAT_INTERVAL_S,
+        le=MAX_HEARTBEAT_INTERVAL_S,
+        description="how often the SuperNode tells the SuperLink it is alive; the SuperLink "
+        "counts the node gone two intervals after its last heartbeat",
     )
 
     @model_validator(mode="after")

@@ -1,11 +1,12 @@
 """The node's session with the coordinator, as the node last left it.
 
 Flower's SuperLink counts a node as online until it misses its heartbeats
-(`HEARTBEAT_PATIENCE` × `HEARTBEAT_DEFAULT_INTERVAL` after the last one: 60 s
-in Flower 1.42), and until then refuses to activate the same key again
-(HTTP 412, "Failed to activate SuperNode"). A SuperNode that ends by itself
-signs off first (it deactivates the node); one that is killed (SIGKILL, the
-OOM killer, a power cut) cannot. So `consortia node start` marks the session
+(`HEARTBEAT_PATIENCE` × the interval the node declared, after the last one:
+60 s at Flower's default 30 s, node.toml `[superlink] heartbeat_interval_s`),
+and until then refuses to activate the same key again (HTTP 412, "Failed to
+activate SuperNode"). A SuperNode that ends by itself signs off first (it
+deactivates the node); one that is killed (SIGKILL, the OOM killer, a power
+cut) cannot. So `consortia node start` marks the session
 open in `<state_dir>/session.json` when its SuperNode joins, and clears the
 mark when the SuperNode ends in a way that signed off. A mark found when an
 activation is refused says the last session ended without signing off: the
@@ -17,15 +18,14 @@ from __future__ import annotations
 import datetime as dt
 from pathlib import Path
 
-from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL, HEARTBEAT_PATIENCE
+from flwr.common.constant import HEARTBEAT_PATIENCE
 from pydantic import ValidationError
 
 from consortia.common.atomic import write_bytes_atomic
 from consortia.common.config import StrictModel
+from consortia.common.flower_waits import DEFAULT_HEARTBEAT_INTERVAL_S
 
 SESSION_FILENAME = "session.json"
-# How long the SuperLink keeps a silent node online after its last heartbeat.
-HEARTBEAT_WINDOW_S = float(HEARTBEAT_PATIENCE * HEARTBEAT_DEFAULT_INTERVAL)
 
 
 class OpenSession(StrictModel):
@@ -34,6 +34,13 @@ class OpenSession(StrictModel):
     coordinator: str
     node_id: str
     joined_utc: str
+    # The interval that session declared (marks written before it existed: Flower's).
+    heartbeat_interval_s: float = DEFAULT_HEARTBEAT_INTERVAL_S
+
+    @property
+    def window_s(self) -> float:
+        """How long the SuperLink keeps this session online after its last heartbeat."""
+        return float(HEARTBEAT_PATIENCE * self.heartbeat_interval_s)
 
 
 class SessionMark:
@@ -42,9 +49,14 @@ class SessionMark:
     def __init__(self, state_dir: Path) -> None:
         self.path = Path(state_dir) / SESSION_FILENAME
 
-    def opened(self, coordinator: str, node_id: str) -> None:
+    def opened(self, coordinator: str, node_id: str, heartbeat_interval_s: float) -> None:
         joined = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-        session = OpenSession(coordinator=coordinator, node_id=node_id, joined_utc=joined)
+        session = OpenSession(
+            coordinator=coordinator,
+            node_id=node_id,
+            joined_utc=joined,
+            heartbeat_interval_s=heartbeat_interval_s,
+        )
         self.path.parent.mkdir(parents=True, exist_ok=True)
         write_bytes_atomic(self.path, session.model_dump_json().encode())
 

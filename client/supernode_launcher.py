@@ -13,6 +13,10 @@ at 50 ms, backing off to 1 s. Each patch and its structure check live in
 `flower-supernode` entry point with the remaining arguments, as
 `consortia.server.coordinator.superlink` does for the SuperLink.
 
+`--heartbeat-interval-s` (node.toml `[superlink] heartbeat_interval_s`)
+sets how often the SuperNode tells the SuperLink it is alive, and so how soon
+the SuperLink counts a dead node gone (two intervals).
+
 The cost of a short poll interval is one authenticated pull request from
 the node to the SuperLink per interval during a job (5 a second at the
 default 0.2 s). A Flower whose SuperNode no longer has the structure
@@ -27,18 +31,21 @@ import sys
 
 from consortia.common.errors import ConsortiaError
 from consortia.common.flower_waits import (
+    DEFAULT_HEARTBEAT_INTERVAL_S,
     DEFAULT_POLL_INTERVAL_S,
     REMOTE_FIRST_RETRY_S,
     REMOTE_RETRY_CAP_S,
     SUPERNODE_LOOP_MODULE,
+    install_heartbeat_interval,
     install_supernode_poll_interval,
     shorten_object_pull_backoff,
 )
 
 
-def install(poll_interval_s: float) -> None:
+def install(poll_interval_s: float, heartbeat_interval_s: float) -> None:
     """Shorten the SuperNode's waits in this process (each patch checked first)."""
     install_supernode_poll_interval(poll_interval_s)
+    install_heartbeat_interval(heartbeat_interval_s)
     shorten_object_pull_backoff(
         SUPERNODE_LOOP_MODULE,
         "pull_objects",
@@ -48,7 +55,7 @@ def install(poll_interval_s: float) -> None:
     )
 
 
-def _parse(argv: list[str]) -> tuple[float, list[str]]:
+def _parse(argv: list[str]) -> tuple[float, float, list[str]]:
     parser = argparse.ArgumentParser(
         prog="python -m consortia.client.supernode_launcher",
         description="flower-supernode with its fixed waits shortened; other arguments go to it",
@@ -56,14 +63,15 @@ def _parse(argv: list[str]) -> tuple[float, list[str]]:
         allow_abbrev=False,
     )
     parser.add_argument("--poll-interval-s", type=float, default=DEFAULT_POLL_INTERVAL_S)
+    parser.add_argument("--heartbeat-interval-s", type=float, default=DEFAULT_HEARTBEAT_INTERVAL_S)
     known, rest = parser.parse_known_args(argv)
-    return float(known.poll_interval_s), rest
+    return float(known.poll_interval_s), float(known.heartbeat_interval_s), rest
 
 
 def main(argv: list[str] | None = None) -> None:
-    poll_interval_s, flower_args = _parse(sys.argv[1:] if argv is None else argv)
+    poll_interval_s, heartbeat_s, flower_args = _parse(sys.argv[1:] if argv is None else argv)
     try:
-        install(poll_interval_s)
+        install(poll_interval_s, heartbeat_s)
     except ConsortiaError as exc:
         print(f"error: {exc.message}", file=sys.stderr, flush=True)
         raise SystemExit(exc.exit_code) from None

@@ -56,7 +56,7 @@ from typing import IO
 from consortia.client.link_probe import tls_mismatch
 from consortia.client.node_audit import node_audit_log
 from consortia.client.node_config import NODE_CONFIG_KEY, NodeConfig, SuperLinkConfig
-from consortia.client.node_session import HEARTBEAT_WINDOW_S, OpenSession, SessionMark
+from consortia.client.node_session import OpenSession, SessionMark
 from consortia.common.audit import AuditLog
 from consortia.common.codeguard import guarded_environment
 from consortia.common.errors import ConfigError, FederationError
@@ -121,7 +121,9 @@ def node_commands(
             )
         return NodeCommands([executable, *args], None)
     poll = ["--poll-interval-s", repr(config.poll_interval_s)]
-    supernode = [sys.executable, "-m", "consortia.client.supernode_launcher", *poll, *args]
+    heartbeat = ["--heartbeat-interval-s", repr(link.heartbeat_interval_s)]
+    launcher = [sys.executable, "-m", "consortia.client.supernode_launcher", *poll, *heartbeat]
+    supernode = [*launcher, *args]
     worker = [
         sys.executable,
         "-m",
@@ -182,7 +184,7 @@ def supervise(config: NodeConfig, commands: NodeCommands) -> int:
         now = time.monotonic()
         if deadline is None:
             waited_from = now
-            deadline = now + HEARTBEAT_WINDOW_S + _ACTIVATION_SLACK_S
+            deadline = now + previous.window_s + _ACTIVATION_SLACK_S
             output.echo_line(_still_active_line(previous, deadline - now))
         if now >= deadline:
             output.echo_line(
@@ -212,7 +214,7 @@ def _still_active_line(previous: OpenSession, wait_s: float) -> str:
         "consortia node: the coordinator refused to activate this node because its previous "
         f"session (node id {previous.node_id}) still counts as active: that session ended "
         "without signing off (killed or crashed), and Flower keeps it until its heartbeats "
-        f"lapse (up to {HEARTBEAT_WINDOW_S:.0f} s); retrying every {_ACTIVATION_RETRY_S:g} s "
+        f"lapse (up to {previous.window_s:.0f} s); retrying every {_ACTIVATION_RETRY_S:g} s "
         f"for up to {wait_s:.0f} s\n"
     )
 
@@ -410,7 +412,8 @@ class ConnectionWatcher:
             self.joined = True
             self.audit.append("node.connected", coordinator=self.coordinator, node_id=node_id)
             if self.session is not None:
-                self.session.opened(self.coordinator, node_id)
+                interval = (self.link or SuperLinkConfig()).heartbeat_interval_s
+                self.session.opened(self.coordinator, node_id, interval)
         elif not self.untrusted and any(marker in line for marker in _UNTRUSTED):
             self.untrusted = True
             self.audit.append(

@@ -7,7 +7,8 @@ SIGKILL, so it neither replies nor signs off from the SuperLink, and the
 node is started again at once from the same node.toml and state folder.
 
 - The run: the SuperLink answers the dead node's round-1 message itself once
-  the node's heartbeats lapse (about a minute), with its own node id. That
+  the node's heartbeats lapse (two heartbeat intervals: the nodes declare
+  `HEARTBEAT_S`, so 30 s instead of Flower's minute), with its own node id. That
   is the node's failure in that round (`no-reply`), never an unknown sender
   that ends the run; the run completes.
 - The restarted node: within Flower's heartbeat window its activation is
@@ -39,6 +40,9 @@ VICTIM = "riverside"
 # Long enough local rounds that the kill lands inside round 1's training.
 EPOCHS = 100
 KILL_DELAY_S = 1.0
+# node.toml [superlink] heartbeat_interval_s: the old session lapses 30 s after its last
+# heartbeat, long enough that the restarted node is refused at first (what is tested).
+HEARTBEAT_S = 15
 
 
 def _wait_for(what: str, probe: Callable[[], bool], timeout: float, fed: Consortium) -> None:
@@ -85,8 +89,10 @@ def test_a_node_killed_mid_round_fails_its_round_and_rejoins_when_restarted(
         local_epochs=EPOCHS,
         batch_size=16,
         learning_rate=0.1,
-        round_timeout_s=240,  # only a safety net: the SuperLink's word comes after ~60 s
+        round_timeout_s=240,  # only a safety net: the SuperLink's word comes after ~30 s
     )
+    for node_toml in node_tomls.values():  # [superlink] is node.toml's last table
+        node_toml.write_text(node_toml.read_text() + f"heartbeat_interval_s = {HEARTBEAT_S}\n")
     try:
         start_consortium(fed, node_tomls)
         victim = fed.processes[1 + NODES.index(VICTIM)]  # after the coordinator

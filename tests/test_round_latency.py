@@ -40,6 +40,10 @@ from consortia.client.clientapp_worker import (
 )
 from consortia.common import flower_waits
 from consortia.common.flower_waits import (
+    DEFAULT_HEARTBEAT_INTERVAL_S,
+    HEARTBEAT_MODULES,
+    MAX_HEARTBEAT_INTERVAL_S,
+    MIN_HEARTBEAT_INTERVAL_S,
     SUPERNODE_LOOP_MODULE,
     CappedSleep,
     FlowerStructureError,
@@ -158,9 +162,14 @@ def test_the_launcher_patches_only_flowers_references(monkeypatch: pytest.Monkey
     loop = importlib.import_module(SUPERNODE_LOOP_MODULE)
     monkeypatch.setattr(loop, "time", loop.time)  # restored after the test
     monkeypatch.setattr(loop, "pull_objects", loop.pull_objects)
-    supernode_launcher.install(0.1)
-    supernode_launcher.install(0.1)  # idempotent: the checks accept their own patches
+    beats = [importlib.import_module(name) for name in HEARTBEAT_MODULES]
+    for module in beats:
+        monkeypatch.setattr(module, "HEARTBEAT_DEFAULT_INTERVAL", module.HEARTBEAT_DEFAULT_INTERVAL)
+    supernode_launcher.install(0.1, 15.0)
+    supernode_launcher.install(0.1, 15.0)  # idempotent: the checks accept their own patches
     assert isinstance(loop.time, CappedSleep) and loop.time.active_s == 0.1
+    # The interval the node declares to the SuperLink, and the pace it keeps.
+    assert [module.HEARTBEAT_DEFAULT_INTERVAL for module in beats] == [15.0, 15.0]
     assert loop.pull_objects.keywords == {"initial_backoff": 0.05, "backoff_cap": 1.0}
     assert time.sleep is not loop.time.sleep  # the process's own `time` is untouched
     from flwr.supercore.inflatable import inflatable_utils
@@ -397,6 +406,7 @@ def test_node_start_runs_the_launcher_and_the_worker_or_flowers_stock_node(
     ours = node_commands(config, node_toml, key)
     assert ours.supernode[1:3] == ["-m", "consortia.client.supernode_launcher"]
     assert ours.supernode[3:5] == ["--poll-interval-s", "0.5"]
+    assert ours.supernode[5:7] == ["--heartbeat-interval-s", "30.0"]  # Flower's, by default
     assert ours.supernode[-2:] == ["--isolation", "process"]  # no SuperExec, no flwr-clientapp
     for flag, value in (
         ("--superlink", "fl.example.org:9093"),
@@ -413,4 +423,18 @@ def test_node_start_runs_the_launcher_and_the_worker_or_flowers_stock_node(
     assert stock.worker is None
     assert Path(stock.supernode[0]).name == "flower-supernode"
     assert "--isolation" not in stock.supernode
-    assert stock.supernode[1:] == ours.supernode[5:-2]  # the same Flower arguments otherwise
+    assert stock.supernode[1:] == ours.supernode[7:-2]  # the same Flower arguments otherwise
+
+
+def test_the_heartbeat_bounds_are_flowers() -> None:
+    from flwr.common import constant
+
+    assert (
+        DEFAULT_HEARTBEAT_INTERVAL_S,
+        MIN_HEARTBEAT_INTERVAL_S,
+        MAX_HEARTBEAT_INTERVAL_S,
+    ) == (
+        constant.HEARTBEAT_DEFAULT_INTERVAL,
+        constant.HEARTBEAT_MIN_INTERVAL,
+        constant.HEARTBEAT_MAX_INTERVAL,
+    )
