@@ -248,7 +248,7 @@ def _table_duplicates(spec: DatasetSpec, records: TableRecords) -> int:
 
 def _array_counts(records: ArrayRecords) -> tuple[dict[str, int], ...]:
     raw = records.raw
-    flat = records.x.reshape(len(records.x), -1)
+    flat = records.x.reshape(len(records.x), int(np.prod(records.x.shape[1:])))
     missing = {raw.features_name: int(records.missing_rows.sum())}
     invalid = {
         raw.features_name: int(np.isinf(flat).any(axis=1).sum()),

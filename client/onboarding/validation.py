@@ -431,7 +431,8 @@ def _array_records(spec: DatasetSpec, raw: RawArrays, log: ProblemLog) -> ArrayR
     x = np.ascontiguousarray(x, dtype=np.float32)
     if scale != 1.0:
         x /= np.float32(scale)
-    flat = x.reshape(len(x), -1)
+    # Not reshape(len(x), -1): numpy cannot infer the width of no records (every image unusable).
+    flat = x.reshape(len(x), int(np.prod(x.shape[1:])))
     missing_rows = np.isnan(flat).any(axis=1)
     infinite = np.isinf(flat).any(axis=1)
     display = str(raw.files[0])
