@@ -475,7 +475,9 @@ def _array_labels(spec: DatasetSpec, raw: RawArrays, log: ProblemLog) -> tuple[n
     y = raw.y
     n = len(y)
     file = str(raw.files[-1])
-    column = raw.labels_name if len(raw.files) == 1 else None
+    # A label file with rows of its own (DICOM) is located by row and column.
+    rows = raw.label_rows
+    column = raw.labels_name if len(raw.files) == 1 or rows is not None else None
     ids = np.full(n, -1, dtype=np.int64)
     mapping = spec.label_mapping
 
@@ -483,7 +485,7 @@ def _array_labels(spec: DatasetSpec, raw: RawArrays, log: ProblemLog) -> tuple[n
         return lambda i: Problem(
             file,
             message.replace("{value}", repr(_label_text(y[i]))),
-            row=i + 1,
+            row=i + 1 if rows is None else int(rows[i]),
             column=column,
             value=_label_text(y[i]),
         )
