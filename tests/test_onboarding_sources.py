@@ -178,6 +178,16 @@ def test_image_folder_problems(tmp_path: Path) -> None:
     assert inspect(spec).records.x.shape == (6, 1, 2, 2)
 
 
+def test_image_folder_without_one_usable_image_lists_its_problems(tmp_path: Path) -> None:
+    (tmp_path / "images" / "cat").mkdir(parents=True)
+    (tmp_path / "images" / "cat" / "notes.txt").write_text("not an image")
+    spec = load_spec(
+        _schema(tmp_path, 'format = "image_folder"\npath = "images"\nsize = [2, 2]', "")
+    )
+    with pytest.raises(DataError, match=r"1 problem\n.*notes.txt: is not a PNG or JPEG image"):
+        validate(spec)  # a list of problems, not numpy failing on an empty array
+
+
 def test_unstratified_split_is_deterministic(tmp_path: Path) -> None:
     (tmp_path / "data.csv").write_text(_table_text(50))
     spec_path = _schema(

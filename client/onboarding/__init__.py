@@ -8,7 +8,9 @@ the data has not changed since registration.
 Modules: `schema` (the dataset.toml models), `readers` (raw cells and
 arrays), `validation` (typed columns, every problem), `prepare` (train/test
 arrays), `fingerprint` (content fingerprints), `quality` (the report),
-`registry` (the node's registered datasets), `problems` (problem lists).
+`registry` (the node's registered datasets), `problems` (problem lists);
+for DICOM sources `dicom_reader` (files and label file into records),
+`dicom_pixels` (frames onto [0, 1]) and `dicom_summary` (their counts).
 """
 
 from consortia.client.onboarding.fingerprint import (
@@ -24,6 +26,7 @@ from consortia.client.onboarding.schema import (
     ColumnSpec,
     CsvSource,
     DatasetSpec,
+    DicomSource,
     IdxSource,
     ImageFolderSource,
     NpzSource,
@@ -38,6 +41,7 @@ __all__ = [
     "CsvSource",
     "DatasetRegistry",
     "DatasetSpec",
+    "DicomSource",
     "IdxSource",
     "ImageFolderSource",
     "Inspection",

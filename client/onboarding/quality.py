@@ -19,7 +19,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from consortia.client.onboarding.schema import DatasetSpec
+from consortia.client.onboarding.dicom_summary import DicomSummary, Unusable
+from consortia.client.onboarding.schema import DatasetSpec, DicomUnit
 from consortia.client.onboarding.validation import (
     ArrayRecords,
     Inspection,
@@ -43,7 +44,9 @@ class QualityReport(BaseModel):
     label values before `[label_mapping]`. `normalised_per_column` counts,
     per category column where any were, the values written otherwise than
     their declared category and matched to it by number (`1.0` for "1"),
-    so that a site sees what its export changed.
+    so that a site sees what its export changed. `dicom` (DICOM sources)
+    counts files, modalities, image sizes, photometric interpretations,
+    windowing and unusable files by category, never a header value.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -65,6 +68,7 @@ class QualityReport(BaseModel):
     class_counts: dict[int, int]
     label_counts: dict[str, int]
     problems: int
+    dicom: DicomSummary | None = None
 
     @classmethod
     def from_inspection(cls, inspection: Inspection, dataset: str | None = None) -> QualityReport:
@@ -101,6 +105,7 @@ class QualityReport(BaseModel):
             class_counts={k: int(c) for k, c in enumerate(counts)},
             label_counts=dict(sorted(Counter(raw_labels).items(), key=_natural)),
             problems=len(inspection.problems),
+            dicom=records.raw.dicom if isinstance(records, ArrayRecords) else None,
         )
 
     def write_report(self, path: Path) -> None:
@@ -159,6 +164,9 @@ class QualityReport(BaseModel):
                 "otherwise than the declared category (e.g. 1.0 for 1) matched it as a number"
             )
 
+        if self.dicom is not None:
+            _render_dicom(self.dicom, console)
+
         balance = Table(title="Class balance", title_justify="left")
         balance.add_column("class", justify="right")
         balance.add_column("records used", justify="right")
@@ -177,6 +185,31 @@ def quality_report(spec: DatasetSpec, dataset: str | None = None) -> QualityRepo
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _render_dicom(summary: DicomSummary, console: Console) -> None:
+    table = Table(title="DICOM", show_header=False, title_justify="left")
+    table.add_column("what", style="bold")
+    table.add_column("value")
+    table.add_row("files read", str(summary.files))
+    table.add_row("files with an image", str(summary.images))
+    for kind, count in summary.unusable.items():
+        note = " (skipped)" if kind == Unusable.NO_PIXELS and summary.skipped else ""
+        table.add_row(f"unusable: {kind.value.replace('_', ' ')}{note}", _count(count))
+    table.add_row("multi-frame files", str(summary.multi_frame))
+    for heading, counts in (
+        ("modalities", summary.modalities),
+        ("photometric interpretations", summary.photometric_interpretations),
+        ("image sizes (rows x columns)", summary.image_sizes),
+        ("windowing", {k.value.replace("_", " "): v for k, v in summary.windowing.items()}),
+    ):
+        table.add_row(heading, ", ".join(f"{k} {v}" for k, v in counts.items()) or "-")
+    unit = "images" if summary.unit == DicomUnit.IMAGE else "series"
+    table.add_row(f"records ({unit} with a label)", str(summary.records))
+    table.add_row(f"{unit} no label row names (left out)", _count(summary.unlabeled))
+    table.add_row("label rows", str(summary.label_rows))
+    table.add_row("label rows naming no image", _count(summary.unmatched_label_rows))
+    console.print(table)
 
 
 def _count(value: int) -> str:
@@ -248,7 +281,7 @@ def _table_duplicates(spec: DatasetSpec, records: TableRecords) -> int:
 
 def _array_counts(records: ArrayRecords) -> tuple[dict[str, int], ...]:
     raw = records.raw
-    flat = records.x.reshape(len(records.x), -1)
+    flat = records.x.reshape(len(records.x), int(np.prod(records.x.shape[1:])))
     missing = {raw.features_name: int(records.missing_rows.sum())}
     invalid = {
         raw.features_name: int(np.isinf(flat).any(axis=1).sum()),

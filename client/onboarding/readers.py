@@ -20,10 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
+from consortia.client.onboarding.dicom_summary import DicomSummary
 from consortia.client.onboarding.problems import Problem, ProblemLog, fail
 from consortia.client.onboarding.schema import (
     CsvSource,
     DatasetSpec,
+    DicomSource,
     IdxSource,
     ImageFolderSource,
     NpzSource,
@@ -79,7 +81,10 @@ class RawArrays:
     Image folders give `x` as (N, H, W) or (N, H, W, 3) uint8 after resizing,
     `y` as the class folder names, `record_files` as each image's path, and
     `digest`: the sha256 of the decoded pixels *before* resizing (so an edit
-    that resizing would hide still changes the fingerprint).
+    that resizing would hide still changes the fingerprint). DICOM sources
+    (`dicom_reader`) give `x` as float32 on [0, 1], `y` as the label file's
+    labels, `label_rows` as each record's row in that file, a `digest`, and
+    `dicom`: the counts their quality report shows.
     """
 
     files: tuple[Path, ...]
@@ -91,6 +96,8 @@ class RawArrays:
     problems: ProblemLog
     record_files: tuple[str, ...] | None = None
     digest: str | None = None
+    label_rows: np.ndarray | None = None
+    dicom: DicomSummary | None = None
 
 
 def read_source(spec: DatasetSpec) -> RawTable | RawArrays:
@@ -105,6 +112,11 @@ def read_source(spec: DatasetSpec) -> RawTable | RawArrays:
         return _read_npz(source)
     if isinstance(source, IdxSource):
         return _read_idx(source)
+    if isinstance(source, DicomSource):
+        # Imported here: it imports this module, and pydicom only when a DICOM source is read.
+        from consortia.client.onboarding.dicom_reader import read_dicom
+
+        return read_dicom(source)
     return _read_image_folder(source)
 
 
@@ -131,6 +143,21 @@ def _read_bytes(path: Path, key: str = "source.path") -> bytes:
             Problem(str(path), "the file is empty; export the data again or fix '" + key + "'")
         )
     return data
+
+
+def read_text(path: Path, key: str) -> str:
+    """A non-empty UTF-8 text file (a byte-order mark is accepted); `key` names its setting."""
+    data = _read_bytes(path, key)
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise fail(
+            Problem(
+                str(path),
+                f"not UTF-8 text (undecodable byte at offset {exc.start}); "
+                "export or save the file as UTF-8 CSV",
+            )
+        ) from None
 
 
 def _preview(fields: list[str], delimiter: str) -> str:
@@ -200,17 +227,7 @@ def _map_header(
 
 def _read_csv(source: CsvSource, names: tuple[str, ...]) -> RawTable:
     path, display = source.path, str(source.path)
-    data = _read_bytes(path)
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise fail(
-            Problem(
-                display,
-                f"not UTF-8 text (undecodable byte at offset {exc.start}); "
-                "export or save the file as UTF-8 CSV",
-            )
-        ) from None
+    text = read_text(path, "source.path")
     log = ProblemLog()
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=source.delimiter)
     width, positions = len(names), list(range(len(names)))

@@ -1,7 +1,7 @@
 """The dataset schema, `dataset.toml`: where a node's local data lives and what it must hold.
 
 A hospital's IT team writes one such file per dataset. It names the source
-(`[source]`, one of five formats), describes every table column
+(`[source]`, one of six formats), describes every table column
 (`[[columns]]`), and says how the data is prepared for training (label
 mapping, missing values, split, standardisation). Every model forbids unknown
 keys, so a typo is an error rather than a silently ignored setting.
@@ -24,10 +24,15 @@ from consortia.common.config import ImageNormalization, StrictModel
 from consortia.common.config_io import read_toml, validate_model
 from consortia.common.scaling import FeatureScaling, ScalingKind, image_scaling
 
-FORMATS = ("csv", "parquet", "npz", "idx", "image_folder")
+FORMATS = ("csv", "parquet", "npz", "idx", "image_folder", "dicom")
 TABLE_FORMATS = ("csv", "parquet")
-IMAGE_FORMATS = ("idx", "image_folder")
+IMAGE_FORMATS = ("idx", "image_folder", "dicom")
 IMAGE_PIXELS = "uint8 pixels / 255"
+DICOM_PIXELS = (
+    "DICOM pixels through their rescale slope and intercept (modality LUT), then a window "
+    "(the schema's, else each file's VOI LUT or window centre/width, else each image's own "
+    "range; colour images by their bit depth)"
+)
 
 # ----------------------------------------------------------------------- sources
 
@@ -91,16 +96,90 @@ class IdxSource(StrictModel):
     labels: Path
 
 
+ColourMode = Literal["grayscale", "rgb"]
+ImageSize = Annotated[
+    tuple[Annotated[int, Field(ge=1, le=4096)], Annotated[int, Field(ge=1, le=4096)]],
+    Field(description="[height, width] every image is resized to"),
+]
+
+
 class ImageFolderSource(StrictModel):
     """One sub-folder per class holding PNG or JPEG images; the folder name is the label."""
 
     format: Literal["image_folder"]
     path: Path
-    mode: Literal["grayscale", "rgb"] = "grayscale"
-    size: tuple[
-        Annotated[int, Field(ge=1, le=4096)],
-        Annotated[int, Field(ge=1, le=4096)],
-    ] = Field(description="[height, width] every image is resized to")
+    mode: ColourMode = "grayscale"
+    size: ImageSize
+
+
+class DicomKey(StrEnum):
+    """What the identifiers in a DICOM source's label file name."""
+
+    FILE = "file"  # the file's path inside the folder ("ct/0001.dcm")
+    PATIENT = "patient"  # Patient ID (0010,0020)
+    STUDY = "study"  # Study Instance UID (0020,000D)
+    SERIES = "series"  # Series Instance UID (0020,000E)
+
+
+class DicomUnit(StrEnum):
+    """What one record of a DICOM source is."""
+
+    IMAGE = "image"  # one file (its middle frame, if it holds several)
+    SERIES = "series"  # one series: its middle slice in slice order
+
+
+class DicomWindow(StrictModel):
+    """A window every image is shown through, in the modality's units (e.g. HU for CT).
+
+    The DICOM "LINEAR" function (PS3.3 C.11.2.1.2.1): values at or below
+    centre - width/2 become 0, values above centre + width/2 become 1.
+    """
+
+    center: Annotated[float, Field(allow_inf_nan=False)]
+    width: Annotated[float, Field(ge=1, allow_inf_nan=False)]
+
+
+class DicomSource(StrictModel):
+    """A folder of DICOM files (searched recursively) and a CSV file of their labels.
+
+    The CSV's `key_column` (default: the name of `key`) holds identifiers
+    of the kind `key` names, its `label_column` the labels; other columns
+    are ignored. Every file of the folder is read as DICOM (hidden files and
+    a DICOMDIR index aside); with `skip_non_images`, DICOM objects without
+    pixel data (structured reports, RT plans...) are counted and left out
+    instead of stopping registration.
+    """
+
+    format: Literal["dicom"]
+    path: Path
+    labels: Path
+    key: DicomKey = DicomKey.FILE
+    key_column: str | None = Field(default=None, min_length=1)
+    label_column: str = Field(default="label", min_length=1)
+    unit: DicomUnit = DicomUnit.IMAGE
+    mode: ColourMode = "grayscale"
+    size: ImageSize
+    window: DicomWindow | None = None
+    skip_non_images: bool = False
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DicomSource:
+        if self.unit == DicomUnit.SERIES and self.key == DicomKey.FILE:
+            raise ValueError(
+                'unit = "series" takes one label per series; key = "file" labels single '
+                'files: use key = "series", "study" or "patient", or unit = "image"'
+            )
+        if self.identifier_column == self.label_column:
+            raise ValueError(
+                f"key_column and label_column are both '{self.label_column}'; the label file "
+                "needs one column of identifiers and one of labels"
+            )
+        return self
+
+    @property
+    def identifier_column(self) -> str:
+        """The label file's column of identifiers."""
+        return self.key_column if self.key_column is not None else self.key.value
 
 
 def _source_format(value: Any) -> Any:
@@ -112,7 +191,8 @@ Source = Annotated[
     | Annotated[ParquetSource, Tag("parquet")]
     | Annotated[NpzSource, Tag("npz")]
     | Annotated[IdxSource, Tag("idx")]
-    | Annotated[ImageFolderSource, Tag("image_folder")],
+    | Annotated[ImageFolderSource, Tag("image_folder")]
+    | Annotated[DicomSource, Tag("dicom")],
     # A callable discriminator so that a wrong or missing `format` reads as one
     # plain sentence (the shared formatter words string-tag errors for `name`).
     Discriminator(
@@ -398,7 +478,7 @@ class DatasetSpec(StrictModel):
     @property
     def image_channels(self) -> int:
         """Channels of an image source's images (1 for other sources)."""
-        if isinstance(self.source, ImageFolderSource) and self.source.mode == "rgb":
+        if isinstance(self.source, ImageFolderSource | DicomSource) and self.source.mode == "rgb":
             return 3
         return 1
 
@@ -410,6 +490,8 @@ class DatasetSpec(StrictModel):
                 detail="z-score with this node's own train-split mean and std (per channel "
                 "for images, per numeric feature for tables; one-hot columns stay 0/1)",
             )
+        if isinstance(self.source, DicomSource):
+            return image_scaling(self.normalize, self.image_channels, DICOM_PIXELS)
         if self.source.format in IMAGE_FORMATS:
             return image_scaling(self.normalize, self.image_channels, IMAGE_PIXELS)
         return FeatureScaling(
@@ -455,6 +537,8 @@ class DatasetSpec(StrictModel):
         """The files (or folder) the source reads."""
         if isinstance(self.source, IdxSource):
             return (self.source.images, self.source.labels)
+        if isinstance(self.source, DicomSource):
+            return (self.source.path, self.source.labels)
         return (self.source.path,)
 
     def resolved(self, base: Path) -> DatasetSpec:
@@ -467,6 +551,8 @@ class DatasetSpec(StrictModel):
 
         if isinstance(self.source, IdxSource):
             update = {"images": fix(self.source.images), "labels": fix(self.source.labels)}
+        elif isinstance(self.source, DicomSource):
+            update = {"path": fix(self.source.path), "labels": fix(self.source.labels)}
         else:
             update = {"path": fix(self.source.path)}
         return self.model_copy(update={"source": self.source.model_copy(update=update)})

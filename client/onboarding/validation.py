@@ -431,7 +431,8 @@ def _array_records(spec: DatasetSpec, raw: RawArrays, log: ProblemLog) -> ArrayR
     x = np.ascontiguousarray(x, dtype=np.float32)
     if scale != 1.0:
         x /= np.float32(scale)
-    flat = x.reshape(len(x), -1)
+    # Not reshape(len(x), -1): numpy cannot infer the width of no records (every image unusable).
+    flat = x.reshape(len(x), int(np.prod(x.shape[1:])))
     missing_rows = np.isnan(flat).any(axis=1)
     infinite = np.isinf(flat).any(axis=1)
     display = str(raw.files[0])
@@ -474,7 +475,9 @@ def _array_labels(spec: DatasetSpec, raw: RawArrays, log: ProblemLog) -> tuple[n
     y = raw.y
     n = len(y)
     file = str(raw.files[-1])
-    column = raw.labels_name if len(raw.files) == 1 else None
+    # A label file with rows of its own (DICOM) is located by row and column.
+    rows = raw.label_rows
+    column = raw.labels_name if len(raw.files) == 1 or rows is not None else None
     ids = np.full(n, -1, dtype=np.int64)
     mapping = spec.label_mapping
 
@@ -482,7 +485,7 @@ def _array_labels(spec: DatasetSpec, raw: RawArrays, log: ProblemLog) -> tuple[n
         return lambda i: Problem(
             file,
             message.replace("{value}", repr(_label_text(y[i]))),
-            row=i + 1,
+            row=i + 1 if rows is None else int(rows[i]),
             column=column,
             value=_label_text(y[i]),
         )
