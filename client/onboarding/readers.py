@@ -25,7 +25,6 @@ from consortia.client.onboarding.problems import Problem, ProblemLog, fail
 from consortia.client.onboarding.schema import (
     CsvSource,
     DatasetSpec,
-    DicomSource,
     IdxSource,
     ImageFolderSource,
     NpzSource,
@@ -101,7 +100,11 @@ class RawArrays:
 
 
 def read_source(spec: DatasetSpec) -> RawTable | RawArrays:
-    """Read the source `spec` names; raise `DataError` only if it cannot be read at all."""
+    """Read the source `spec` names; raise `DataError` only if it cannot be read at all.
+
+    A DICOM source is read by `dicom_reader.read_dicom` (which builds on this
+    module); `validation.inspect` dispatches it there.
+    """
     source = spec.source
     names = tuple(c.name for c in spec.columns)
     if isinstance(source, CsvSource):
@@ -112,12 +115,9 @@ def read_source(spec: DatasetSpec) -> RawTable | RawArrays:
         return _read_npz(source)
     if isinstance(source, IdxSource):
         return _read_idx(source)
-    if isinstance(source, DicomSource):
-        # Imported here: it imports this module, and pydicom only when a DICOM source is read.
-        from consortia.client.onboarding.dicom_reader import read_dicom
-
-        return read_dicom(source)
-    return _read_image_folder(source)
+    if isinstance(source, ImageFolderSource):
+        return _read_image_folder(source)
+    raise TypeError(f"read_source does not read {type(source).__name__}: see its docstring")
 
 
 # -------------------------------------------------------------------- helpers

@@ -22,7 +22,7 @@ import numpy as np
 
 from consortia.client.onboarding.problems import MAX_SHOWN, Problem, ProblemLog
 from consortia.client.onboarding.readers import RawArrays, RawTable, read_source
-from consortia.client.onboarding.schema import MAX_CLASSES, ColumnSpec, DatasetSpec
+from consortia.client.onboarding.schema import MAX_CLASSES, ColumnSpec, DatasetSpec, DicomSource
 
 CHECK_FAILED = "data check failed"
 
@@ -114,13 +114,22 @@ class Inspection:
         self.problems.raise_if_any(header)
 
 
+def _read(spec: DatasetSpec) -> RawTable | RawArrays:
+    if isinstance(spec.source, DicomSource):
+        # Imported here: pydicom is imported only when a DICOM source is read.
+        from consortia.client.onboarding.dicom_reader import read_dicom
+
+        return read_dicom(spec.source)
+    return read_source(spec)
+
+
 def inspect(spec: DatasetSpec) -> Inspection:
     """Read and parse the source; collect problems instead of raising on them.
 
     Raises `DataError` only when the source cannot be read at all (missing,
     empty, not of its format).
     """
-    raw = read_source(spec)
+    raw = _read(spec)
     log = ProblemLog()
     log.extend(raw.problems)
     if isinstance(raw, RawTable):
