@@ -119,3 +119,32 @@ def flower_context(
     return Context(
         run_id=run_id, node_id=node_id, node_config=node_config, state=RecordDict(), run_config={}
     )
+
+
+# The longest test files first (seconds per file, measured on 2 cores, 2026-12-07), so that
+# xdist's `--dist loadfile` hands them out early and both workers finish together instead of
+# one running the last long file alone. Order within a file is kept (the sort is stable).
+_LONGEST_FIRST = (
+    "test_node_loss.py",
+    "test_simulation.py",
+    "test_sweep.py",
+    "test_secure_simulation.py",
+    "test_secure_deployment.py",
+    "test_deployment.py",
+    "test_privacy_audit.py",
+    "test_examples.py",
+    "test_coordinator_crash.py",
+    "test_resume.py",
+    "test_adversaries.py",
+    "test_statistics_simulation.py",
+    "test_node_crash.py",
+    "test_statistics_deployment.py",
+    "test_ray_cluster.py",
+    "test_node_privacy_audit.py",
+    "test_update_checks.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: position for position, name in enumerate(_LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
