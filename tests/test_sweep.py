@@ -358,7 +358,8 @@ def test_a_sweep_starts_ray_once_and_its_runs_match_separate_runs(
     """`--seeds 2`: one Ray start (Ray's own session folders count them), the same results.
 
     Each run of the sweep joins the sweep's one Ray with actors of its own,
-    so it ends with the accuracy, ε and model bytes of the same seed run alone.
+    so it ends with the accuracy, ε and model bytes of the same seed run alone:
+    checked on the second run, the one that joins a Ray another run used.
     """
     (tmp_path / "real.toml").write_text(REAL_SCENARIO)
     # A short folder of its own per case: Ray's socket paths must fit 107 bytes.
@@ -372,23 +373,25 @@ def test_a_sweep_starts_ray_once_and_its_runs_match_separate_runs(
         assert len(_ray_sessions(swept_ray)) == 1
         assert _processes_mentioning(swept_ray) == []  # the sweep's Ray stopped with it
         monkeypatch.setenv("RAY_TMPDIR", str(separate_ray))
-        for seed in (3, 4):
-            alone = consortia_cli(
-                "simulate", "real.toml", "--out", f"alone-{seed}", "--seed", str(seed), "--quiet",
-                cwd=tmp_path,
-            )  # fmt: skip
-            assert alone.returncode == 0, alone.stderr[-3000:]
-        assert len(_ray_sessions(separate_ray)) == 2  # the count sees every Ray start
+        # The sweep's second run, alone: it joined a Ray its first run had used.
+        alone = consortia_cli(
+            "simulate", "real.toml", "--out", "alone-4", "--seed", "4", "--quiet", cwd=tmp_path
+        )  # fmt: skip
+        assert alone.returncode == 0, alone.stderr[-3000:]
+        assert len(_ray_sessions(separate_ray)) == 1  # the count sees a Ray start
     finally:
         for folder in (swept_ray, separate_ray):
             shutil.rmtree(folder, ignore_errors=True)
     sweep = SweepFile.model_validate_json((tmp_path / "sweep" / SWEEP_FILE).read_bytes())
     assert [run.seed for run in sweep.runs] == [3, 4]
-    for run in sweep.runs:
-        swept = json.loads((tmp_path / "sweep" / run.folder / "metrics.json").read_text())
-        alone = json.loads((tmp_path / f"alone-{run.seed}" / "metrics.json").read_text())
-        for key in ("accuracy", "epsilon", "epsilon_max", "model_sha256"):
-            assert swept["final"][key] == alone["final"][key], (run.seed, key)
+    finals = [
+        json.loads((tmp_path / "sweep" / run.folder / "metrics.json").read_text())["final"]
+        for run in sweep.runs
+    ]
+    assert finals[0]["model_sha256"] != finals[1]["model_sha256"]  # two seeds, two models
+    alone_final = json.loads((tmp_path / "alone-4" / "metrics.json").read_text())["final"]
+    for key in ("accuracy", "epsilon", "epsilon_max", "model_sha256"):
+        assert finals[1][key] == alone_final[key], key
 
 
 def _ray_sessions(ray_tmpdir: Path) -> list[Path]:
