@@ -129,7 +129,8 @@ def simulate(
         typer.Option(
             "--ray-address",
             help="Run the virtual nodes on this existing Ray cluster (HOST:PORT of its head, "
-            "or 'auto'); default: a Ray started on this machine for the run.",
+            "or 'auto'); default: the scenario's [simulation.backend] ray_address, else Ray's "
+            "RAY_ADDRESS environment variable, else a Ray started on this machine for the run.",
         ),
     ] = None,
 ) -> None:
@@ -156,10 +157,10 @@ def simulate(
         loaded = load_scenario(scenario, overrides)
         out_dir = out if out is not None else default_run_dir(Path("runs"), loaded.config.name)
         _check_new_run_dir(out_dir)
-    address = ray_address or loaded.config.simulation.backend.ray_address
-    if address and not sweeping:
-        from consortia.simulations.ray_start import check_ray_address
+    from consortia.simulations.ray_start import check_ray_address, cluster_address
 
+    address = cluster_address(ray_address, loaded.config.simulation.backend)
+    if address and not sweeping:
         check_ray_address(address)  # seconds, not Ray's minutes of retries on a typo
     from consortia.simulations.node_data import scenario_with_data
 

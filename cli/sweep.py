@@ -90,12 +90,14 @@ def _on_one_ray(runs: Sequence[PlannedRun], ray_address: str | None) -> Iterator
     """The Flower simulation, every run on one Ray: the cluster's, or one started here.
 
     Starting Ray takes as long as a short run's rounds; once per sweep is
-    enough (simulations/ray_head.py). A run whose scenario names a cluster
-    (`[simulation.backend] ray_address`) joins that cluster, as it would alone.
+    enough (simulations/ray_head.py). A run that would join a cluster alone
+    (`--ray-address`, `[simulation.backend] ray_address`, `RAY_ADDRESS`)
+    joins that cluster.
     """
     from consortia.simulations.engine import one_ray, simulate
+    from consortia.simulations.ray_start import cluster_address
 
-    if ray_address is not None or any(r.config.simulation.backend.ray_address for r in runs):
+    if any(cluster_address(ray_address, r.config.simulation.backend) for r in runs):
         yield partial(simulate, ray_address=ray_address)
         return
     with one_ray(runs[0].config.simulation.backend) as head:

@@ -30,7 +30,7 @@ from consortia.simulations.link_state import indexed_link_state
 from consortia.simulations.node_data import simulated_node_data, source_of
 from consortia.simulations.node_privacy import resumed_client_app
 from consortia.simulations.ray_head import RayHead, ray_head
-from consortia.simulations.ray_start import check_ray_address, ray_init_args
+from consortia.simulations.ray_start import check_ray_address, cluster_address, ray_init_args
 from consortia.simulations.virtual_node import virtual_node_app as client_app
 
 _Result = TypeVar("_Result")
@@ -112,7 +112,7 @@ def _on_engine(
     head: RayHead | None = None,
 ) -> _Result:
     """Run `body` as the ServerApp of a simulation of `loaded`'s nodes; its result."""
-    address = ray_address or loaded.config.simulation.backend.ray_address
+    address = cluster_address(ray_address, loaded.config.simulation.backend)
     if head is not None:
         head.check_running()
     elif address:

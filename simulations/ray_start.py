@@ -14,6 +14,18 @@ from consortia.common.config import BackendConfig
 from consortia.common.errors import ConfigError, FederationError
 
 
+def cluster_address(ray_address: str | None, backend: BackendConfig) -> str | None:
+    """The Ray cluster a simulation joins, or None to start a Ray of its own.
+
+    `--ray-address` first, then the scenario's `[simulation.backend]
+    ray_address`, then Ray's own `RAY_ADDRESS` environment variable (as the
+    `ray` tools read it). Honouring the variable is not only a convenience:
+    `ray.init` reads it by itself, and a start with `num_cpus` while it is set
+    would be refused by Ray.
+    """
+    return ray_address or backend.ray_address or os.environ.get("RAY_ADDRESS") or None
+
+
 def ray_init_args(backend: BackendConfig, ray_address: str | None = None) -> dict[str, Any]:
     """`ray.init` arguments: join the cluster at the address, or start one on this machine.
 
@@ -24,7 +36,7 @@ def ray_init_args(backend: BackendConfig, ray_address: str | None = None) -> dic
         "log_to_driver": False,
         "include_dashboard": False,
     }
-    address = ray_address or backend.ray_address
+    address = cluster_address(ray_address, backend)
     if address:
         init_args["address"] = address
     else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -53,6 +54,68 @@ def task_identity() -> None:
 
 
 CliRunner = Callable[..., subprocess.CompletedProcess[str]]
+
+# One Ray "cluster" per test worker for the tests marked `ray`: started by a child
+# process on first use and kept until the session ends. Each simulation joins it
+# through Ray's own RAY_ADDRESS (simulations/ray_start.py `cluster_address`) with
+# actors of its own, as `--ray-address` runs do, instead of starting and stopping
+# a Ray of its own (seconds of CPU each). Where the virtual nodes run is not part
+# of a run's results; the tests of Ray's own start (test_sweep.py, test_ray_cluster.py)
+# are not marked and start theirs.
+_RAY_HEAD = """
+import os, sys, ray
+ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, logging_level="ERROR")
+print(ray.get_runtime_context().gcs_address, flush=True)
+sys.stdin.read()
+ray.shutdown()
+"""
+
+
+@pytest.fixture(scope="session")
+def shared_ray() -> Iterator[str]:
+    """The address of this worker's Ray cluster (see `_RAY_HEAD`)."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    head = subprocess.Popen(
+        [sys.executable, "-c", _RAY_HEAD],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
+    try:
+        assert head.stdout is not None
+        address = head.stdout.readline().strip()
+        assert address, "the shared Ray head did not start"
+        yield address
+    finally:
+        with contextlib.suppress(OSError, ValueError):
+            head.communicate(input="", timeout=60)
+        if head.poll() is None:
+            head.kill()
+            head.wait(timeout=30)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _module_ray_address(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A module marked `ray` (its `pytestmark`): its module-scoped runs use the shared Ray too.
+
+    Autouse fixtures come first within their scope, so the variable is set
+    before the module's own fixtures run their simulations.
+    """
+    if request.node.get_closest_marker("ray") is None:
+        yield
+        return
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RAY_ADDRESS", request.getfixturevalue("shared_ray"))
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _ray_address(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests marked `ray` run their simulations on the worker's shared Ray."""
+    if request.node.get_closest_marker("ray") is not None:
+        monkeypatch.setenv("RAY_ADDRESS", request.getfixturevalue("shared_ray"))
 
 
 @pytest.fixture(scope="session")

@@ -275,8 +275,11 @@ class _Quiet:
 
 
 @pytest.fixture(scope="module")
-def lab_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[ScenarioConfig, Path]]:
-    """clean (FedAvg), fedavg (attacked), krum (attacked): one Ray simulation each."""
+def lab_runs(
+    tmp_path_factory: pytest.TempPathFactory, shared_ray: str
+) -> dict[str, tuple[ScenarioConfig, Path]]:
+    """clean (FedAvg), fedavg (attacked), krum (attacked): one simulation each, on the
+    worker's shared Ray (tests/conftest.py)."""
     if not MNIST_DIR.is_dir():
         pytest.fail(f"the MNIST IDX files are expected in {MNIST_DIR} (shared/ beside the repo)")
     work = tmp_path_factory.mktemp("lab")
@@ -286,7 +289,7 @@ def lab_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Scenar
         path = work / f"{label}.toml"
         path.write_text(base + extra)
         loaded = load_scenario(path)
-        summary = simulate(loaded, work / label, _Quiet())
+        summary = simulate(loaded, work / label, _Quiet(), ray_address=shared_ray)
         runs[label] = (loaded.config, summary.out_dir)
     return runs
 

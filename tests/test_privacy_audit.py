@@ -135,6 +135,7 @@ def _audit(tmp_path: Path, cli: CliRunner, run: Path) -> dict[str, object]:
     return json.loads((run / "privacy-audit.json").read_text())
 
 
+@pytest.mark.ray
 def test_privacy_regression_dp_run_stays_under_its_claim(
     tmp_path: Path, consortia_cli: CliRunner
 ) -> None:

@@ -380,6 +380,7 @@ def test_cli_data_errors_are_one_message(tmp_path: Path, consortia_cli: CliRunne
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_mnist_scenario_runs_with_data_option(
     tmp_path: Path, mnist_dir: Path, consortia_cli: CliRunner
 ) -> None:

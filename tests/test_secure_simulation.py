@@ -15,7 +15,7 @@ import pytest
 from conftest import CliRunner
 from safetensors.numpy import load_file
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 ROOT = Path(__file__).resolve().parent.parent
 

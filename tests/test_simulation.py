@@ -12,7 +12,7 @@ from conftest import CliRunner
 from consortia.common.config_io import load_scenario
 from consortia.simulations.engine import simulate
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 
 def _sha256(path: Path) -> str:

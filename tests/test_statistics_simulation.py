@@ -14,7 +14,7 @@ import pytest
 from chromium import rendered_charts
 from conftest import CliRunner, one_cli_error
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 SCENARIO = """
 name = "insight"

@@ -313,6 +313,7 @@ def test_cli_sweep_errors_are_one_message(
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_real_sweep_writes_runs_table_plot_and_report(
     tmp_path: Path, consortia_cli: CliRunner
 ) -> None:

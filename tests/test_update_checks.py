@@ -437,6 +437,7 @@ def test_the_norm_check_runs_before_the_robust_aggregator() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_median_strategy_runs_the_default_scenario(tmp_path: Path) -> None:
     from consortia.common.config_io import load_scenario
     from consortia.simulations.engine import simulate
