@@ -42,7 +42,9 @@ class JobConfig(StrictModel):
     )
     evaluation: Literal["federated", "centralized", "none"] = "federated"
     round_timeout_s: float = Field(default=3600.0, gt=0)
-    model: ModelConfig = ModelConfig()
+    # A factory: the default model is looked up when a job without [model] is validated,
+    # not when this module is imported.
+    model: ModelConfig = Field(default_factory=ModelConfig)
     training: TrainingConfig = TrainingConfig()
     privacy: PrivacyConfig = PrivacyConfig(target_epsilon=1.0)
     strategy: StrategyConfig = FedAvgConfig()
