@@ -3,8 +3,8 @@
 The job names an entry point of `consortia.models` and, as the coordinator
 pinned them, the distribution and version it built the model from. The
 node looks the model up among what its operator installed, checks the
-policy's distribution pins (`model_distributions`) before it imports any
-plugin code, builds the model with the job's settings and has Opacus
+policy's names and distribution pins (`models`, `model_distributions`)
+before it imports any plugin code, builds the model with the job's settings and has Opacus
 check it. Every way this can fail is a refusal with its own code, whose
 reason names the distribution: a node without the plugin, or with another
 version, declines the round instead of failing it.
@@ -53,14 +53,18 @@ def model_refusal(exc: ModelError) -> Refusal:
 def installed_for(job: JobConfig, policy: NodePolicy | None) -> InstalledModel:
     """The installed distribution the job's model comes from, if the policy accepts it.
 
-    Reads only package metadata: no plugin code runs for a job refused here.
+    Its name (`models`) and distribution pins (`model_distributions`) are
+    checked here, reading only package metadata: no plugin code runs for a
+    model the policy does not allow.
     """
     model = job.model
     try:
         installed = find_model(model.name, model.distribution, model.version)
     except ModelError as exc:
         raise NodeRefusedError(model_refusal(exc)) from None
-    refusal = None if policy is None else check_model_source(installed, policy)
+    refusal = None
+    if policy is not None:
+        refusal = check_model_name(model.name, policy) or check_model_source(installed, policy)
     if refusal is not None:
         raise NodeRefusedError(refusal)
     return installed

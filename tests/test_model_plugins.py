@@ -412,6 +412,30 @@ def test_a_node_refuses_a_model_opacus_cannot_train(with_test_plugins: Path) -> 
     assert "layer '1' (BatchNorm2d(8" in refusal.reason and "GroupNorm(8, 8" in refusal.reason
 
 
+def test_no_plugin_code_runs_for_a_model_the_policy_does_not_allow(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loud = 'raise RuntimeError("the plugin was imported")\n'
+    entry = {"loud_net": "loud_models:PLUGIN"}
+    monkeypatch.syspath_prepend(str(_distribution(tmp_path, "loud-models", "1.0", entry, loud)))
+    job = _job({"name": "loud_net"})
+
+    def refusal(policy: NodePolicy) -> tuple[str, str]:
+        with pytest.raises(NodeRefusedError) as caught:
+            node_model(job, *CANCER, policy)
+        return caught.value.refusal.code, caught.value.refusal.reason
+
+    # Refused on the name, or on a distribution outside the pins: never imported.
+    assert refusal(NodePolicy(models=("logreg",)))[0] == RefusalCode.MODEL_NOT_ALLOWED
+    pinned = NodePolicy(models=("loud_net",), model_distributions={"consortia": "0.1.0"})
+    code, reason = refusal(pinned)
+    assert code == RefusalCode.MODEL_NOT_ALLOWED and "'loud-models' is not among" in reason
+    # Allowed: imported, and its failing import is the node's refusal, not a crash.
+    code, reason = refusal(NodePolicy(models=("loud_net",)))
+    assert code == RefusalCode.MODEL_UNUSABLE
+    assert "RuntimeError: the plugin was imported" in reason
+
+
 def test_check_job_previews_a_missing_distribution_and_another_version(
     tmp_path: Path, node_toml: Path, consortia_cli: CliRunner
 ) -> None:
