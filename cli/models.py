@@ -1,5 +1,8 @@
-"""`consortia models`: the checkpoints of runs, as a model registry.
+"""`consortia models`: installed model plugins, and the checkpoints of runs.
 
+consortia models check NAME [--settings JSON] [--input-shape 1,28,28] [--classes 10]
+                                              build an installed model, and check that
+                                              Opacus can train it with DP-SGD
 consortia models list runs/                   every checkpoint of every run in runs/
 consortia models list RUN_DIR                 every checkpoint of one run
 consortia models show RUN_DIR [--round N]     one checkpoint in detail (default: the newest)
@@ -9,6 +12,7 @@ consortia models export RUN_DIR [--round N] --out model.pt
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated
 
@@ -17,8 +21,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from consortia.common.errors import ConfigError
+
 models_app = typer.Typer(
-    help="Every round checkpoint of a run: list, inspect, export to PyTorch.",
+    help="Check an installed model plugin; list, inspect and export the checkpoints of runs.",
     no_args_is_help=True,
 )
 console = Console()
@@ -27,6 +33,98 @@ RunArgument = Annotated[Path, typer.Argument(help="A run folder (with checkpoint
 RoundOption = Annotated[
     int | None, typer.Option("--round", min=1, help="The round (default: the newest).")
 ]
+
+
+@models_app.command("check")
+def check(
+    name: Annotated[
+        str, typer.Argument(help="An installed model: an entry point of consortia.models.")
+    ],
+    settings: Annotated[
+        str | None,
+        typer.Option(
+            "--settings",
+            help="The model's settings as a JSON object, e.g. '{\"width\": 32}' (the keys a "
+            "job gives beside the model's name); default: the model's own defaults.",
+        ),
+    ] = None,
+    input_shape: Annotated[
+        str | None,
+        typer.Option(
+            "--input-shape",
+            help="One record's features, e.g. 1,28,28 (images) or 30 (a table); default: the "
+            "example input the plugin declares.",
+        ),
+    ] = None,
+    classes: Annotated[
+        int | None, typer.Option("--classes", min=2, help="Label classes (default: the example's).")
+    ] = None,
+    distribution: Annotated[
+        str | None,
+        typer.Option("--distribution", help="The distribution it must come from (if several)."),
+    ] = None,
+) -> None:
+    """Build an installed model and check that Opacus can train it with DP-SGD.
+
+    Prints where it comes from (distribution, version, entry point), its
+    settings with their defaults, its size and its architecture hash. A model
+    Opacus cannot train (BatchNorm, unsupported layers) is refused with the
+    layers named and what opacus.validators.ModuleValidator.fix would change
+    them to, exit code 2; nodes refuse it the same way.
+    """
+    from consortia.common.model_plugins import ModelContext, find_model, settings_dump
+
+    installed = find_model(name, distribution)
+    raw = _settings_object(settings)
+    plugin = installed.plugin()
+    example = plugin.example
+    context = ModelContext(
+        _shape(input_shape) if input_shape is not None else example.feature_shape,
+        classes if classes is not None else example.num_classes,
+    )
+    resolved = settings_dump(installed, raw)
+    from consortia.common.models import architecture_hash, build_installed
+
+    model = build_installed(installed, raw, context, seed=0)
+    facts = Table("", "", show_header=False, box=None)
+    facts.columns[1].overflow = "fold"  # full hashes, folded rather than cut
+    facts.add_row("model", escape(installed.name))
+    facts.add_row("distribution", escape(f"{installed.distribution} {installed.version}"))
+    facts.add_row("entry point", escape(installed.target))
+    if plugin.summary:
+        facts.add_row("summary", escape(plugin.summary))
+    facts.add_row("settings", escape(json.dumps(resolved, default=list)))
+    facts.add_row("input", f"features {context.feature_shape}, {context.num_classes} classes")
+    facts.add_row("parameters", f"{sum(p.numel() for p in model.parameters()):,}")
+    facts.add_row("architecture", architecture_hash(model))
+    console.print(facts)
+    console.print("[green]Opacus can train it with DP-SGD[/]")
+
+
+def _settings_object(text: str | None) -> dict[str, object]:
+    if text is None:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--settings: not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise ConfigError(
+            f"--settings: expected a JSON object such as '{{\"hidden\": [32]}}', got {text!r}"
+        )
+    return value
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        shape = ()
+    if not shape or any(size < 1 for size in shape):
+        raise ConfigError(
+            f"--input-shape: expected positive sizes separated by commas (1,28,28), got {text!r}"
+        )
+    return shape
 
 
 def _short(digest: str) -> str:

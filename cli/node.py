@@ -5,6 +5,7 @@ consortia node data check NAME --node node.toml
 consortia node data list --node node.toml
 consortia node ledger show --node node.toml
 consortia node check-job job.toml --node node.toml
+consortia node models list --node node.toml [--dataset NAME]
 consortia node keys init --node node.toml
 consortia node keys show --node node.toml
 consortia node start --node node.toml
@@ -36,7 +37,11 @@ keys_app = typer.Typer(
 )
 node_app.add_typer(data_app, name="data")
 node_app.add_typer(ledger_app, name="ledger")
+models_app = typer.Typer(
+    help="The models this node can train: installed model plugins.", no_args_is_help=True
+)
 node_app.add_typer(keys_app, name="keys")
+node_app.add_typer(models_app, name="models")
 console = Console()
 
 NodeOption = Annotated[Path, typer.Option("--node", help="The node's node.toml.")]
@@ -165,6 +170,62 @@ def check_job(
         console.print(f"[red]refused[/] {escape(str(preview.refusal))}", highlight=False)
         raise typer.Exit(1)
     console.print("[green]this node would take part[/]")
+
+
+@models_app.command("list")
+def models_list(
+    node: NodeOption,
+    dataset: Annotated[
+        str | None,
+        typer.Option(
+            "--dataset",
+            help="A registered dataset whose shape and classes the hashes are for (default: the "
+            "first served one; with none, each model's example input).",
+        ),
+    ] = None,
+) -> None:
+    """Every installed model: distribution, version, architecture hash, and the policy's answer.
+
+    A model is an entry point of consortia.models in an installed
+    distribution (consortia's own logreg, mlp and cnn included). Its hash is
+    for its default settings on the dataset's shape; a job's own settings
+    give the hash `consortia node check-job` prints, the one to pin in the
+    policy's `architectures`. `model_distributions` pins distributions and
+    versions (docs/models.md).
+    """
+    from consortia.client.model_admission import node_models
+    from consortia.client.onboarding.registry import DatasetRegistry
+    from consortia.common.model_plugins import ModelContext
+
+    config = _node(node)
+    registry = DatasetRegistry(config.state_dir)
+    registered = {r.name for r in registry.list()}
+    name = dataset or next((n for n in config.serve if n in registered), None)
+    context = None
+    if name is None:
+        console.print("no dataset served: architecture hashes for each model's example input")
+    else:
+        registration = registry.get(name)
+        context = ModelContext(registration.feature_shape, registration.num_classes)
+        console.print(
+            f"architecture hashes with default settings for dataset {escape(repr(name))}: "
+            f"features {registration.feature_shape}, {registration.num_classes} classes",
+            highlight=False,
+        )
+    for row in node_models(config.policy, context):
+        installed = row.installed
+        built = row.architecture if row.problem is None else f"not buildable [{row.problem.code}]"
+        answer = "accepted" if row.refusal is None else f"refused [{row.refusal.code}]"
+        # One line per model, never wrapped: the full hash is what goes into the policy.
+        console.print(
+            escape(f"{installed.name}  {installed.distribution} {installed.version}  {built}  ")
+            + escape(answer),
+            highlight=False,
+            soft_wrap=True,
+        )
+        for refusal in (row.problem, row.refusal):
+            if refusal is not None:
+                console.print(f"    {escape(refusal.reason)}", highlight=False, soft_wrap=True)
 
 
 def _print_rows(rows: list[tuple[str, str]]) -> None:
@@ -302,9 +363,11 @@ def _checked_auth_key(config: NodeConfig, node: Path) -> Path:
 
 
 def _load_job(path: Path) -> JobConfig:
+    """A job as the node reads it: a model not installed here is a refusal, not an error."""
     from consortia.common.config_io import load_job
+    from consortia.common.model_plugins import deferred_lookup
 
-    return load_job(path).config
+    return load_job(path, deferred_lookup()).config
 
 
 @node_app.command("start")

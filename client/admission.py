@@ -1,8 +1,10 @@
 """Would a deployed node take part in a job? The same checks a round makes, without training.
 
 The node operator runs this (`consortia node check-job`) before agreeing to
-a consortium's job: it names the model's architecture hash to pin in the
-policy, the noise the node would calibrate, and where the dataset's budget
+a consortium's job: it names the distribution and version the model comes
+from on this node (a job whose model is not installed here, or is at
+another version, is refused as a round would be), the model's architecture
+hash to pin in the policy, the noise the node would calibrate, and where the dataset's budget
 would stand after one round and after the whole job; for a statistics job,
 whether it would answer the query and what that would cost (`--statistics`).
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 from pydantic import BaseModel
 
 from consortia.client.ledger import ledger_path
+from consortia.client.model_admission import installed_for, node_model
 from consortia.client.node_config import NodeConfig
 from consortia.client.onboarding.registry import DatasetRegistry
 from consortia.client.policy import Refusal, check_budget, check_statistics
@@ -28,7 +31,6 @@ from consortia.client.spend import (
 from consortia.client.statistics import deployed_facts, plan_query
 from consortia.common.config import JobConfig
 from consortia.common.errors import DataError, PrivacyError
-from consortia.common.models import architecture_hash, build_model
 from consortia.common.privacy import Mechanism
 from consortia.common.protocol import RefusalCode
 
@@ -52,6 +54,7 @@ class AdmissionPreview(BaseModel):
     node: str
     dataset: str | None
     model: str
+    distribution: str | None = None  # where the model comes from on this node, and its version
     architecture: str | None = None
     noise_multiplier: float | None = None
     epsilon_budget: float | None = None
@@ -66,6 +69,7 @@ class AdmissionPreview(BaseModel):
             "node": self.node,
             "dataset": self.dataset,
             "model": self.model,
+            "model distribution": self.distribution,
             "architecture": self.architecture,
             "noise multiplier": _fmt(self.noise_multiplier),
             "ε budget": _fmt(self.epsilon_budget),
@@ -84,14 +88,17 @@ def preview_admission(job: JobConfig, node: NodeConfig) -> AdmissionPreview:
     created or changed.
     """
     preview = AdmissionPreview(node=node.name, dataset=job.dataset, model=job.model.name)
+    policy = node.policy
     try:
         dataset = served_dataset(job, node)
+        installed = installed_for(job, policy)
+        preview = preview.model_copy(
+            update={"distribution": f"{installed.distribution} {installed.version}"}
+        )
+        registration = DatasetRegistry(node.state_dir).get(dataset)
+        _, digest = node_model(job, registration.feature_shape, registration.num_classes, policy)
     except NodeRefusedError as refused:
         return preview.model_copy(update={"refusal": refused.refusal})
-    registration = DatasetRegistry(node.state_dir).get(dataset)
-    model = build_model(job.model, registration.feature_shape, registration.num_classes, job.seed)
-    digest = architecture_hash(model)
-    policy = node.policy
     state = JobPrivacyState()
     refusal = None
     with budget_view(ledger_path(node.state_dir), dataset, policy) as view:

@@ -33,6 +33,7 @@ from flwr.app import (
 )
 from flwr.clientapp import ClientApp
 from flwr.common.logger import log
+from torch import nn
 
 from consortia.client import secure_aggregation as secagg
 from consortia.client import training
@@ -40,6 +41,7 @@ from consortia.client.admission import served_dataset
 from consortia.client.device import resolve_device
 from consortia.client.label_histogram import release_label_histogram
 from consortia.client.ledger import BudgetExceededError, LedgerError, ledger_path
+from consortia.client.model_admission import node_model
 from consortia.client.node_audit import node_audit_log
 from consortia.client.node_config import NODE_CONFIG_KEY, load_node_config
 from consortia.client.onboarding.registry import DatasetRegistry
@@ -69,7 +71,6 @@ from consortia.common.errors import (
 )
 from consortia.common.evaluation import evaluate_model, predict
 from consortia.common.flower_log import flower_handler_only
-from consortia.common.models import architecture_hash, build_model
 from consortia.common.privacy import Mechanism, Release
 from consortia.common.record_values import number, whole_number
 from consortia.common.secagg.fixed_point import EncodingRangeError
@@ -151,6 +152,16 @@ def _deployed_view(job: JobConfig, node_toml: Path, context: Context) -> NodeVie
         facts=lambda: deployed_facts(data, inspection),
         policy=node.policy,
     )
+
+
+def _model(view: NodeView) -> tuple[nn.Module, str]:
+    """The job's model and its architecture hash, as this node may build it.
+
+    Refused (client/model_admission.py) when the model's distribution is not
+    installed here, is installed at another version than the coordinator's,
+    breaks the policy's distribution pins, or Opacus cannot train it.
+    """
+    return node_model(view.job, view.feature_shape, view.num_classes, view.policy)
 
 
 def _identity(view: NodeView) -> ConfigRecord:
@@ -298,10 +309,9 @@ def _label_histogram(view: NodeView, sigma: float) -> dict[str, list[float] | st
     job = view.job
     withheld = view.account.histogram_withheld(job)
     if withheld is None:
-        model = build_model(job.model, view.feature_shape, view.num_classes, job.seed)
         try:
-            # A round's checks: policy, noise calibrated with this release counted, budget.
-            view.account.admit(job, len(view.train), architecture_hash(model))
+            # A round's checks: model, policy, noise calibrated with this release counted, budget.
+            view.account.admit(job, len(view.train), _model(view)[1])
         except (NodeRefusedError, PrivacyError) as exc:
             withheld = f"the node would not take part in this job: {exc.message}"
     if withheld is not None:
@@ -332,9 +342,9 @@ def _train_round(view: NodeView, message: Message) -> tuple[ArrayRecord, MetricR
     job = view.job
     config = message.content.config_records[p.CONFIG_KEY]
     server_round = whole_number(config, p.ROUND_KEY)
-    model = build_model(job.model, view.feature_shape, view.num_classes, job.seed)
+    model, architecture = _model(view)
     # Policy and budget first: a refused round loads no weights and trains nothing.
-    dp = view.account.admit(job, len(view.train), architecture_hash(model))
+    dp = view.account.admit(job, len(view.train), architecture)
     log(
         INFO,
         "run %s round %d: admitted (noise multiplier %s), training on %s",
@@ -438,8 +448,7 @@ def _secure_setup(view_of: ViewOf, message: Message, context: Context, setup: Se
             )
         )
     job = view.job
-    model = build_model(job.model, view.feature_shape, view.num_classes, job.seed)
-    dp = view.account.admit(job, len(view.train), architecture_hash(model))
+    dp = view.account.admit(job, len(view.train), _model(view)[1])
     plan = planned_release(job, len(view.train), 1.0 if dp is None else dp.noise_multiplier)
     metrics = MetricRecord({p.WEIGHT: 1.0, p.STEPS: plan.steps})
     if dp is not None:
@@ -512,8 +521,8 @@ def _predictions(
     `group_column` is one of `facts.test_groups` (`plan_query` checked it).
     """
     job = view.job
-    model = build_model(job.model, view.feature_shape, view.num_classes, job.seed)
-    view.account.check_model(job, architecture_hash(model))
+    model, architecture = _model(view)
+    view.account.check_model(job, architecture)
     load_arrays(model, arrays)
     predicted = predict(model, view.test, resolve_device(job.training.device))
     if group_column is None:
@@ -525,8 +534,8 @@ def _predictions(
 def evaluate(view_of: ViewOf, message: Message, context: Context) -> Message:
     """Loss and accuracy of the global model on the node's local test split."""
     view = view_of(message, context)
-    model = build_model(view.job.model, view.feature_shape, view.num_classes, view.job.seed)
-    view.account.check_model(view.job, architecture_hash(model))  # a refused model runs nowhere
+    model, architecture = _model(view)
+    view.account.check_model(view.job, architecture)  # a refused model runs nowhere
     load_arrays(model, message.content.array_records[p.ARRAYS_KEY])
     loss, accuracy = evaluate_model(model, view.test, resolve_device(view.job.training.device))
     metrics = MetricRecord({p.WEIGHT: len(view.test), p.EVAL_LOSS: loss, p.EVAL_ACCURACY: accuracy})

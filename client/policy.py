@@ -19,6 +19,7 @@ from consortia.common.config import (
     JobConfig,
     StrictModel,
 )
+from consortia.common.model_plugins import InstalledModel, canonical_name
 from consortia.common.protocol import RefusalCode
 
 
@@ -32,7 +33,15 @@ class NodePolicy(StrictModel):
     min_noise_multiplier: float = Field(default=0.5, ge=0, le=MAX_NOISE_MULTIPLIER)
     max_grad_norm: ClippingNorm = Field(default=10.0, description="largest clipping bound allowed")
     max_local_epochs: int = Field(default=5, ge=1)
-    models: tuple[str, ...] = Field(default=("logreg", "mlp", "cnn"))
+    models: tuple[str, ...] = Field(
+        default=("logreg", "mlp", "cnn"),
+        description="model names (entry points of `consortia.models`) the node trains",
+    )
+    model_distributions: dict[str, str] = Field(
+        default_factory=dict,
+        description="distribution -> the exact version the operator reviewed; when set, a "
+        "model must come from one of them, installed at that version (empty: any installed)",
+    )
     architectures: tuple[str, ...] = Field(
         default=(),
         description="sha256 architecture hashes the node accepts (empty: any of `models`); "
@@ -79,11 +88,9 @@ def check_job(job: JobConfig, policy: NodePolicy) -> Refusal | None:
             reason="this node's policy requires secure aggregation; the job has no "
             "[secure_aggregation] block",
         )
-    if job.model.name not in policy.models:
-        return Refusal(
-            code=RefusalCode.MODEL_NOT_ALLOWED,
-            reason=f"model {job.model.name!r} is not in this node's list {list(policy.models)}",
-        )
+    refusal = check_model_name(job.model.name, policy)
+    if refusal is not None:
+        return refusal
     if job.training.local_epochs > policy.max_local_epochs:
         return Refusal(
             code=RefusalCode.TOO_MANY_EPOCHS,
@@ -104,6 +111,16 @@ def check_job(job: JobConfig, policy: NodePolicy) -> Refusal | None:
     return None
 
 
+def check_model_name(name: str, policy: NodePolicy) -> Refusal | None:
+    """Refuse a model whose name the operator has not listed in `models`."""
+    if name not in policy.models:
+        return Refusal(
+            code=RefusalCode.MODEL_NOT_ALLOWED,
+            reason=f"model {name!r} is not in this node's list {list(policy.models)}",
+        )
+    return None
+
+
 def check_architecture(digest: str, policy: NodePolicy) -> Refusal | None:
     """Refuse a model whose architecture hash the operator has not pinned (if any are)."""
     if policy.architectures and digest not in policy.architectures:
@@ -111,6 +128,36 @@ def check_architecture(digest: str, policy: NodePolicy) -> Refusal | None:
             code=RefusalCode.ARCHITECTURE_NOT_ALLOWED,
             reason=f"the job's model has architecture {digest}, which is not among the "
             f"{len(policy.architectures)} hashes in this node's policy",
+        )
+    return None
+
+
+def check_model_source(installed: InstalledModel, policy: NodePolicy) -> Refusal | None:
+    """Refuse a model from a distribution, or a version of one, that the operator has not pinned.
+
+    Against what is installed on this node: the code that would run. Names
+    compare as packaging does ('consortia_example_models' is
+    'consortia-example-models').
+    """
+    if not policy.model_distributions:
+        return None
+    pins = {
+        canonical_name(name): (name, version)
+        for name, version in policy.model_distributions.items()
+    }
+    pinned = pins.get(canonical_name(installed.distribution))
+    if pinned is None:
+        return Refusal(
+            code=RefusalCode.MODEL_NOT_ALLOWED,
+            reason=f"{installed.label()}: distribution {installed.distribution!r} is not among "
+            f"this node's model_distributions {sorted(policy.model_distributions)}",
+        )
+    if pinned[1] != installed.version:
+        return Refusal(
+            code=RefusalCode.MODEL_VERSION_MISMATCH,
+            reason=f"{installed.label()}: this node's policy pins {pinned[0]} {pinned[1]}, but "
+            f"{installed.distribution} {installed.version} is installed; review the new version "
+            "and update model_distributions (or install the pinned one)",
         )
     return None
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import tomllib
+from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
@@ -39,10 +40,16 @@ def _read_text(path: Path) -> str:
         raise ConfigError(f"{path}: cannot be read ({exc})") from None
 
 
-def validate_model(model: type[M], data: dict[str, Any], source: str) -> M:
-    """Validate `data` against `model`; on failure raise one readable `ConfigError`."""
+def validate_model(
+    model: type[M], data: dict[str, Any], source: str, context: Mapping[str, object] | None = None
+) -> M:
+    """Validate `data` against `model`; on failure raise one readable `ConfigError`.
+
+    `context`: pydantic's validation context (`deferred_lookup()` for a node
+    reading a job whose model it may not have, see common/model_plugins.py).
+    """
     try:
-        return model.model_validate(data)
+        return model.model_validate(data, context=context)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, model, source)) from None
 
@@ -125,9 +132,9 @@ class LoadedScenario(LoadedConfig):
     config: ScenarioConfig
 
 
-def load_job(path: Path) -> LoadedConfig:
+def load_job(path: Path, context: Mapping[str, object] | None = None) -> LoadedConfig:
     """Load a deployment job file (no `[simulation]` block: the nodes bring the data)."""
-    return load_job_text(_read_text(path), str(path))
+    return load_job_text(_read_text(path), str(path), context)
 
 
 def read_job(path: Path) -> tuple[str, LoadedConfig]:
@@ -136,9 +143,11 @@ def read_job(path: Path) -> tuple[str, LoadedConfig]:
     return text, load_job_text(text, str(path))
 
 
-def load_job_text(text: str, source: str) -> LoadedConfig:
+def load_job_text(
+    text: str, source: str, context: Mapping[str, object] | None = None
+) -> LoadedConfig:
     """Validate a job's TOML text; `source` names it in messages and in the manifest."""
-    config = validate_model(JobConfig, _settings(text, source, "job"), source)
+    config = validate_model(JobConfig, _settings(text, source, "job"), source, context)
     return LoadedConfig(
         config=config,
         source=source,

@@ -14,6 +14,7 @@ from pydantic import ValidationError
 
 from consortia.common.config import JobConfig, SimulationConfig, StrictModel
 from consortia.common.errors import FederationError
+from consortia.common.model_plugins import deferred_lookup
 
 # ConfigRecord keys (coordinator -> node)
 TASK_KEY = "task"
@@ -63,15 +64,22 @@ class TaskSpec(StrictModel):
     job: JobConfig
     simulation: SimulationConfig | None = None
 
+    @classmethod
+    def for_nodes(cls, job: JobConfig, simulation: SimulationConfig | None = None) -> TaskSpec:
+        """The task the coordinator sends: the job with its model pinned to the distribution
+        and version the coordinator built it from, so that a node with another refuses."""
+        return cls(job=job.model_copy(update={"model": job.model.pinned()}), simulation=simulation)
+
     def encode(self) -> str:
         return self.model_dump_json()
 
     @classmethod
     def decode(cls, text: object) -> TaskSpec:
+        """The task as a node reads it: a model it lacks is its refusal, not a malformed task."""
         if not isinstance(text, str):
             raise FederationError(f"message has no '{TASK_KEY}' document (got {type(text)})")
         try:
-            return cls.model_validate_json(text)
+            return cls.model_validate_json(text, context=deferred_lookup())
         except ValidationError as exc:
             raise FederationError(f"malformed task document: {exc}") from None
 
@@ -88,6 +96,12 @@ class RefusalCode(StrEnum):
     DP_REQUIRED = "dp-required"
     SECURE_AGGREGATION_REQUIRED = "secure-aggregation-required"
     MODEL_NOT_ALLOWED = "model-not-allowed"
+    # The job's model as this node has it (client/model_admission.py): each reason names
+    # the distribution the model comes from.
+    MODEL_NOT_INSTALLED = "model-not-installed"
+    MODEL_VERSION_MISMATCH = "model-version-mismatch"
+    MODEL_UNUSABLE = "model-unusable"
+    MODEL_NOT_DP_TRAINABLE = "model-not-dp-trainable"
     ARCHITECTURE_NOT_ALLOWED = "architecture-not-allowed"
     TOO_MANY_EPOCHS = "too-many-epochs"
     CLIPPING_TOO_LARGE = "clipping-too-large"

@@ -136,7 +136,7 @@ def run_federation(
     point = load_resume_point(resume, config) if resume is not None else None
     out_dir = resume if resume is not None else out_dir
     _seed_everything(config.seed)
-    task = p.TaskSpec(job=job, simulation=simulation).encode()
+    task = p.TaskSpec.for_nodes(job, simulation).encode()
     expected = simulation.nodes if simulation is not None else config.min_nodes
     query = ConfigRecord({p.TASK_KEY: _query_task(job, simulation, resumed=point is not None)})
     roster = discover(grid, query, expected, config.round_timeout_s)
@@ -259,7 +259,7 @@ def _query_task(job: JobConfig, simulation: SimulationConfig | None, resumed: bo
     the manifest holds them, and a second release would spend the nodes' privacy twice."""
     if resumed and job.label_histogram is not None:
         job = job.model_copy(update={"label_histogram": None})
-    return p.TaskSpec(job=job, simulation=simulation).encode()
+    return p.TaskSpec.for_nodes(job, simulation).encode()
 
 
 def _histogram_releases(roster: Roster, job: JobConfig) -> dict[str, Release]:

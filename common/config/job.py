@@ -61,7 +61,9 @@ class JobConfig(StrictModel):
         default=None, ge=1, description="nodes sampled per round; all nodes if unset"
     )
     evaluation: Literal["federated", "centralized", "none"] = "federated"
-    model: ModelConfig = ModelConfig()
+    # A factory: the default model is looked up when a job without [model] is validated,
+    # not when this module is imported.
+    model: ModelConfig = Field(default_factory=ModelConfig)
     training: TrainingConfig = TrainingConfig()
     # After `training`: its default is derived from the validated local epochs.
     round_timeout_s: float = Field(

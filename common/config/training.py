@@ -4,9 +4,25 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import (
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationInfo,
+    model_serializer,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from consortia.common.config.strict import StrictModel
+from consortia.common.model_plugins import (
+    MODEL_KEYS,
+    MODEL_LOOKUP,
+    ModelError,
+    ModelLookup,
+    find_model,
+    settings_dump,
+)
 
 
 class TrainingConfig(StrictModel):
@@ -65,7 +81,73 @@ class TrainingConfig(StrictModel):
 
 
 class ModelConfig(StrictModel):
-    """A model from consortia's registry, by name (never code from the wire)."""
+    """`[model]`: an installed model, by entry-point name, and its settings (never code).
 
-    name: Literal["mlp", "logreg", "cnn"] = "mlp"
-    hidden: tuple[int, ...] = (64,)
+    `name` is an entry point of the group `consortia.models`
+    (common/model_plugins.py); consortia's own `logreg`, `mlp` and `cnn` are
+    entries of the `consortia` distribution like any plugin's. Every other
+    key of `[model]` is a setting of that model, validated by the plugin's
+    own settings model (`mlp`'s `hidden`, say), as `[strategy]` keeps each
+    strategy's settings beside its name: today's jobs read as they always
+    did, and a sweep axis such as `model.hidden` reaches a plugin's settings
+    the same way. Validation completes the settings with their defaults,
+    so a job's resolved config (and `config_sha256`) states the model fully.
+
+    `distribution` and `version` pin where the model comes from. A job may
+    leave them out; the coordinator fills both in from the distribution it
+    built the model with before the job goes to the nodes (`pinned`), and a
+    node whose installed distribution or version differs refuses.
+
+    A node reads a job with `ModelLookup.DEFERRED`: a model it does not
+    have is its refusal to give, not a malformed job.
+    """
+
+    # The extra keys are the model's settings; the plugin's settings model checks them.
+    model_config = ConfigDict(extra="allow")
+
+    name: str = Field(default="mlp", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+    distribution: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$",
+        description="the installed distribution the model must come from",
+    )
+    version: str | None = Field(
+        default=None, min_length=1, max_length=64, description="its exact version"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _settings_of_the_model(cls, data: object, info: ValidationInfo) -> object:
+        """Validate the settings with the model's own settings model, defaults filled in."""
+        context = info.context if isinstance(info.context, dict) else {}
+        if context.get(MODEL_LOOKUP) == ModelLookup.DEFERRED or not isinstance(data, dict):
+            return data  # a node's reading: its own checks decide, as refusals
+        name, distribution, version = (data.get(key) for key in ("name", "distribution", "version"))
+        if not all(isinstance(v, str | None) for v in (name, distribution, version)):
+            return data  # the fields' own validation names the wrong type
+        settings = {k: v for k, v in data.items() if k not in MODEL_KEYS}
+        try:
+            installed = find_model(name or "mlp", distribution, version)
+            resolved = settings_dump(installed, settings)
+        except ModelError as exc:
+            raise PydanticCustomError("model_plugin", "{reason}", {"reason": exc.message}) from None
+        return {**{k: v for k, v in data.items() if k in MODEL_KEYS}, **resolved}
+
+    @model_serializer(mode="wrap")
+    def _without_unset_source(self, handler: SerializerFunctionWrapHandler) -> dict[str, object]:
+        """Unpinned `distribution`/`version` are left out: a job that does not pin its model
+        serialises (and hashes, `config_sha256`) exactly as before models were plugins."""
+        dump: dict[str, object] = handler(self)
+        return {k: v for k, v in dump.items() if not (k in MODEL_KEYS and v is None)}
+
+    @property
+    def settings(self) -> dict[str, object]:
+        """The model's settings: the keys of `[model]` besides name, distribution and version."""
+        return dict(self.model_extra or {})
+
+    def pinned(self) -> ModelConfig:
+        """This model with `distribution` and `version` set to the installed ones it resolves to."""
+        installed = find_model(self.name, self.distribution, self.version)
+        return self.model_copy(
+            update={"distribution": installed.distribution, "version": installed.version}
+        )

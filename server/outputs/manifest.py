@@ -11,6 +11,7 @@ from importlib import metadata
 from pydantic import BaseModel
 
 from consortia.common.config import JobConfig, ScenarioConfig
+from consortia.common.model_plugins import find_model
 from consortia.common.scaling import FeatureScaling
 from consortia.common.source_revision import source_revision
 from consortia.server.rounds.label_skew import LabelSkew, label_skew
@@ -37,7 +38,7 @@ class Manifest(BaseModel):
     config: dict[str, object]
     config_sha256: str
     seed: int
-    packages: dict[str, str]
+    packages: dict[str, str]  # with the model's distribution when a plugin provides it
     python: str
     # The consortia source revision (`<commit>[-dirty]`): live in a checkout, else the build's.
     git_commit: str | None
@@ -72,7 +73,7 @@ def build_manifest(
         config=resolved,
         config_sha256=config_sha256(config),
         seed=config.seed,
-        packages={name: _version(name) for name in _PACKAGES},
+        packages=_packages(config),
         python=platform.python_version(),
         git_commit=source_revision(),
         data_fingerprints={n.name: n.data_fingerprint for n in roster.nodes},
@@ -137,6 +138,15 @@ def legacy_config_sha256(config: JobConfig) -> str:
 def _sha256_of(dump: dict[str, object]) -> str:
     canonical = json.dumps(dump, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def _packages(config: JobConfig) -> dict[str, str]:
+    """consortia's own stack, and the distribution the model comes from (a plugin's, if any)."""
+    packages = {name: _version(name) for name in _PACKAGES}
+    model = config.model
+    installed = find_model(model.name, model.distribution, model.version)
+    packages.setdefault(installed.distribution, installed.version)
+    return packages
 
 
 def _version(name: str) -> str:

@@ -62,7 +62,7 @@ def run_statistics(
     job = job.model_copy(update={"label_histogram": None})
     _seed(config.seed)
     arrays, evaluated, job = _model(query, runs_base, job)
-    task = ConfigRecord({p.TASK_KEY: p.TaskSpec(job=job, simulation=simulation).encode()})
+    task = ConfigRecord({p.TASK_KEY: p.TaskSpec.for_nodes(job, simulation).encode()})
     expected = simulation.nodes if simulation is not None else config.min_nodes
     roster = discover(grid, task, expected, config.round_timeout_s)
     num_classes = _class_count(roster)
