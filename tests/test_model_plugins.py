@@ -108,15 +108,15 @@ def _distribution(
 
 @pytest.fixture(scope="module")
 def test_plugins(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A folder holding the distribution 'test-models' 1.0 (bn_net, clash_net, not_a_plugin)."""
+    """A folder holding the distribution 'lab-models' 1.0 (bn_net, clash_net, not_a_plugin)."""
     return _distribution(
         tmp_path_factory.mktemp("site"),
-        "test-models",
+        "lab-models",
         "1.0",
         {
-            "bn_net": "test_models:BN_NET",
-            "clash_net": "test_models:CLASH",
-            "not_a_plugin": "test_models:NOT_A_PLUGIN",
+            "bn_net": "lab_models:BN_NET",
+            "clash_net": "lab_models:CLASH",
+            "not_a_plugin": "lab_models:NOT_A_PLUGIN",
         },
         _TEST_MODELS,
     )
@@ -162,7 +162,7 @@ def test_a_distribution_on_the_path_is_a_model_and_validates_its_own_settings(
     with_test_plugins: Path,
 ) -> None:
     installed = find_model("bn_net")
-    assert (installed.distribution, installed.version) == ("test-models", "1.0")
+    assert (installed.distribution, installed.version) == ("lab-models", "1.0")
     assert ModelConfig(name="bn_net").settings == {"width": 8}  # defaults filled in
     assert ModelConfig.model_validate({"name": "bn_net", "width": 4}).settings == {"width": 4}
     with pytest.raises(ValueError, match=r"width: Input should be a valid integer"):
@@ -233,11 +233,14 @@ def test_existing_jobs_build_the_same_models_and_hash_as_before() -> None:
         model = build_model(ModelConfig(name=name, hidden=hidden), shape, classes, 7)
         assert (architecture_hash(model), _weights_sha256(model)) == (architecture, weights)
     # A job's resolved config (what resumes recognise) is what it was: `hidden` completed.
-    job = JobConfig.model_validate({"model": {"name": "mlp", "hidden": [16]}})
+    # (round_timeout_s as its default was then: the default now follows the local epochs.)
+    job = JobConfig.model_validate(
+        {"model": {"name": "mlp", "hidden": [16]}, "round_timeout_s": 3600}
+    )
     assert job.model.model_dump(mode="json") == {"name": "mlp", "hidden": [16]}
     assert config_sha256(job) == "7a8ca3cbdda45856c506254182e0a141326f20bac55e29607b7c4ad950b11d31"
     assert JobConfig().model.model_dump(mode="json") == {"name": "mlp", "hidden": [64]}
-    assert config_sha256(JobConfig()) == (
+    assert config_sha256(JobConfig(round_timeout_s=3600)) == (
         "42838932a29e155e9bcf9eff9df8aa285d310da97ff37f32e130802fd07cf21a"
     )
 
@@ -284,7 +287,7 @@ def test_models_check_refuses_batchnorm_naming_the_layers_and_opacus_fix(
 ) -> None:
     result = _cli(tmp_path, "models", "check", "bn_net", path=test_plugins)
     message = one_cli_error(result, nothing_on_stdout=True)
-    assert "model 'bn_net' (test-models 1.0) cannot be trained with DP-SGD (Opacus)" in message
+    assert "model 'bn_net' (lab-models 1.0) cannot be trained with DP-SGD (Opacus)" in message
     assert "layer '1' (BatchNorm2d(8, eps=1e-05" in message
     assert "BatchNorm cannot support training with differential privacy" in message
     assert "ModuleValidator.fix would replace it with GroupNorm(8, 8, eps=1e-05" in message
