@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -28,6 +29,12 @@ for _variable, _folder in {
     (_SESSION_TMP / _folder).mkdir(parents=True, exist_ok=True)
 os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """The session's temporary homes go with it (each xdist worker has its own)."""
+    shutil.rmtree(_SESSION_TMP, ignore_errors=True)
+
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MNIST_DIR = REPO_ROOT.parent / "shared" / "data" / "mnist"
