@@ -21,7 +21,8 @@ Reported per node count:
   nodes; plus a one-node breakdown by process;
 - the coordinator's processes (SuperLink, ServerApp) at their peak.
 
-    python benchmarks/deployment_scale.py [--nodes 3 10 25 50] [--rounds 5] [--json out.json]
+    python benchmarks/deployment_scale.py [--nodes 3 10 25 50] [--rounds 5]
+        [--poll-interval-s S] [--json out.json]
 """
 
 from __future__ import annotations
@@ -135,12 +136,15 @@ class Sampler:
         self._thread.join()
 
 
-def one_count(root: Path, count: int, rounds: int) -> dict[str, object]:
+def one_count(root: Path, count: int, rounds: int, poll_s: float | None) -> dict[str, object]:
     """Start a consortium of `count` nodes, run the job, return its figures."""
     names = tuple(f"site-{i:02d}" for i in range(count))
     root.mkdir(parents=True)
     consortium = Consortium(root)
     node_tomls = cancer_sites(consortium, names, budget=100.0)
+    if poll_s is not None:  # node.toml's top-level key, written before its first table
+        for toml in node_tomls.values():
+            toml.write_text(f"poll_interval_s = {poll_s}\n" + toml.read_text())
     try:
         coordinator = consortium.start_coordinator()
         began = time.monotonic()
@@ -166,6 +170,7 @@ def one_count(root: Path, count: int, rounds: int) -> dict[str, object]:
         peaks = list(sampler.peaks.values())
         return {
             "nodes": count,
+            "poll_interval_s": poll_s,
             "rounds": len(seconds),
             "round_seconds": seconds,
             "median_round_s": statistics.median(seconds[1:] or seconds),
@@ -186,13 +191,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", type=int, nargs="+", default=[3, 10, 25, 50])
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument(
+        "--poll-interval-s", type=float, default=None, help="node.toml poll_interval_s"
+    )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     results = []
     for count in args.nodes:
         with tempfile.TemporaryDirectory(prefix=f"scale{count}-") as folder:
             began = time.monotonic()
-            result = one_count(Path(folder) / "consortium", count, args.rounds)
+            root = Path(folder) / "consortium"
+            result = one_count(root, count, args.rounds, args.poll_interval_s)
             result["wall_s"] = round(time.monotonic() - began, 1)
             results.append(result)
             print(json.dumps(result), flush=True)
