@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -24,6 +24,9 @@ coordinator_app = typer.Typer(
 nodes_app = typer.Typer(help="The nodes enrolled with this coordinator.", no_args_is_help=True)
 coordinator_app.add_typer(nodes_app, name="nodes")
 console = Console(highlight=False)
+
+if TYPE_CHECKING:  # imported where used: `consortia --help` must not load them
+    from consortia.server.coordinator.config import CoordinatorConfig
 
 ConfigOption = Annotated[Path, typer.Option("--config", help="The coordinator's coordinator.toml.")]
 
@@ -61,6 +64,8 @@ def status(config: ConfigOption) -> None:
     settings = load_coordinator_config(config)
     pid = running_pid(settings)
     enrolled = Enrollment(settings).load()
+    for warning in _certificate_warnings(settings):
+        console.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)
     if pid is None:
         console.print(f"coordinator {settings.name}: [red]not running[/]")
         # Its port may still be served: by leftovers of a killed coordinator, or another program.
@@ -95,6 +100,43 @@ def status(config: ConfigOption) -> None:
             run.finished_at,
         )
     console.print(table)
+
+
+def _certificate_warnings(settings: CoordinatorConfig) -> list[str]:
+    """The coordinator's certificate and its CA, if either expires within 30 days (or did).
+
+    Nodes authenticate with keys, which do not expire: a node is shut out by
+    `nodes remove`, not by a date.
+    """
+    from consortia.common.pki import CertificateError, expiry_notice, load_certificates
+
+    if settings.tls is None:
+        return []
+    warnings = []
+    for path, what, fix in (
+        (settings.tls.certfile, "the coordinator's certificate", _RENEW_CERTIFICATE),
+        (settings.tls.ca_certfile, "the consortium CA certificate", _RENEW_CA),
+    ):
+        try:
+            certificates = load_certificates(path, what)
+        except CertificateError as exc:
+            warnings.append(exc.message)
+            continue
+        # The first: the server's own (before any intermediates), or the CA.
+        notice = expiry_notice(certificates[0], f"{what} ({path})")
+        if notice is not None:
+            warnings.append(f"{notice}; {fix}")
+    return warnings
+
+
+_RENEW_CERTIFICATE = (
+    "issue a new one (`consortia provision coordinator`) and restart the coordinator; nodes "
+    "keep trusting it as long as the CA is the same"
+)
+_RENEW_CA = (
+    "create a new CA (`consortia provision ca`), issue the coordinator's certificate with it "
+    "and give every node the new ca.crt before the old one expires"
+)
 
 
 def _print_enrolled(nodes: dict[str, tuple[str, str]]) -> None:

@@ -8,6 +8,7 @@ consortia node check-job job.toml --node node.toml
 consortia node models list --node node.toml [--dataset NAME]
 consortia node keys init --node node.toml
 consortia node keys show --node node.toml
+consortia node doctor --node node.toml [--device auto|cuda|cpu]
 consortia node start --node node.toml
 """
 
@@ -370,6 +371,51 @@ def _load_job(path: Path) -> JobConfig:
     return load_job(path, deferred_lookup()).config
 
 
+@node_app.command("doctor")
+def doctor(
+    node: NodeOption,
+    device: Annotated[
+        str,
+        typer.Option(
+            "--device",
+            help="The training device the node's jobs use: auto (the default of a job), cuda "
+            "(a GPU is required) or cpu (the GPU check is skipped).",
+        ),
+    ] = "auto",
+) -> None:
+    """Check what the node needs before its first job; one line per finding, with the fix.
+
+    Certificates (trust chain, expiry within 30 days), the node key and its
+    enrollment (asks the coordinator), the clock, free disk, the ledger,
+    every registered dataset (readable, unchanged), the GPU, and the
+    consortia, Flower and torch versions against the coordinator's.
+    Exit code 1 if any problem was found.
+    """
+    from consortia.client.node_doctor import Device, Verdict, diagnose
+
+    try:
+        wanted = Device(device)
+    except ValueError:
+        raise ConfigError(f"--device {device!r}: use auto, cuda or cpu") from None
+    config = _node(node)
+    findings = diagnose(config, node, wanted)
+    styles = {Verdict.PROBLEM: "red", Verdict.WARNING: "yellow", Verdict.OK: "green"}
+    for finding in findings:
+        style = styles.get(finding.verdict, "dim")
+        label = escape(f"{finding.verdict:<8}")
+        console.print(
+            f"[{style}]{label}[/]{escape(finding.check)}: {escape(finding.text)}",
+            soft_wrap=True,
+            highlight=False,
+        )
+    problems = sum(f.verdict == Verdict.PROBLEM for f in findings)
+    warnings = sum(f.verdict == Verdict.WARNING for f in findings)
+    summary = f"node {config.name}: {problems} problem(s), {warnings} warning(s)"
+    console.print(escape(summary), highlight=False)
+    if problems:
+        raise typer.Exit(1)
+
+
 @node_app.command("start")
 def start(
     node: NodeOption,
@@ -394,6 +440,9 @@ def start(
     # A SuperNode that cannot bind its runtime API would only say so in its own output.
     check_port_free("127.0.0.1", config.runtime_port, f"node {config.name} (runtime_port)")
     console.print(f"node {config.name}: connecting to {link.address}", highlight=False)
+    if config.metrics is not None:
+        url = config.metrics.url
+        console.print(f"node {config.name}: Prometheus metrics at {url}", highlight=False)
     sys.stdout.flush()
     # Runs only installed code (codeguard, no `uv sync`) and audits the connection.
     raise typer.Exit(supervise(config, commands))

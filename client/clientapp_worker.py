@@ -35,6 +35,10 @@ ClientApp changes: torch's thread count (the handler sets 1 on CPU) and its
 CPU random generator state. The ClientApp keeps no other state between
 messages (its Context comes from the SuperNode each time).
 
+With `--metrics-file` (a node with `[metrics]`), it rewrites that file after
+every message with its figures (client/worker_metrics.py): what it handled,
+the time each round's training took, the device `auto` picks.
+
 It polls `AcquireTask` 20 ms after finishing a task, doubling while idle up
 to the node's `poll_interval_s` (no busy loop; a task is picked up within
 one interval), and up to 1 s once no task came for a minute (between jobs,
@@ -62,6 +66,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from logging import ERROR, INFO, WARNING
+from pathlib import Path
 from types import FrameType
 
 import httpx
@@ -86,6 +91,13 @@ from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
 from consortia.client.app import app as consortia_app
+from consortia.client.device import resolve_device
+from consortia.client.worker_metrics import (
+    WorkerMetrics,
+    read_worker_metrics,
+    write_worker_metrics,
+)
+from consortia.common import protocol as p
 from consortia.common.errors import ConsortiaError
 from consortia.common.flower_log import flower_handler_only
 from consortia.common.flower_waits import (
@@ -244,9 +256,14 @@ class Worker:
         app: ClientApp,
         *,
         poll_interval_s: float = DEFAULT_POLL_INTERVAL_S,
+        metrics_file: Path | None = None,
     ) -> None:
+        """`metrics_file`: where to keep the figures the node's metrics endpoint serves
+        (client/worker_metrics.py); None when the node serves none."""
         self.address = runtime_api_address
         self.app = app
+        self.metrics_file = metrics_file
+        self.figures = _starting_figures(metrics_file)
         self.max_poll_s = poll_interval_s
         self.first_poll_s = min(FIRST_POLL_S, poll_interval_s)
         self._acquirer = self._client([RuntimeVersionHttpInterceptor(component_name="SuperExec")])
@@ -310,6 +327,8 @@ class Worker:
         lost = threading.Event()
         heartbeat = HeartbeatSender(_heartbeat_fn(client, lost))
         context: Context | None = None
+        message: Message | None = None
+        seconds = 0.0
         outcome = Outcome(None, SubStatus.FAILED, "ClientApp task failed due to unknown reason")
         try:
             heartbeat.start()
@@ -343,6 +362,42 @@ class Worker:
                 heartbeat.stop()
             push_task_output(client, context, outcome.sub_status, outcome.details)
             client.close()
+            if message is not None:
+                self._count(message, outcome.sub_status, seconds)
+
+    def _count(self, message: Message, sub_status: str, seconds: float) -> None:
+        """Note the message in the worker's figures; a write that fails costs a warning."""
+        if self.figures is None or self.metrics_file is None:
+            return
+        meta = message.metadata
+        config = message.content.config_records.get(p.CONFIG_KEY)
+        server_round = None if config is None else config.get(p.ROUND_KEY)
+        self.figures.handled(
+            meta.message_type,
+            sub_status,
+            seconds,
+            meta.run_id,
+            server_round if isinstance(server_round, int) else None,
+        )
+        try:
+            write_worker_metrics(self.metrics_file, self.figures)
+        except OSError as exc:
+            log(WARNING, "consortia worker: cannot write %s: %s", self.metrics_file, exc)
+
+
+def _starting_figures(metrics_file: Path | None) -> WorkerMetrics | None:
+    """The counts so far (a restarted worker continues them) and the device 'auto' picks."""
+    if metrics_file is None:
+        return None
+    figures = read_worker_metrics(metrics_file) or WorkerMetrics()
+    device = resolve_device("auto")
+    figures.device = device.type
+    figures.device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    try:
+        write_worker_metrics(metrics_file, figures)
+    except OSError as exc:
+        log(WARNING, "consortia worker: cannot write %s: %s", metrics_file, exc)
+    return figures
 
 
 def _stop_on_signals() -> None:
@@ -367,6 +422,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--poll-interval-s", type=float, default=DEFAULT_POLL_INTERVAL_S)
     parser.add_argument("--parent-pid", type=int, default=None, help="exit when it exits")
+    parser.add_argument(
+        "--metrics-file", type=Path, default=None, help="keep the node's worker figures here"
+    )
     args = parser.parse_args(argv)
     flower_handler_only()  # Opacus' root handler would print every Flower line twice
     _stop_on_signals()
@@ -377,7 +435,12 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(exc.exit_code) from None
     if args.parent_pid is not None:
         start_parent_process_monitor(args.parent_pid)
-    worker = Worker(args.runtime_api_address, consortia_app, poll_interval_s=args.poll_interval_s)
+    worker = Worker(
+        args.runtime_api_address,
+        consortia_app,
+        poll_interval_s=args.poll_interval_s,
+        metrics_file=args.metrics_file,
+    )
     try:
         worker.serve_forever()
     except _Stop:

@@ -13,8 +13,10 @@ goes on retrying.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
+from collections.abc import Iterator
 
 PROBE_TIMEOUT_S = 5.0
 
@@ -33,14 +35,8 @@ def speaks_tls(address: str, timeout: float = PROBE_TIMEOUT_S) -> bool | None:
     if parsed is None:
         return None
     host, port = parsed
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE  # only the protocol is asked, not the trust
     try:
-        with (
-            socket.create_connection((host, port), timeout=timeout) as raw,
-            context.wrap_socket(raw, server_hostname=host),
-        ):
+        with _connected(host, port, _unverified(), timeout):
             return True
     except ssl.SSLError:
         return False  # it answered, in something other than TLS
@@ -63,3 +59,42 @@ def tls_mismatch(address: str, insecure: bool, timeout: float = PROBE_TIMEOUT_S)
             "in node.toml's [superlink]"
         )
     return None
+
+
+def presented_certificate(host: str, port: int, timeout: float = PROBE_TIMEOUT_S) -> bytes:
+    """The DER bytes of the certificate the server at host:port presents, trusted or not.
+
+    For `consortia node doctor`, which says what is wrong with a certificate
+    that fails the node's trust; raises `OSError` (`ssl.SSLError` included).
+    """
+    with _connected(host, port, _unverified(), timeout) as tls:
+        der = tls.getpeercert(binary_form=True)
+    if der is None:
+        raise ssl.SSLError(f"{host}:{port} presented no certificate")
+    return der
+
+
+def verified_handshake(
+    host: str, port: int, context: ssl.SSLContext, timeout: float = PROBE_TIMEOUT_S
+) -> None:
+    """A TLS handshake as the node's SuperNode makes it with `context`; raises if it fails."""
+    with _connected(host, port, context, timeout):
+        return
+
+
+def _unverified() -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # only the protocol (or the bytes) asked, not the trust
+    return context
+
+
+@contextlib.contextmanager
+def _connected(
+    host: str, port: int, context: ssl.SSLContext, timeout: float
+) -> Iterator[ssl.SSLSocket]:
+    with (
+        socket.create_connection((host, port), timeout=timeout) as raw,
+        context.wrap_socket(raw, server_hostname=host) as tls,
+    ):
+        yield tls

@@ -21,9 +21,11 @@ from consortia.common.flower_waits import (
     MAX_HEARTBEAT_INTERVAL_S,
     MIN_HEARTBEAT_INTERVAL_S,
 )
+from consortia.common.metrics_http import MetricsConfig
 
 NODE_CONFIG_KEY = "consortia-node-config"  # Flower node_config key: path of node.toml
 DEFAULT_AUTH_PRIVATE_KEY = Path("keys") / "node.key"  # under state_dir
+WORKER_METRICS_FILE = "worker-metrics.json"  # under state_dir (client/worker_metrics.py)
 
 
 class SuperLinkConfig(StrictModel):
@@ -80,6 +82,25 @@ class NodeConfig(StrictModel):
         "ClientApp worker takes to notice a message. Flower's own wait is 3 s (and stays so "
         "between jobs); each pull is one authenticated request to the coordinator",
     )
+    metrics: MetricsConfig | None = Field(
+        default=None,
+        description="the node's Prometheus endpoint (messages, refusals, budget left, "
+        "training time, device), 127.0.0.1 by default; off if unset",
+    )
+
+    @model_validator(mode="after")
+    def _metrics_port_of_its_own(self) -> NodeConfig:
+        if self.metrics is not None and self.metrics.port == self.runtime_port:
+            raise ValueError(
+                f"[metrics] port = {self.runtime_port} is the node's runtime_port; give the "
+                "metrics endpoint a port of its own"
+            )
+        return self
+
+    @property
+    def worker_metrics_file(self) -> Path:
+        """Where the ClientApp worker leaves its figures for the node's metrics endpoint."""
+        return self.state_dir / WORKER_METRICS_FILE
 
 
 def load_node_config(path: Path) -> NodeConfig:

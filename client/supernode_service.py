@@ -15,6 +15,10 @@ coordinator refused the node's key (not enrolled, or removed), or the node
 refused the coordinator (its certificate does not chain to the CA this node
 trusts). Each lands in the node's audit log.
 
+With a `[metrics]` block in node.toml the service also serves the node's
+Prometheus metrics (`consortia.client.node_metrics`) while it runs, and the
+worker keeps its figures for it in the state folder (`--metrics-file`).
+
 SIGTERM/SIGINT stop both. The node lives as long as its SuperNode: when it
 exits, the worker is stopped; a worker that dies on its own (a crash, the
 OOM killer) is restarted, with a growing pause if it keeps dying. A service
@@ -47,7 +51,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -60,6 +64,7 @@ from consortia.client.node_session import OpenSession, SessionMark
 from consortia.common.audit import AuditLog
 from consortia.common.codeguard import guarded_environment
 from consortia.common.errors import ConfigError, FederationError
+from consortia.common.metrics_http import MetricsServer
 from consortia.common.parent_death import supervised
 
 # Flower's own log lines, and what each means for the audit trail.
@@ -132,6 +137,8 @@ def node_commands(
         f"127.0.0.1:{config.runtime_port}",
         *poll,
     ]
+    if config.metrics is not None:
+        worker += ["--metrics-file", str(config.worker_metrics_file)]
     return NodeCommands([*supernode, "--isolation", "process"], worker)
 
 
@@ -172,6 +179,35 @@ def supervise(config: NodeConfig, commands: NodeCommands) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    with _metrics_endpoint(config):
+        return _supervised(supernode, worker, watcher, session, output, stopped)
+
+
+@contextlib.contextmanager
+def _metrics_endpoint(config: NodeConfig) -> Iterator[None]:
+    """The node's `[metrics]` endpoint serves while the node runs (nothing without the block)."""
+    if config.metrics is None:
+        yield
+        return
+    from consortia.client.node_metrics import NodeCollector
+
+    server = MetricsServer(config.metrics, NodeCollector(config), f"node {config.name}")
+    server.start()
+    try:
+        yield
+    finally:
+        server.stop()
+
+
+def _supervised(
+    supernode: _SuperNode,
+    worker: _Worker | None,
+    watcher: ConnectionWatcher,
+    session: SessionMark,
+    output: _Output,
+    stopped: dict[str, int],
+) -> int:
+    """`supervise`'s loop, once its processes and signal handlers are set up."""
     if worker is not None:
         worker.start()
     deadline: float | None = None

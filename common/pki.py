@@ -49,6 +49,7 @@ DEFAULT_CA_NAME = "consortia CA"
 DEFAULT_CA_DAYS = 3650
 DEFAULT_SERVER_DAYS = 365
 BACKDATE = dt.timedelta(minutes=5)  # tolerate clocks a few minutes behind ours
+EXPIRY_NOTICE_DAYS = 30  # `coordinator status` and `node doctor` warn this long before
 
 _CURVE = ec.SECP384R1()
 _HASH = hashes.SHA384()
@@ -464,6 +465,26 @@ def certificate_info(certificate: x509.Certificate, path: Path) -> CertificateIn
         dns_names=tuple(dns_names),
         ip_addresses=tuple(str(address) for address in addresses),
     )
+
+
+def expiry_notice(
+    certificate: x509.Certificate,
+    what: str,
+    *,
+    within_days: int = EXPIRY_NOTICE_DAYS,
+    now: dt.datetime | None = None,
+) -> str | None:
+    """A notice when `certificate` has expired, or expires within `within_days`; else None.
+
+    "<what> expired on <date>", or "<what> expires on <date>, in N days".
+    """
+    when = now if now is not None else _now()
+    ends = certificate.not_valid_after_utc
+    if ends <= when:
+        return f"{what} expired on {_date(ends)}"
+    if ends - when <= dt.timedelta(days=within_days):
+        return f"{what} expires on {_date(ends)}, in {(ends - when).days} days"
+    return None
 
 
 def certificate_fingerprint(certificate: x509.Certificate) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 from conftest import CliRunner
-from federation import Federation, add_site
+from federation import Federation, add_site, free_port
 from sklearn.datasets import load_breast_cancer
 
 from consortia.common.node_keys import NodeKeys, init_node_keys
@@ -26,10 +26,15 @@ CLI = [sys.executable, "-m", "consortia.cli.main"]
 
 
 class Consortium(Federation):
-    """A coordinator service with its own CA, and helpers to enroll and run."""
+    """A coordinator service with its own CA, and helpers to enroll and run.
 
-    def __init__(self, root: Path) -> None:
+    With `metrics`, the coordinator serves its Prometheus endpoint at
+    `metrics_port` (127.0.0.1).
+    """
+
+    def __init__(self, root: Path, *, metrics: bool = False) -> None:
         super().__init__(root)
+        self.metrics_port = free_port() if metrics else None
         pki = root / "pki"
         create_ca(pki / "ca")
         issue_server_certificate(pki / "ca", pki / "coordinator", ["localhost"], ["127.0.0.1"])
@@ -40,6 +45,7 @@ class Consortium(Federation):
             f'host = "127.0.0.1"\nport = {self.port}\n\n'
             '[tls]\ncertfile = "pki/coordinator/server.crt"\n'
             'keyfile = "pki/coordinator/server.key"\nca_certfile = "pki/coordinator/ca.crt"\n'
+            + ("" if self.metrics_port is None else f"\n[metrics]\nport = {self.metrics_port}\n")
         )
         self.state = root / "coordinator-state"
 
@@ -109,11 +115,13 @@ def cancer_sites(
     seed: int = 0,
     cli: CliRunner | None = None,
     policies: Mapping[str, str] | None = None,
+    metrics: bool = False,
 ) -> dict[str, Path]:
     """One hospital per name, each with its share of breast cancer as a CSV and its node.toml.
 
     The nodes speak TLS to `fed`'s coordinator and trust its CA; nothing is
-    enrolled or started yet. `policies` adds `[policy]` lines per node name.
+    enrolled or started yet. `policies` adds `[policy]` lines per node name;
+    with `metrics` each node serves its Prometheus endpoint on a free port.
     """
     data = load_breast_cancer()
     columns = [f"f{i:02d}" for i in range(data.data.shape[1])]
@@ -131,6 +139,7 @@ def cancer_sites(
             cli=cli,
             root_certificates=fed.ca,
             policy=(policies or {}).get(name, ""),
+            metrics_port=free_port() if metrics else None,
         )
         for name, part in zip(names, parts, strict=True)
     }

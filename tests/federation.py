@@ -90,11 +90,13 @@ def write_node_toml(
     budget: float,
     policy: str = "",
     root_certificates: Path | None = None,
+    metrics_port: int | None = None,
 ) -> Path:
     """node.toml of a node serving 'cancer' from `site/state`; `policy` adds [policy] lines.
 
     With `root_certificates` the node speaks TLS (trusting that CA) and signs
-    its requests with its key; without, plain HTTP.
+    its requests with its key; without, plain HTTP. With `metrics_port` it
+    serves its Prometheus endpoint there (on 127.0.0.1).
     """
     node_toml = site / "node.toml"
     link = (
@@ -107,6 +109,7 @@ def write_node_toml(
         f"runtime_port = {free_port()}\n\n"
         f"[policy]\nepsilon_budget = {budget}\ndelta = 1e-5\n{policy}\n"
         f'[superlink]\naddress = "127.0.0.1:{superlink_port}"\n{link}\n'
+        + ("" if metrics_port is None else f"\n[metrics]\nport = {metrics_port}\n")
     )
     return node_toml
 
@@ -123,6 +126,7 @@ def add_site(
     cli: CliRunner | None = None,
     policy: str = "",
     root_certificates: Path | None = None,
+    metrics_port: int | None = None,
 ) -> Path:
     """One hospital: its CSV export, node.toml, and dataset 'cancer' registered; returns node.toml.
 
@@ -130,7 +134,9 @@ def add_site(
     operator would); without, through `DatasetRegistry` in-process.
     """
     spec = write_dataset(site / "data", rows, labels, feature_names)
-    node_toml = write_node_toml(site, name, superlink_port, budget, policy, root_certificates)
+    node_toml = write_node_toml(
+        site, name, superlink_port, budget, policy, root_certificates, metrics_port
+    )
     if cli is None:
         DatasetRegistry(site / "state").add("cancer", spec)
         return node_toml

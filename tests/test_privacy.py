@@ -88,7 +88,8 @@ def test_a_node_supervisor_and_its_ledger_do_not_import_torch() -> None:
 
     script = (
         "import sys, consortia.cli.main, consortia.cli.node, consortia.client.supernode_service, "
-        "consortia.client.ledger; print(sorted(m for m in ('torch', 'opacus') if m in sys.modules))"
+        "consortia.client.ledger, consortia.client.node_metrics; "  # its [metrics] endpoint
+        "print(sorted(m for m in ('torch', 'opacus') if m in sys.modules))"
     )
     command = [sys.executable, "-c", script]
     done = subprocess.run(command, capture_output=True, text=True, check=True)

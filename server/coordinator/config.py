@@ -9,17 +9,15 @@ file that could be copied to production by mistake.
 
 from __future__ import annotations
 
-import ipaddress
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from consortia.common.audit import AuditLog
 from consortia.common.config import StrictModel
 from consortia.common.config_io import read_toml, validate_model
 from consortia.common.errors import ConfigError
-
-LOOPBACK_NETWORKS = ("127.0.0.0/8", "::1/128")
+from consortia.common.metrics_http import LOOPBACK_NETWORKS, MetricsConfig, check_networks
 
 
 class TlsConfig(StrictModel):
@@ -45,18 +43,24 @@ class CoordinatorConfig(StrictModel):
         ),
     )
     tls: TlsConfig | None = None
+    metrics: MetricsConfig | None = Field(
+        default=None,
+        description="the Prometheus endpoint (rounds, replies, refusals, nodes, ε); off if unset",
+    )
 
     @field_validator("admin_networks")
     @classmethod
     def _networks_parse(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        for network in value:
-            try:
-                ipaddress.ip_network(network, strict=False)
-            except ValueError:
-                raise ValueError(
-                    f"{network!r} is not a network (write e.g. '10.0.0.0/8' or '127.0.0.1/32')"
-                ) from None
-        return value
+        return check_networks(value)
+
+    @model_validator(mode="after")
+    def _metrics_port_of_its_own(self) -> CoordinatorConfig:
+        if self.metrics is not None and self.metrics.port == self.port:
+            raise ValueError(
+                f"[metrics] port = {self.port} is the SuperLink's port; give the metrics "
+                "endpoint a port of its own"
+            )
+        return self
 
     @property
     def database(self) -> Path:

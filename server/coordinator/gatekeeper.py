@@ -11,6 +11,11 @@ the Fleet API), every other path is answered 403 unless the peer address is
 in `admin_networks` (loopback by default, so administration happens on the
 coordinator's machine or through an SSH tunnel).
 
+It answers one request itself, open like the Fleet API: a node's signed
+check (`consortia.common.node_check`, sent by `consortia node doctor`): is
+the key enrolled, the coordinator's clock, and (enrolled keys only) its
+software versions; recorded as `node.checked`.
+
 It also watches the Fleet API's answers: a node that activates is recorded
 as connected, a request the SuperLink refuses (401, or a refused activation:
 an unenrolled or removed key) as a refused connection, both in the audit
@@ -23,6 +28,7 @@ window; that is recorded as a deferred connection, and the node retries.
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import ipaddress
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -32,7 +38,9 @@ from typing import Any
 from pydantic import JsonValue
 
 from consortia.common.audit import AuditLog
+from consortia.common.node_check import NODE_CHECK_PATH, NodeCheckAnswer, signing_key
 from consortia.common.node_keys import pem_fingerprint
+from consortia.common.versions import SoftwareVersions, installed_versions
 
 Scope = MutableMapping[str, Any]
 ASGIMessage = MutableMapping[str, Any]
@@ -69,6 +77,7 @@ class Gatekeeper:
         self.audit = audit
         self.names = names
         self._last_refusal: dict[tuple[str, str], float] = {}
+        self._versions: SoftwareVersions | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -82,6 +91,10 @@ class Gatekeeper:
         if path in OPEN_PATHS:
             await self.app(scope, receive, send)
             return
+        if path == NODE_CHECK_PATH:
+            status, answer = self.node_check(_headers(scope), peer)
+            await _respond(send, status, answer.model_dump_json().encode())
+            return
         if self._is_admin(peer):
             event = AUDITED_CONTROL_CALLS.get(path)
             if event is not None:
@@ -90,6 +103,29 @@ class Gatekeeper:
             return
         self._record("admin.refused", path=path, peer=peer)
         await _forbidden(send)
+
+    def node_check(self, headers: dict[str, str], peer: str) -> tuple[int, NodeCheckAnswer]:
+        """The answer to a node's check: 200 enrolled, 403 not enrolled, 401 not signed."""
+        now = dt.datetime.now(dt.UTC)
+        key = signing_key(headers, now)
+        if isinstance(key, str):
+            return 401, NodeCheckAnswer(enrolled=False, time_utc=now, detail=key)
+        node = self.names().get(key)
+        fingerprint = pem_fingerprint(key)
+        self._refusal(  # once a minute per key: a check is cheap to repeat
+            "node.checked",
+            fingerprint or peer,
+            node=node,
+            key_fingerprint=fingerprint,
+            peer=peer,
+            enrolled=node is not None,
+        )
+        if node is None:
+            detail = "this key is not enrolled with the coordinator (or was removed)"
+            return 403, NodeCheckAnswer(enrolled=False, time_utc=now, detail=detail)
+        if self._versions is None:
+            self._versions = installed_versions()
+        return 200, NodeCheckAnswer(enrolled=True, time_utc=now, node=node, versions=self._versions)
 
     def _is_admin(self, peer: str) -> bool:
         try:
@@ -185,15 +221,28 @@ def _header(scope: Scope, name: bytes) -> bytes | None:
     return None
 
 
+def _headers(scope: Scope) -> dict[str, str]:
+    """The request's headers, names in lower case (the first of repeated ones)."""
+    headers: dict[str, str] = {}
+    for key, value in scope.get("headers", []):
+        headers.setdefault(key.decode("latin-1").lower(), value.decode("latin-1"))
+    return headers
+
+
 async def _forbidden(send: Send) -> None:
     body = (
         b'{"detail":"this address may not use the coordinator\'s Control or Runtime API; '
         b'see admin_networks in coordinator.toml"}'
     )
+    await _respond(send, 403, body)
+
+
+async def _respond(send: Send, status: int, body: bytes) -> None:
+    """A JSON answer of the gatekeeper's own."""
     await send(
         {
             "type": "http.response.start",
-            "status": 403,
+            "status": status,
             "headers": [
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(body)).encode()),

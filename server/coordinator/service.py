@@ -8,6 +8,10 @@ re-registers enrolled node keys the SuperLink database lacks (for instance
 after the database was restored from a backup), and on SIGTERM/SIGINT stops
 the SuperLink and everything it started.
 
+With a `[metrics]` block it also serves Prometheus metrics on a port of its
+own (`consortia.server.coordinator.metrics`), started before the SuperLink
+so that a taken port fails the start.
+
 What is switched on, always: TLS with the coordinator's certificate,
 SuperNode authentication (only enrolled keys join), a persistent state
 database, no runtime dependency installation, no telemetry, and the codeguard
@@ -30,6 +34,7 @@ from types import FrameType
 from consortia.common.atomic import write_bytes_atomic
 from consortia.common.codeguard import guarded_environment
 from consortia.common.errors import ConfigError, FederationError
+from consortia.common.metrics_http import MetricsServer
 from consortia.common.parent_death import supervised
 from consortia.common.ports import check_port_free, port_holders
 from consortia.server.coordinator.config import (
@@ -133,6 +138,7 @@ def serve(config_path: Path, insecure: bool, announce: Callable[[str], None]) ->
     )
     audit = audit_log(config)
     log_path = config.logs_dir / "coordinator.log"
+    metrics = _metrics_server(config)  # bound before the SuperLink starts: a taken port fails here
     with log_path.open("ab") as log:
         process = subprocess.Popen(
             supervised(superlink_command(config, insecure)),  # ends if this service is killed
@@ -157,14 +163,30 @@ def serve(config_path: Path, insecure: bool, announce: Callable[[str], None]) ->
             f"({'INSECURE, local development only' if insecure else 'TLS, node authentication'})"
             f"; log: {log_path}"
         )
+        if config.metrics is not None:
+            announce(f"coordinator {config.name}: Prometheus metrics at {config.metrics.url}")
         if not insecure:
             _restore_enrollment(config)
         code = process.wait()
     finally:
         _stop(process)
+        if metrics is not None:
+            metrics.stop()
         config.pid_file.unlink(missing_ok=True)
         audit.append("coordinator.stopped", exit_code=process.returncode, signal=stop.get("sig"))
     return 0 if stop.get("sig") else int(code)
+
+
+def _metrics_server(config: CoordinatorConfig) -> MetricsServer | None:
+    """The `[metrics]` endpoint, serving (None without the block)."""
+    if config.metrics is None:
+        return None
+    from consortia.server.coordinator.metrics import CoordinatorCollector, control_node_states
+
+    collector = CoordinatorCollector(config, control_node_states(config))
+    server = MetricsServer(config.metrics, collector, f"coordinator {config.name}")
+    server.start()
+    return server
 
 
 def _wait_ready(config: CoordinatorConfig, process: subprocess.Popen[bytes], log: Path) -> None:

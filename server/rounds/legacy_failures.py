@@ -37,3 +37,13 @@ def legacy_kind(refusal: str | None, reason: str) -> FailureKind:
         if reason.startswith(prefix):
             return kind
     return FailureKind.SCREENED_OUT  # every other reason was an update check's
+
+
+def with_kind(data: object) -> object:
+    """A failure record's fields (`NodeFailure`'s, as stored) with the kind they tell, if
+    they carry none; anything else unchanged (a model validator's `mode="before"` step)."""
+    if isinstance(data, dict) and "kind" not in data:
+        refusal, reason = data.get("refusal"), data.get("reason")
+        if isinstance(reason, str) and (refusal is None or isinstance(refusal, str)):
+            return {**data, "kind": legacy_kind(refusal, reason)}
+    return data

@@ -48,11 +48,7 @@ class NodeFailure(BaseModel):
     @classmethod
     def _kind_of_old_records(cls, data: object) -> object:
         """A record written before failures had a kind gets the one its fields tell."""
-        if isinstance(data, dict) and "kind" not in data:
-            refusal, reason = data.get("refusal"), data.get("reason")
-            if isinstance(reason, str) and (refusal is None or isinstance(refusal, str)):
-                return {**data, "kind": legacy_failures.legacy_kind(refusal, reason)}
-        return data
+        return legacy_failures.with_kind(data)
 
     def __str__(self) -> str:
         if self.kind == FailureKind.REFUSED:
