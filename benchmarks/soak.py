@@ -94,7 +94,7 @@ def one_repetition(root: Path, nodes: int, rounds: int, kills: list[Kill]) -> di
     root.mkdir(parents=True)
     names = tuple(f"site-{i:02d}" for i in range(nodes))
     fed = Consortium(root)
-    epochs = 3
+    epochs = 1
     policy = f"max_local_epochs = {epochs}\n"
     node_tomls = cancer_sites(fed, names, 50.0, seed=3, policies={n: policy for n in names})
     job = write_job(
