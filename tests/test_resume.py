@@ -1,7 +1,7 @@
 """A simulation SIGKILLed in the middle of a round, then resumed, ends as if never interrupted.
 
 Real processes, no mocks: `consortia simulate` (Flower's simulation engine
-on Ray, Opacus on every virtual node) of a 4-round FedAdam scenario, so the
+on Ray, Opacus on every virtual node) of a 3-round FedAdam scenario, so the
 server optimiser's moments must survive the kill as well as the model.
 
 1. The scenario runs to its end: the reference.
@@ -10,6 +10,10 @@ server optimiser's moments must survive the kill as well as the model.
    3's messages go out) the whole process tree — the CLI, Ray's raylet, GCS
    and workers — is SIGKILLed: round 3 is in progress, nothing is flushed.
 3. `consortia simulate --resume DIR` continues after round 2.
+
+The interrupted run starts a Ray of its own (the kill takes it down with the
+CLI); the reference and the resumed run join the test worker's shared Ray
+(tests/conftest.py): where the virtual nodes run is not part of the results.
 
 The resumed run must write the same model bytes for every round, the same
 final model sha256, and the same metrics (timings aside) — including every
@@ -42,11 +46,11 @@ pytestmark = [
     pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="finds processes in /proc"),
 ]
 
-ROUNDS = 4
+ROUNDS = 3
 
 
 def _scenario(folder: Path) -> Path:
-    """The default scenario, shortened to 4 rounds, with FedAdam (server state that matters)."""
+    """The default scenario, shortened to 3 rounds, with FedAdam (server state that matters)."""
     text = (REPO_ROOT / "simulations" / "hospitals-breast-cancer.toml").read_text()
     text = text.replace("rounds = 10", f"rounds = {ROUNDS}").replace(
         'name = "fedavg"', 'name = "fedadam"'
@@ -101,11 +105,14 @@ def _kill_after_round_two(work: Path, scenario: Path, run: Path) -> None:
 
 
 def test_sigkill_mid_round_then_resume_ends_on_the_same_model(
-    tmp_path: Path, consortia_cli: CliRunner
+    tmp_path: Path, consortia_cli: CliRunner, shared_ray: str
 ) -> None:
     scenario = _scenario(tmp_path)
     reference = tmp_path / "reference"
-    done = consortia_cli("simulate", str(scenario), "--out", str(reference), cwd=tmp_path)
+    on_shared_ray = ("--ray-address", shared_ray)
+    done = consortia_cli(
+        "simulate", str(scenario), "--out", str(reference), *on_shared_ray, cwd=tmp_path
+    )
     assert done.returncode == 0, done.stderr[-3000:]
 
     run = tmp_path / "interrupted"
@@ -117,7 +124,7 @@ def test_sigkill_mid_round_then_resume_ends_on_the_same_model(
     ]
     assert json.loads((run / "metrics.json").read_text())["final"] is None
 
-    resumed = consortia_cli("simulate", "--resume", str(run), cwd=tmp_path)
+    resumed = consortia_cli("simulate", "--resume", str(run), *on_shared_ray, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert f"after round 2 of {ROUNDS}" in resumed.stdout
 
