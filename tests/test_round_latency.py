@@ -49,6 +49,7 @@ from consortia.common.flower_waits import (
     FlowerStructureError,
     check_object_pull,
     check_supernode_loop,
+    flower_pull_patience_s,
 )
 
 # Every Flower reference the node replaces: (module, name, the function that calls it).
@@ -170,7 +171,15 @@ def test_the_launcher_patches_only_flowers_references(monkeypatch: pytest.Monkey
     assert isinstance(loop.time, CappedSleep) and loop.time.active_s == 0.1
     # The interval the node declares to the SuperLink, and the pace it keeps.
     assert [module.HEARTBEAT_DEFAULT_INTERVAL for module in beats] == [15.0, 15.0]
-    assert loop.pull_objects.keywords == {"initial_backoff": 0.05, "backoff_cap": 1.0}
+    # Sooner retries, the same patience: bounded by Flower's time, not by its 500 tries
+    # (which 50 ms-1 s waits would use up in minutes; a loaded SuperLink can take longer).
+    assert loop.pull_objects.keywords == {
+        "initial_backoff": 0.05,
+        "backoff_cap": 1.0,
+        "max_tries_per_object": None,
+        "max_time": flower_pull_patience_s(),
+    }
+    assert 4_900 < flower_pull_patience_s() <= 7_200  # Flower's 500 tries of 1-10 s, 2 h at most
     assert time.sleep is not loop.time.sleep  # the process's own `time` is untouched
     from flwr.supercore.inflatable import inflatable_utils
 
