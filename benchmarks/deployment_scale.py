@@ -156,7 +156,11 @@ def one_count(root: Path, count: int, rounds: int, poll_s: float | None) -> dict
         job = write_job(root / "job.toml", 1.0, name=f"scale-{count}", min_nodes=count)
         job.write_text(job.read_text().replace("rounds = 2", f"rounds = {rounds}"))
         with Sampler(pids, coordinator.pid) as sampler:
-            submitted = consortium.submit(job)
+            # `submit` waits 10 minutes; 40 nodes on two cores take longer than that.
+            submitted = consortium.consortia(
+                "job", "submit", str(job), "--config", str(consortium.config), "--wait",
+                timeout=3 * 3600,
+            )  # fmt: skip
         if submitted.returncode != 0:
             tail = (submitted.stdout + submitted.stderr)[-3000:]
             raise SystemExit(f"{count} nodes: the job failed\n{tail}")
