@@ -70,17 +70,23 @@ CliRunner = Callable[..., subprocess.CompletedProcess[str]]
 # of a run's results; the tests of Ray's own start (test_sweep.py, test_ray_cluster.py)
 # are not marked and start theirs.
 _RAY_HEAD = """
-import os, sys, ray
+import json, os, sys, ray
+from ray._private import state
 ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, logging_level="ERROR")
 print(ray.get_runtime_context().gcs_address, flush=True)
 sys.stdin.read()
+print(json.dumps(sorted({a["ActorClassName"] for a in state.actors().values()})), flush=True)
 ray.shutdown()
 """
 
 
-@pytest.fixture(scope="session")
-def shared_ray() -> Iterator[str]:
-    """The address of this worker's Ray cluster (see `_RAY_HEAD`)."""
+@contextlib.contextmanager
+def ray_head() -> Iterator[tuple[str, subprocess.Popen[str]]]:
+    """A Ray "cluster" of one machine: (its GCS address, the process that holds it).
+
+    The process keeps the head until its stdin closes, then prints the actor
+    classes the cluster ran (`head.communicate(input="")`) and stops it.
+    """
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     head = subprocess.Popen(
         [sys.executable, "-c", _RAY_HEAD],
@@ -93,14 +99,22 @@ def shared_ray() -> Iterator[str]:
     try:
         assert head.stdout is not None
         address = head.stdout.readline().strip()
-        assert address, "the shared Ray head did not start"
-        yield address
+        assert address, "the Ray head did not start"
+        yield address, head
     finally:
-        with contextlib.suppress(OSError, ValueError):
-            head.communicate(input="", timeout=60)
+        if head.poll() is None:
+            with contextlib.suppress(OSError, ValueError, subprocess.TimeoutExpired):
+                head.communicate(input="", timeout=60)
         if head.poll() is None:
             head.kill()
-            head.wait(timeout=30)
+        head.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def shared_ray() -> Iterator[str]:
+    """The address of this worker's Ray cluster (see the comment above `_RAY_HEAD`)."""
+    with ray_head() as (address, _):
+        yield address
 
 
 @pytest.fixture(scope="module", autouse=True)

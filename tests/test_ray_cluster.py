@@ -11,50 +11,24 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import CliRunner, one_cli_error
-
-# A Ray "cluster" of one machine: this process starts the head and keeps it
-# until stdin closes, then prints the actor classes the cluster ran.
-_HEAD = """
-import json, sys, ray
-from ray._private import state
-ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
-print(ray.get_runtime_context().gcs_address, flush=True)
-sys.stdin.read()
-print(json.dumps(sorted({a["ActorClassName"] for a in state.actors().values()})), flush=True)
-ray.shutdown()
-"""
+from conftest import CliRunner, one_cli_error, ray_head
 
 
 @pytest.fixture
-def ray_head() -> Iterator[tuple[str, subprocess.Popen[str]]]:
-    head = subprocess.Popen(
-        [sys.executable, "-c", _HEAD],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    try:
-        assert head.stdout is not None
-        address = head.stdout.readline().strip()
-        assert address, "the Ray head did not start"
-        yield address, head
-    finally:
-        if head.poll() is None:
-            head.kill()
-        head.wait(timeout=60)
+def ray_cluster() -> Iterator[tuple[str, subprocess.Popen[str]]]:
+    """A Ray head of this test's own, which reports the actor classes it ran."""
+    with ray_head() as head:
+        yield head
 
 
 def test_a_simulation_runs_on_the_cluster_it_is_given(
-    ray_head: tuple[str, subprocess.Popen[str]], tmp_path: Path, consortia_cli: CliRunner
+    ray_cluster: tuple[str, subprocess.Popen[str]], tmp_path: Path, consortia_cli: CliRunner
 ) -> None:
-    address, head = ray_head
+    address, head = ray_cluster
     out = tmp_path / "run"
     result = consortia_cli(
         "simulate",

@@ -55,7 +55,7 @@ from consortia.client.onboarding.dicom_summary import (
     photometric_category,
 )
 from consortia.client.onboarding.problems import Problem, ProblemLog, fail
-from consortia.client.onboarding.readers import RawArrays, read_text
+from consortia.client.onboarding.readers import RawArrays, check_source_folder, read_text
 from consortia.client.onboarding.schema import (
     DicomKey,
     DicomSource,
@@ -130,16 +130,7 @@ class _Record:
 def read_dicom(source: DicomSource) -> RawArrays:
     """Read a DICOM source (see the module docstring); `DataError` if it cannot be read at all."""
     root, display = source.path, str(source.path)
-    if not root.exists():
-        raise fail(
-            Problem(
-                display,
-                "no such folder; fix 'source.path' (relative paths are resolved from the "
-                "schema file's folder)",
-            )
-        )
-    if not root.is_dir():
-        raise fail(Problem(display, "is not a folder; a dicom source reads a folder of files"))
+    check_source_folder(root, "a dicom source reads a folder of files")
     log = ProblemLog()
     rows = _label_rows(source, log)
     paths = _folder_files(root, skip=source.labels)

@@ -495,6 +495,20 @@ def _read_idx(source: IdxSource) -> RawArrays:
     )
 
 
+def check_source_folder(root: Path, needs: str) -> None:
+    """Raise `DataError` unless `source.path` is an existing folder; `needs` says what it holds."""
+    if not root.exists():
+        raise fail(
+            Problem(
+                str(root),
+                "no such folder; fix 'source.path' (relative paths are resolved from the "
+                "schema file's folder)",
+            )
+        )
+    if not root.is_dir():
+        raise fail(Problem(str(root), f"is not a folder; {needs}"))
+
+
 # --------------------------------------------------------------- image folder
 
 
@@ -502,20 +516,7 @@ def _read_image_folder(source: ImageFolderSource) -> RawArrays:
     from PIL import Image, UnidentifiedImageError
 
     root, display = source.path, str(source.path)
-    if not root.exists():
-        raise fail(
-            Problem(
-                display,
-                "no such folder; fix 'source.path' (relative paths are resolved from the "
-                "schema file's folder)",
-            )
-        )
-    if not root.is_dir():
-        raise fail(
-            Problem(
-                display, "is not a folder; an image_folder source needs one sub-folder per class"
-            )
-        )
+    check_source_folder(root, "an image_folder source needs one sub-folder per class")
     log = ProblemLog()
     entries = sorted(p for p in root.iterdir() if not p.name.startswith("."))
     class_dirs = [p for p in entries if p.is_dir()]
